@@ -1,0 +1,23 @@
+"""tauformer_kernels: taumode attention (attention from Laplacian-compressed scalars) for PyTorch.
+
+Public API:
+    taumode_lambda, taumode_attention, taumode_attention_from_lambda   (also torch.ops.tauformer.*)
+    chain_laplacian, knn_laplacian, save_laplacian, load_laplacian, validate_laplacian
+    BACKENDS
+"""
+from .api import taumode_attention, taumode_attention_from_lambda, taumode_lambda
+from .backends import BACKENDS
+from .laplacian import chain_laplacian, knn_laplacian, load_laplacian, save_laplacian, validate_laplacian
+
+__all__ = [
+    "BACKENDS",
+    "chain_laplacian",
+    "knn_laplacian",
+    "load_laplacian",
+    "save_laplacian",
+    "taumode_attention",
+    "taumode_attention_from_lambda",
+    "taumode_lambda",
+    "validate_laplacian",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,81 @@
+"""The public functions: taumode_lambda, taumode_attention, taumode_attention_from_lambda.
+
+Each turns float arguments into tensors, checks values (positivity, finiteness on request) and calls the
+matching `torch.ops.tauformer.*` op, which checks shapes and runs the chosen backend.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import backends, ops, reference, validation  # noqa: F401  (ops registers torch.ops.tauformer.*)
+
+
+def _as_tensor(name: str, value, like: torch.Tensor) -> torch.Tensor:
+    """A positive float becomes a 0-dim tensor in the compute dtype; tensors are checked for value > 0."""
+    if isinstance(value, torch.Tensor):
+        validation.check_positive_values(name, value)
+        return value
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise TypeError(f"{name} must be a float or a tensor, got {type(value).__name__}")
+    validation.require(value > 0, f"{name} must be > 0, got {value}")
+    return torch.tensor(float(value), dtype=reference.compute_dtype(like), device=like.device)
+
+
+def _check_eps(eps) -> None:
+    validation.require(isinstance(eps, (int, float)) and eps >= 0, f"eps must be a float >= 0, got {eps!r}")
+
+
+def taumode_lambda(x, laplacian, *, tau=1.0, eps=1e-6, backend="auto", check_finite=False):
+    """λ = E / (E + tau) with E = max(xᵀLx / (xᵀx + eps), 0), over the last dim of x (SPEC §1).
+
+    x: (..., F), any float dtype. laplacian: (F, F). tau: a float, or a tensor of shape (H,) for x of
+    shape (..., H, T, F) (one per head). Returns λ of shape x.shape[:-1] in float32 (float64 for
+    float64 x). Gradients flow to x, tau (tensor) and laplacian (when it requires grad).
+    """
+    validation.check_tensor("x", x)
+    backends.check_backend_name(backend)
+    _check_eps(eps)
+    tau = _as_tensor("tau", tau, x)
+    if check_finite:
+        validation.check_finite(x=x, laplacian=laplacian, tau=tau)
+    return torch.ops.tauformer.taumode_lambda(x, laplacian, tau, float(eps), backend)
+
+
+def taumode_attention(q, k, v, laplacian, *, tau=1.0, temperature=1.0, eps=1e-6, is_causal=True,
+                      alibi_slopes=None, backend="auto", check_finite=False):
+    """Taumode attention in SDPA's layout: softmax_j(−|λq_i − λk_j| / temperature − slope·dist) · V.
+
+    q: (B, H, Tq, F); k: (B, H_kv, Tk, F); v: (B, H_kv, Tk, Dv); H a multiple of H_kv (GQA: query head h
+    uses kv head h // (H / H_kv)). laplacian: (F, F). tau: float or (H_kv,) tensor, one per kv group.
+    temperature: float or (H,) tensor. alibi_slopes: None or an fp32 tensor (H,) or (B, H); the logit of
+    query i and key j gains −slope·|i + Tk − Tq − j|. is_causal: keys j <= i + Tk − Tq (bottom-right
+    aligned; needs Tq <= Tk). backend: "auto", "reference", "triton" or "loglinear".
+    Returns (B, H, Tq, Dv) in v's dtype.
+    """
+    validation.check_tensor("q", q)
+    backends.check_backend_name(backend)
+    _check_eps(eps)
+    tau = _as_tensor("tau", tau, q)
+    temperature = _as_tensor("temperature", temperature, q)
+    if check_finite:
+        validation.check_finite(q=q, k=k, v=v, laplacian=laplacian, tau=tau, temperature=temperature, alibi_slopes=alibi_slopes)
+    return torch.ops.tauformer.taumode_attention(
+        q, k, v, laplacian, tau, temperature, float(eps), bool(is_causal), alibi_slopes, backend
+    )
+
+
+def taumode_attention_from_lambda(lq, lk, v, *, temperature=1.0, is_causal=True, alibi_slopes=None,
+                                  backend="auto", check_finite=False):
+    """Attention from precomputed scalars, for a cache that stores λk instead of K.
+
+    lq: (B, H, Tq); lk: (B, H_kv, Tk); v: (B, H_kv, Tk, Dv). Any finite λ is accepted (not only [0, 1)).
+    Other arguments as in `taumode_attention`. Returns (B, H, Tq, Dv) in v's dtype.
+    """
+    validation.check_tensor("lq", lq)
+    backends.check_backend_name(backend)
+    temperature = _as_tensor("temperature", temperature, lq)
+    if check_finite:
+        validation.check_finite(lq=lq, lk=lk, v=v, temperature=temperature, alibi_slopes=alibi_slopes)
+    return torch.ops.tauformer.taumode_attention_from_lambda(
+        lq, lk, v, temperature, bool(is_causal), alibi_slopes, backend
+    )

@@ -1,0 +1,61 @@
+"""Which backend runs an op: names, availability, and the choice `backend="auto"` makes.
+
+Backends (docs/internal-contract.md gives each one's functions):
+- "reference": plain PyTorch, chunked over queries (reference.py); any device, float64 included.
+- "triton": the fused Triton kernels; CUDA tensors, or CPU tensors under TRITON_INTERPRET=1.
+- "loglinear": exact O(T log T) attention by sorting (loglinear.py); any device.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import torch
+
+BACKENDS = ("auto", "reference", "triton", "loglinear")
+
+
+def triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def triton_interpreting() -> bool:
+    """TRITON_INTERPRET=1 runs the real kernels on CPU tensors (how CI tests them)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def check_backend_name(backend) -> None:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(repr(b) for b in BACKENDS)}; got {backend!r}")
+
+
+def _require_triton(device: torch.device, dtype: torch.dtype) -> None:
+    if not triton_available():
+        raise RuntimeError("backend='triton' needs the triton package (Linux only); use backend='auto' or 'reference'")
+    if device.type != "cuda" and not triton_interpreting():
+        raise RuntimeError(
+            f"backend='triton' needs CUDA tensors (got tensors on {device}); set TRITON_INTERPRET=1 to run the "
+            "kernels on CPU tensors in Triton's interpreter, or use backend='auto'"
+        )
+    if dtype == torch.float64:
+        raise TypeError("backend='triton' runs float16, bfloat16 and float32; use backend='reference' for float64")
+
+
+def resolve_attention_backend(backend: str, device: torch.device, dtype: torch.dtype) -> str:
+    """The concrete attention backend for `backend` on tensors of this device and dtype."""
+    check_backend_name(backend)
+    if backend == "triton":
+        _require_triton(device, dtype)
+    if backend != "auto":
+        return backend
+    if device.type == "cuda" and triton_available() and dtype != torch.float64:
+        return "triton"
+    return "reference"
+
+
+def resolve_lambda_backend(backend: str, device: torch.device, dtype: torch.dtype) -> str:
+    """The λ projection has a reference and a Triton implementation; "loglinear" attention uses auto's."""
+    check_backend_name(backend)
+    if backend == "loglinear":
+        backend = "auto"
+    return resolve_attention_backend(backend, device, dtype)

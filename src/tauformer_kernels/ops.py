@@ -1,0 +1,216 @@
+"""The `torch.ops.tauformer.*` operators: what torch.compile, autograd and every caller go through.
+
+Two layers:
+- Backend ops (`custom_op`, each with a fake implementation and autograd): `lambda_fwd`/`lambda_bwd`
+  and `attention_fwd`/`attention_bwd`. Their `backend` argument is already concrete ("reference",
+  "triton", "loglinear") and picks that backend's pair of functions (docs/internal-contract.md).
+- Public ops, CompositeImplicitAutograd: `taumode_lambda`, `taumode_attention`,
+  `taumode_attention_from_lambda`. They check shapes, resolve `backend="auto"`, broadcast the per-head
+  parameters and call the backend ops, so autograd and tracing see only the backend ops.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import backends, reference, validation
+
+
+# ----------------------------------------------------------------------------------------------------
+# Backend functions, imported lazily so that the package imports without triton
+# ----------------------------------------------------------------------------------------------------
+
+def _lambda_functions(backend: str):
+    if backend == "triton":
+        from . import lambda_triton
+
+        bwd = getattr(lambda_triton, "lambda_bwd_triton", reference.lambda_bwd_reference)
+        return lambda_triton.lambda_fwd_triton, bwd
+    return reference.lambda_fwd_reference, reference.lambda_bwd_reference
+
+
+def _attention_functions(backend: str):
+    if backend == "triton":
+        from . import attention_triton
+
+        bwd = getattr(attention_triton, "attention_bwd_triton", reference.attention_bwd_chunked)
+        return attention_triton.attention_fwd_triton, bwd
+    if backend == "loglinear":
+        from . import loglinear
+
+        return loglinear.attention_fwd_loglinear, loglinear.attention_bwd_loglinear
+    return reference.attention_fwd_chunked, reference.attention_bwd_chunked
+
+
+# ----------------------------------------------------------------------------------------------------
+# Backend ops
+# ----------------------------------------------------------------------------------------------------
+
+@torch.library.custom_op("tauformer::lambda_fwd", mutates_args=())
+def lambda_fwd(x: Tensor, laplacian: Tensor, tau: Tensor, eps: float, backend: str) -> Tensor:
+    return _lambda_functions(backend)[0](x, laplacian, tau, eps)
+
+
+@lambda_fwd.register_fake
+def _(x, laplacian, tau, eps, backend):
+    return x.new_empty(x.shape[:-1], dtype=reference.compute_dtype(x))
+
+
+@torch.library.custom_op("tauformer::lambda_bwd", mutates_args=())
+def lambda_bwd(
+    dlam: Tensor, x: Tensor, laplacian: Tensor, tau: Tensor, eps: float, backend: str, laplacian_grad: bool
+) -> tuple[Tensor, Tensor, Tensor]:
+    dx, dtau = _lambda_functions(backend)[1](dlam, x, laplacian, tau, eps)
+    if laplacian_grad:
+        dlap = reference.lambda_laplacian_grad(dlam, x, laplacian, tau, eps).to(laplacian.dtype)
+    else:
+        dlap = torch.zeros_like(laplacian)
+    return dx, dtau, dlap
+
+
+@lambda_bwd.register_fake
+def _(dlam, x, laplacian, tau, eps, backend, laplacian_grad):
+    return torch.empty_like(x), torch.empty_like(tau), torch.empty_like(laplacian)
+
+
+def _lambda_setup_context(ctx, inputs, output):
+    x, laplacian, tau, eps, backend = inputs
+    ctx.save_for_backward(x, laplacian, tau)
+    ctx.eps, ctx.backend = eps, backend
+
+
+def _lambda_backward(ctx, dlam):
+    x, laplacian, tau = ctx.saved_tensors
+    dx, dtau, dlap = lambda_bwd(dlam.contiguous(), x, laplacian, tau, ctx.eps, ctx.backend, ctx.needs_input_grad[1])
+    return dx, (dlap if ctx.needs_input_grad[1] else None), dtau, None, None
+
+
+lambda_fwd.register_autograd(_lambda_backward, setup_context=_lambda_setup_context)
+
+
+@torch.library.custom_op("tauformer::attention_fwd", mutates_args=())
+def attention_fwd(
+    lq: Tensor, lk: Tensor, v: Tensor, temperature: Tensor, alibi_slopes: Optional[Tensor], is_causal: bool, backend: str
+) -> tuple[Tensor, Tensor]:
+    return _attention_functions(backend)[0](lq, lk, v, temperature, alibi_slopes, is_causal)
+
+
+@attention_fwd.register_fake
+def _(lq, lk, v, temperature, alibi_slopes, is_causal, backend):
+    b, h, tq = lq.shape
+    return v.new_empty(b, h, tq, v.shape[-1]), lq.new_empty(b, h, tq)
+
+
+@torch.library.custom_op("tauformer::attention_bwd", mutates_args=())
+def attention_bwd(
+    dout: Tensor, lq: Tensor, lk: Tensor, v: Tensor, out: Tensor, lse: Tensor, temperature: Tensor,
+    alibi_slopes: Optional[Tensor], is_causal: bool, backend: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    dlq, dlk, dv, dtemp, dalibi = _attention_functions(backend)[1](
+        dout, lq, lk, v, out, lse, temperature, alibi_slopes, is_causal
+    )
+    # custom ops cannot return None: without slopes the slope gradient is an empty tensor
+    return dlq, dlk, dv, dtemp, (lq.new_empty(0) if dalibi is None else dalibi)
+
+
+@attention_bwd.register_fake
+def _(dout, lq, lk, v, out, lse, temperature, alibi_slopes, is_causal, backend):
+    dalibi = lq.new_empty(0) if alibi_slopes is None else torch.empty_like(alibi_slopes)
+    return torch.empty_like(lq), torch.empty_like(lk), torch.empty_like(v), torch.empty_like(temperature), dalibi
+
+
+def _attention_setup_context(ctx, inputs, output):
+    lq, lk, v, temperature, alibi_slopes, is_causal, backend = inputs
+    out, lse = output
+    ctx.mark_non_differentiable(lse)
+    ctx.save_for_backward(lq, lk, v, out, lse, temperature, alibi_slopes)
+    ctx.is_causal, ctx.backend = is_causal, backend
+
+
+def _attention_backward(ctx, dout, _dlse):
+    lq, lk, v, out, lse, temperature, alibi_slopes = ctx.saved_tensors
+    dlq, dlk, dv, dtemp, dalibi = attention_bwd(
+        dout.contiguous(), lq, lk, v, out, lse, temperature, alibi_slopes, ctx.is_causal, ctx.backend
+    )
+    return dlq, dlk, dv, dtemp, (dalibi if alibi_slopes is not None else None), None, None
+
+
+attention_fwd.register_autograd(_attention_backward, setup_context=_attention_setup_context)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Public ops
+# ----------------------------------------------------------------------------------------------------
+
+_lib = torch.library.Library("tauformer", "FRAGMENT")
+
+_lib.define("taumode_lambda(Tensor x, Tensor laplacian, Tensor tau, float eps=1e-06, str backend='auto') -> Tensor")
+_lib.define(
+    "taumode_attention_from_lambda(Tensor lq, Tensor lk, Tensor v, Tensor temperature, bool is_causal=True, "
+    "Tensor? alibi_slopes=None, str backend='auto') -> Tensor"
+)
+_lib.define(
+    "taumode_attention(Tensor q, Tensor k, Tensor v, Tensor laplacian, Tensor tau, Tensor temperature, "
+    "float eps=1e-06, bool is_causal=True, Tensor? alibi_slopes=None, str backend='auto') -> Tensor"
+)
+
+
+def per_head(value: Tensor, heads: int, dtype: torch.dtype) -> Tensor:
+    """A 0-dim or (heads,) tensor as a contiguous (heads,) tensor of `dtype` (differentiable)."""
+    return value.to(dtype).expand(heads).contiguous()
+
+
+def _lambda_of_heads(x: Tensor, laplacian: Tensor, tau_heads: Tensor, eps: float, backend: str) -> Tensor:
+    """λ of x (B, Hx, T, F) with one tau per head of x."""
+    lam_backend = backends.resolve_lambda_backend(backend, x.device, x.dtype)
+    return lambda_fwd(x, laplacian.to(reference.compute_dtype(x)), tau_heads, eps, lam_backend)
+
+
+def taumode_lambda_composite(x, laplacian, tau, eps=1e-6, backend="auto"):
+    validation.check_tensor("x", x)
+    validation.require(x.dim() >= 1, "x must have at least one dimension (the head dim F)")
+    validation.check_laplacian(laplacian, x.shape[-1])
+    validation.check_same_device(x=x, laplacian=laplacian, tau=tau)
+    dt = reference.compute_dtype(x)
+    if x.dim() >= 3:  # (..., H, T, F): tau is a scalar or one per head
+        heads = x.shape[-3]
+        validation.check_per_head("tau", tau, heads, "one per head of x")
+        x4 = x.reshape(-1, heads, x.shape[-2], x.shape[-1])
+        tau_heads = per_head(tau, heads, dt)
+    else:
+        validation.check_per_head("tau", tau, 1, "a scalar for x with fewer than 3 dimensions")
+        x4 = x.reshape(1, 1, -1, x.shape[-1])
+        tau_heads = per_head(tau, 1, dt)
+    return _lambda_of_heads(x4, laplacian, tau_heads, eps, backend).reshape(x.shape[:-1])
+
+
+def taumode_attention_from_lambda_composite(lq, lk, v, temperature, is_causal=True, alibi_slopes=None, backend="auto"):
+    validation.check_attention_shapes(lq, lk, v, names=("lq", "lk"), is_causal=is_causal, head_dim=False)
+    b, h = lq.shape[:2]
+    validation.check_per_head("temperature", temperature, h, "one per query head")
+    validation.check_alibi(alibi_slopes, b, h)
+    validation.check_same_device(lq=lq, temperature=temperature, alibi_slopes=alibi_slopes)
+    dt = reference.compute_dtype(lq)
+    attn_backend = backends.resolve_attention_backend(backend, v.device, v.dtype)
+    slopes = None if alibi_slopes is None else alibi_slopes.to(dt).expand(b, h).contiguous()
+    out, _ = attention_fwd(lq.to(dt), lk.to(dt), v, per_head(temperature, h, dt), slopes, is_causal, attn_backend)
+    return out
+
+
+def taumode_attention_composite(q, k, v, laplacian, tau, temperature, eps=1e-6, is_causal=True, alibi_slopes=None, backend="auto"):
+    validation.check_attention_shapes(q, k, v, names=("q", "k"), is_causal=is_causal, head_dim=True)
+    validation.check_laplacian(laplacian, q.shape[-1])
+    h, hkv = q.shape[1], k.shape[1]
+    validation.check_per_head("tau", tau, hkv, "one per kv head, shared by the query heads of its group")
+    validation.check_same_device(q=q, laplacian=laplacian, tau=tau)
+    tau_kv = per_head(tau, hkv, reference.compute_dtype(q))
+    lq = _lambda_of_heads(q, laplacian, tau_kv.repeat_interleave(h // hkv), eps, backend)
+    lk = _lambda_of_heads(k, laplacian, tau_kv, eps, backend)
+    return taumode_attention_from_lambda_composite(lq, lk, v, temperature, is_causal, alibi_slopes, backend)
+
+
+_lib.impl("taumode_lambda", taumode_lambda_composite, "CompositeImplicitAutograd")
+_lib.impl("taumode_attention_from_lambda", taumode_attention_from_lambda_composite, "CompositeImplicitAutograd")
+_lib.impl("taumode_attention", taumode_attention_composite, "CompositeImplicitAutograd")

@@ -1,0 +1,216 @@
+"""Taumode attention in plain PyTorch: the float64 oracle and the memory-lean CPU default.
+
+Two implementations of SPEC §1–2, written for clarity and checked against each other:
+
+- `lambda_naive` / `attention_naive`: the oracle. Plain autograd, the whole T×T logit matrix in memory.
+  Every other backend is tested against these in float64.
+- `lambda_fwd_reference` / `lambda_bwd_reference` and `attention_fwd_chunked` / `attention_bwd_chunked`:
+  the `backend="reference"` pair (docs/internal-contract.md). The attention runs over chunks of queries,
+  recomputes P in the backward from the saved logsumexp (as FlashAttention does), and never holds more
+  than one chunk of logits: the CPU default.
+
+Everything is computed in float32, or in float64 when the inputs are float64 (so gradcheck can run).
+"""
+from __future__ import annotations
+
+import torch
+
+# Elements of one chunk's logit tile (rows × keys); a few such temporaries live at once. 2^21 fp32 logits
+# is 8 MiB: small against any cache-free working set, large enough that per-chunk overhead is negligible.
+_CHUNK_ELEMENTS = 1 << 21
+
+
+def compute_dtype(t: torch.Tensor) -> torch.dtype:
+    """float64 for float64 tensors (the oracle's precision), float32 for everything else."""
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+# ----------------------------------------------------------------------------------------------------
+# λ projection (SPEC §1)
+# ----------------------------------------------------------------------------------------------------
+
+def _rayleigh(x: torch.Tensor, laplacian: torch.Tensor, eps: float):
+    """(x in the compute dtype, L x, s = xᵀx + eps, E_raw = xᵀLx / s) for x (..., F)."""
+    xc = x.to(compute_dtype(x))
+    lx = xc @ laplacian.to(xc.dtype).T
+    s = (xc * xc).sum(-1) + eps
+    return xc, lx, s, (xc * lx).sum(-1) / s
+
+
+def _tau_rows(tau: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """tau (Hx,) viewed to broadcast over λ of shape (B, Hx, T)."""
+    return tau.to(dtype).view(-1, 1)
+
+
+def lambda_naive(x: torch.Tensor, laplacian: torch.Tensor, tau: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """The oracle: λ = E / (E + tau[h]), E = max(xᵀLx / (xᵀx + eps), 0), for x (B, Hx, T, F), tau (Hx,)."""
+    xc = x.to(compute_dtype(x))
+    energy = torch.einsum("...i,ij,...j->...", xc, laplacian.to(xc.dtype), xc) / ((xc * xc).sum(-1) + eps)
+    energy = energy.clamp_min(0)
+    t = _tau_rows(tau, xc.dtype)
+    return energy / (energy + t)
+
+
+def lambda_fwd_reference(x, laplacian, tau, eps):
+    _, _, _, e_raw = _rayleigh(x, laplacian, eps)
+    energy = e_raw.clamp_min(0)
+    return energy / (energy + _tau_rows(tau, e_raw.dtype))
+
+
+def _lambda_energy_grad(dlam, e_raw, tau):
+    """dλ/dE_raw · dlam (zero where the clamp is active) and dλ/dtau · dlam, both shaped like λ."""
+    t = _tau_rows(tau, e_raw.dtype)
+    energy = e_raw.clamp_min(0)
+    denom = (energy + t) ** 2
+    # clamp_min passes the gradient where E_raw >= 0, as autograd's clamp does
+    d_energy = torch.where(e_raw >= 0, dlam * t / denom, torch.zeros_like(e_raw))
+    return d_energy, -dlam * energy / denom
+
+
+def lambda_bwd_reference(dlam, x, laplacian, tau, eps):
+    """dx = dE · 2 (L_sym x − E_raw x) / s;  dtau = Σ dlam · (−E / (E + tau)²) per head."""
+    xc, lx, s, e_raw = _rayleigh(x, laplacian, eps)
+    d_energy, d_tau = _lambda_energy_grad(dlam.to(e_raw.dtype), e_raw, tau)
+    l_sym_x = 0.5 * (lx + xc @ laplacian.to(xc.dtype))
+    dx = (2 * d_energy / s)[..., None] * (l_sym_x - e_raw[..., None] * xc)
+    return dx.to(x.dtype), d_tau.sum(dim=(0, 2)).to(tau.dtype)
+
+
+def lambda_laplacian_grad(dlam, x, laplacian, tau, eps):
+    """dL = Σ_vectors dE · x xᵀ / s (dE_raw/dL = x xᵀ / s): one F×F product over all vectors."""
+    xc, _, s, e_raw = _rayleigh(x, laplacian, eps)
+    d_energy, _ = _lambda_energy_grad(dlam.to(e_raw.dtype), e_raw, tau)
+    rows = xc.reshape(-1, xc.shape[-1])
+    return (rows * (d_energy / s).reshape(-1, 1)).T @ rows
+
+
+# ----------------------------------------------------------------------------------------------------
+# Attention from scalars (SPEC §2)
+# ----------------------------------------------------------------------------------------------------
+
+def key_offsets(tq: int, tk: int, device, rows: tuple[int, int] | None = None, keys: int | None = None) -> torch.Tensor:
+    """i + Tk − Tq − j, the bottom-right-aligned distance from query i back to key j, for the queries
+    in `rows` (start, stop; all by default) and the first `keys` keys (all by default)."""
+    start, stop = rows if rows is not None else (0, tq)
+    i = torch.arange(start, stop, device=device)[:, None]
+    j = torch.arange(tk if keys is None else keys, device=device)[None, :]
+    return i + (tk - tq) - j
+
+
+def attention_naive(lq, lk, v, temperature, alibi_slopes=None, is_causal=True):
+    """The oracle: softmax_j(−|λq_i − λk_j| / T_h − slope·|i + Tk − Tq − j|) · V, causal bottom-right.
+
+    lq (B, H, Tq), lk (B, Hkv, Tk), v (B, Hkv, Tk, Dv), temperature (H,), alibi_slopes (B, H) or None.
+    Plain autograd; materialises every logit.
+    """
+    b, h, tq = lq.shape
+    hkv, tk = lk.shape[1], lk.shape[2]
+    group = h // hkv
+    dt = compute_dtype(lq)
+    lk_h = lk.to(dt).repeat_interleave(group, dim=1)
+    logits = -(lq.to(dt)[..., :, None] - lk_h[..., None, :]).abs() / temperature.to(dt).view(1, h, 1, 1)
+    offsets = key_offsets(tq, tk, lq.device)
+    if alibi_slopes is not None:
+        logits = logits - alibi_slopes.to(dt).view(b, h, 1, 1) * offsets.abs().to(dt)
+    if is_causal:
+        logits = logits.masked_fill(offsets < 0, float("-inf"))
+    p = torch.softmax(logits, dim=-1)
+    out = p @ v.to(dt).repeat_interleave(group, dim=1)
+    return out.to(v.dtype)
+
+
+def _row_chunks(b, hkv, group, tq, tk):
+    """Query chunk length so that one chunk's logits (B, Hkv, G·chunk, Tk) hold about _CHUNK_ELEMENTS."""
+    return max(1, min(tq, _CHUNK_ELEMENTS // max(1, b * hkv * group * tk)))
+
+
+class _ChunkLogits:
+    """Logits of one chunk of queries against the keys they can see, in the grouped-row layout.
+
+    The G query heads that share a kv head are folded into the rows — (B, Hkv, G·c, Tk') — so V is
+    multiplied without being expanded per query head. Tk' stops at the last key the chunk's last
+    query sees when causal.
+    """
+
+    def __init__(self, lq, lk, temperature, alibi_slopes, is_causal, start, stop):
+        b, h, tq = lq.shape
+        hkv, tk = lk.shape[1], lk.shape[2]
+        group, c = h // hkv, stop - start
+        dt = compute_dtype(lq)
+        self.keys = min(tk, stop + tk - tq) if is_causal else tk
+        self.shape = (b, hkv, group * c)
+        self.lq_rows = lq[:, :, start:stop].to(dt).reshape(b, hkv, group * c)
+        self.lk = lk[:, :, : self.keys].to(dt)
+        self.inv_temp_rows = (1.0 / temperature.to(dt)).view(hkv, group, 1).expand(hkv, group, c).reshape(1, hkv, group * c)
+        self.diff = self.lq_rows[..., :, None] - self.lk[..., None, :]
+        logits = self.diff.abs().mul_(-self.inv_temp_rows[..., None])
+        offsets = key_offsets(tq, tk, lq.device, (start, stop), self.keys)
+        self.distance = None
+        if alibi_slopes is not None:
+            self.distance = offsets.abs().to(dt)  # (c, Tk')
+            slopes = alibi_slopes.to(dt).view(b, hkv, group, 1, 1)
+            logits = (logits.view(b, hkv, group, c, self.keys) - slopes * self.distance).view(b, hkv, group * c, self.keys)
+        if is_causal:
+            logits = logits.masked_fill((offsets < 0).repeat(group, 1), float("-inf"))
+        self.logits = logits
+
+
+def attention_fwd_chunked(lq, lk, v, temperature, alibi_slopes, is_causal):
+    """Forward over chunks of queries: returns (out in v.dtype, lse in the compute dtype)."""
+    b, h, tq = lq.shape
+    hkv, tk, dv = lk.shape[1], lk.shape[2], v.shape[-1]
+    group = h // hkv
+    dt = compute_dtype(lq)
+    out = torch.empty(b, h, tq, dv, dtype=v.dtype, device=v.device)
+    lse = torch.empty(b, h, tq, dtype=dt, device=lq.device)
+    out_g = out.view(b, hkv, group, tq, dv)
+    lse_g = lse.view(b, hkv, group, tq)
+    chunk = _row_chunks(b, hkv, group, tq, tk)
+    for start in range(0, tq, chunk):
+        stop = min(tq, start + chunk)
+        tile = _ChunkLogits(lq, lk, temperature, alibi_slopes, is_causal, start, stop)
+        row_max = tile.logits.amax(-1, keepdim=True)  # finite: every causal row sees its own diagonal key
+        p = tile.logits.sub_(row_max).exp_()
+        row_sum = p.sum(-1, keepdim=True)
+        o = (p @ v[:, :, : tile.keys].to(dt)) / row_sum
+        out_g[:, :, :, start:stop] = o.view(b, hkv, group, stop - start, dv).to(v.dtype)
+        lse_g[:, :, :, start:stop] = (row_max + row_sum.log()).view(b, hkv, group, stop - start)
+    return out, lse
+
+
+def attention_bwd_chunked(dout, lq, lk, v, out, lse, temperature, alibi_slopes, is_causal):
+    """Backward over the same chunks, P recomputed from the saved logsumexp (SPEC §2 gradients)."""
+    b, h, tq = lq.shape
+    hkv, tk, dv = lk.shape[1], lk.shape[2], v.shape[-1]
+    group = h // hkv
+    dt = compute_dtype(lq)
+    do_g = dout.to(dt).view(b, hkv, group, tq, dv)
+    delta_g = (dout.to(dt) * out.to(dt)).sum(-1).view(b, hkv, group, tq)
+    lse_g = lse.to(dt).view(b, hkv, group, tq)
+    v_c = v.to(dt)
+    dlq = torch.empty(b, h, tq, dtype=dt, device=lq.device)
+    dlq_g = dlq.view(b, hkv, group, tq)
+    dlk = torch.zeros(b, hkv, tk, dtype=dt, device=lq.device)
+    dv_acc = torch.zeros(b, hkv, tk, dv, dtype=dt, device=v.device)
+    dtemp = torch.zeros(hkv, group, dtype=dt, device=lq.device)
+    dslope = None if alibi_slopes is None else torch.zeros(b, hkv, group, dtype=dt, device=lq.device)
+    chunk = _row_chunks(b, hkv, group, tq, tk)
+    for start in range(0, tq, chunk):
+        stop = min(tq, start + chunk)
+        c = stop - start
+        tile = _ChunkLogits(lq, lk, temperature, alibi_slopes, is_causal, start, stop)
+        keys = tile.keys
+        rows = lambda t: t[:, :, :, start:stop].reshape(b, hkv, group * c, *t.shape[4:])  # noqa: E731
+        do_rows = rows(do_g)
+        p = torch.exp(tile.logits - rows(lse_g)[..., None])
+        dv_acc[:, :, :keys] += p.transpose(-1, -2) @ do_rows
+        ds = p * (do_rows @ v_c[:, :, :keys].transpose(-1, -2) - rows(delta_g)[..., None])
+        ds_sign = ds * torch.sign(tile.diff)
+        dlq_g[:, :, :, start:stop] = (-(ds_sign.sum(-1)) * tile.inv_temp_rows).view(b, hkv, group, c)
+        dlk[:, :, :keys] += (ds_sign * tile.inv_temp_rows[..., None]).sum(-2)
+        weighted_abs = (ds * tile.diff.abs()).sum(-1) * tile.inv_temp_rows**2  # Σ_j dS |Δ| / T²
+        dtemp += weighted_abs.view(b, hkv, group, c).sum(dim=(0, 3))
+        if dslope is not None:
+            dslope -= (ds.view(b, hkv, group, c, keys) * tile.distance).sum(dim=(-1, -2))
+    dalibi = None if dslope is None else dslope.view(b, h).to(alibi_slopes.dtype)
+    return (dlq.to(lq.dtype), dlk.to(lk.dtype), dv_acc.to(v.dtype), dtemp.view(h).to(temperature.dtype), dalibi)
