@@ -22,26 +22,44 @@ from . import backends, reference, validation
 # Backend functions, imported lazily so that the package imports without triton
 # ----------------------------------------------------------------------------------------------------
 
-def _lambda_functions(backend: str):
+def _lambda_forward(backend: str):
     if backend == "triton":
-        from . import lambda_triton
+        from .lambda_triton import lambda_fwd_triton
 
-        bwd = getattr(lambda_triton, "lambda_bwd_triton", reference.lambda_bwd_reference)
-        return lambda_triton.lambda_fwd_triton, bwd
-    return reference.lambda_fwd_reference, reference.lambda_bwd_reference
+        return lambda_fwd_triton
+    return reference.lambda_fwd_reference
 
 
-def _attention_functions(backend: str):
+def _lambda_backward_fn(backend: str):
     if backend == "triton":
-        from . import attention_triton
+        from .lambda_triton_backward import lambda_bwd_triton
 
-        bwd = getattr(attention_triton, "attention_bwd_triton", reference.attention_bwd_chunked)
-        return attention_triton.attention_fwd_triton, bwd
+        return lambda_bwd_triton
+    return reference.lambda_bwd_reference
+
+
+def _attention_forward(backend: str):
+    if backend == "triton":
+        from .attention_triton import attention_fwd_triton
+
+        return attention_fwd_triton
     if backend == "loglinear":
-        from . import loglinear
+        from .loglinear import attention_fwd_loglinear
 
-        return loglinear.attention_fwd_loglinear, loglinear.attention_bwd_loglinear
-    return reference.attention_fwd_chunked, reference.attention_bwd_chunked
+        return attention_fwd_loglinear
+    return reference.attention_fwd_chunked
+
+
+def _attention_backward_fn(backend: str):
+    if backend == "triton":
+        from .attention_triton_backward import attention_bwd_triton
+
+        return attention_bwd_triton
+    if backend == "loglinear":
+        from .loglinear import attention_bwd_loglinear
+
+        return attention_bwd_loglinear
+    return reference.attention_bwd_chunked
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -50,7 +68,7 @@ def _attention_functions(backend: str):
 
 @torch.library.custom_op("tauformer::lambda_fwd", mutates_args=())
 def lambda_fwd(x: Tensor, laplacian: Tensor, tau: Tensor, eps: float, backend: str) -> Tensor:
-    return _lambda_functions(backend)[0](x, laplacian, tau, eps)
+    return _lambda_forward(backend)(x, laplacian, tau, eps)
 
 
 @lambda_fwd.register_fake
@@ -62,7 +80,7 @@ def _(x, laplacian, tau, eps, backend):
 def lambda_bwd(
     dlam: Tensor, x: Tensor, laplacian: Tensor, tau: Tensor, eps: float, backend: str, laplacian_grad: bool
 ) -> tuple[Tensor, Tensor, Tensor]:
-    dx, dtau = _lambda_functions(backend)[1](dlam, x, laplacian, tau, eps)
+    dx, dtau = _lambda_backward_fn(backend)(dlam, x, laplacian, tau, eps)
     if laplacian_grad:
         dlap = reference.lambda_laplacian_grad(dlam, x, laplacian, tau, eps).to(laplacian.dtype)
     else:
@@ -94,7 +112,7 @@ lambda_fwd.register_autograd(_lambda_backward, setup_context=_lambda_setup_conte
 def attention_fwd(
     lq: Tensor, lk: Tensor, v: Tensor, temperature: Tensor, alibi_slopes: Optional[Tensor], is_causal: bool, backend: str
 ) -> tuple[Tensor, Tensor]:
-    return _attention_functions(backend)[0](lq, lk, v, temperature, alibi_slopes, is_causal)
+    return _attention_forward(backend)(lq, lk, v, temperature, alibi_slopes, is_causal)
 
 
 @attention_fwd.register_fake
@@ -108,7 +126,7 @@ def attention_bwd(
     dout: Tensor, lq: Tensor, lk: Tensor, v: Tensor, out: Tensor, lse: Tensor, temperature: Tensor,
     alibi_slopes: Optional[Tensor], is_causal: bool, backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    dlq, dlk, dv, dtemp, dalibi = _attention_functions(backend)[1](
+    dlq, dlk, dv, dtemp, dalibi = _attention_backward_fn(backend)(
         dout, lq, lk, v, out, lse, temperature, alibi_slopes, is_causal
     )
     # custom ops cannot return None: without slopes the slope gradient is an empty tensor
