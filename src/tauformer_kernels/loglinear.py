@@ -1,0 +1,573 @@
+"""Exact taumode attention in O(T log T): sorting, prefix sums and divide-and-conquer over time.
+
+`backend="loglinear"` (docs/internal-contract.md). Pure PyTorch ops, device-agnostic.
+
+Why it works (SPEC §2). The logit of query i and key j depends on two scalars:
+
+    s_ij = −|λq_i − λk_j| / T − m·|i' − j|,      i' = i + Tk − Tq
+
+For a fixed query, the keys with λk ≤ λq contribute e^{(λk−λq)/T} and those above e^{(λq−λk)/T}: with the
+keys sorted by λk, each query needs one prefix sum and one suffix sum of e^{±λk/T}·[v, 1] (the ones column
+gives the softmax denominator), found by binary search. Causality is handled by divide-and-conquer over
+time: dense attention inside leaf blocks of C tokens; at each level (blocks of S = C·2^l) the keys of every
+left half are sorted, scanned, and every query of the right half looks up its split point. Each (query,
+key) pair with j ≤ i' is counted exactly once: in the leaf, or at the one level where they part.
+Non-causal attention without slopes is one global level; with slopes it is the causal part plus the
+time-mirrored strictly-anti-causal part.
+
+Stability. With 1/T up to 1e4 the factorisation e^{−λq/T}·e^{λk/T} overflows. Nothing here ever
+exponentiates an absolute quantity: the scan (`_scan`) keeps every prefix sum relative to its own
+reference key — the key with the largest partial logit φ_r = x_r/T + m·y_r (+ c_r) among the keys summed
+(found by `cummax`), so every exponent is ≤ 0 and the dominant term is exactly 1·w. Exponents are formed
+from differences of λ (and of positions), never from λ/T itself, so λ outside [0, 1) (e.g. λk = key
+position with T = 1e-3) keeps full precision. A query then multiplies by e^{φ_ref − φ_q} ≤ 1, and the
+leaf and the levels are combined by a max-shifted running logsumexp.
+
+The scan itself is blocked: dense G×G lower-triangular weights inside chunks of G sorted keys (one
+batched matmul), and the chunk totals are scanned recursively (log_G(S) rounds), so there is no loop over
+tokens; the loops are over the log2(T/C) levels and the recursion depth only.
+
+Backward: `attention_bwd_loglinear` is O(T log T) as well (see its docstring); it reuses the same scan
+with first moments Σ e·(x_ref − x_r)·w for the temperature and slope gradients.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from . import reference
+
+# Leaf block (tokens) of the divide-and-conquer: dense C×C attention inside each leaf.
+LEAF = 128
+# Chunk of the blocked scan: dense G×G weights inside each chunk of sorted keys.
+SCAN_CHUNK = 32
+# Below this many queries (or where the D&C does not apply) the dense chunked reference is as fast.
+DENSE_QUERIES = 64
+
+_NEG_INF = float("-inf")
+# Cap on exponents that are ≤ 0 in exact arithmetic (see `_scan`).
+_EXP_CAP = 30.0
+
+
+# ----------------------------------------------------------------------------------------------------
+# The stable blocked scan
+# ----------------------------------------------------------------------------------------------------
+
+def _phi_diff(inv_t, slope, xa, xb, ya, yb, ca, cb):
+    """(xa − xb)·inv_t + slope·(ya − yb) + (ca − cb): a difference of partial logits, formed from
+    differences of the coordinates so that large absolute λ/T never appears."""
+    d = (xa - xb) * inv_t
+    if slope is not None:
+        d = d + slope * (ya - yb)
+    if ca is not None:
+        d = d + (ca - cb)
+    return d
+
+
+def _scan(x, y, c, w, inv_t, slope, moments=False, monotone=False, chunk=SCAN_CHUNK):
+    """Prefix sums relative to a running reference.
+
+    x (Z, n) fp32 coordinate (λ or −λ); y (Z, n) position coordinate or None; c (Z, n) log-offset or None;
+    w (Z, n, D) weights; inv_t (Z, 1); slope (Z, 1) or None. With φ_r = x_r·inv_t + slope·y_r + c_r and
+    ref(p) = argmax_{r ≤ p} φ_r, returns
+
+        a_p  = Σ_{r ≤ p} e^{φ_r − φ_ref(p)} w_r                         (Z, n, D)
+        ax_p = Σ_{r ≤ p} e^{φ_r − φ_ref(p)} (x_ref(p) − x_r) w_r      (moments only; likewise ay)
+        xr, yr, cr = the coordinates of ref(p)                          (Z, n) each
+
+    `monotone`: φ is known to be non-decreasing along r, so ref(p) = p (no cummax).
+    """
+    z, n, d = w.shape
+    if monotone:
+        xr, yr, cr = x, y, c
+    else:
+        # approximate φ (only to pick the references); the log-offsets are taken relative to their max,
+        # so that huge negative offsets (−lse of queries that weigh nothing) cannot swamp the rest
+        phi = _phi_diff(inv_t, slope, x, x[:, :1], y, None if y is None else y[:, :1], c,
+                        None if c is None else c.amax(-1, keepdim=True))
+        ref = torch.cummax(phi, dim=-1).indices
+        xr = x.gather(1, ref)
+        yr = None if y is None else y.gather(1, ref)
+        cr = None if c is None else c.gather(1, ref)
+
+    g = min(chunk, n)
+    nc = -(-n // g)
+    pad = nc * g - n
+
+    def padded(t, value=None):
+        if t is None or pad == 0:
+            return t
+        if value is None:  # repeat the last entry: finite, and never read by a real position
+            return torch.cat([t, t[:, -1:].expand(z, pad, *t.shape[2:])], dim=1)
+        return torch.cat([t, t.new_full((z, pad, *t.shape[2:]), value)], dim=1)
+
+    xp, yp, cp = padded(x), padded(y), padded(c)
+    xrp, yrp, crp = padded(xr), padded(yr), padded(cr)
+    wp = padded(w, 0.0)
+
+    def chunks(t):
+        return None if t is None else t.reshape(z, nc, g)
+
+    xc, yc, cc = chunks(xp), chunks(yp), chunks(cp)
+    xrc, yrc, crc = chunks(xrp), chunks(yrp), chunks(crp)
+    wc = wp.reshape(z, nc, g, d)
+    it = inv_t.view(z, 1, 1, 1)
+    sl = None if slope is None else slope.view(z, 1, 1, 1)
+
+    # intra-chunk: E[p, r] = φ_r − φ_ref(p) for r ≤ p in the same chunk
+    col = lambda t: None if t is None else t[:, :, None, :]  # noqa: E731  (index r)
+    row = lambda t: None if t is None else t[:, :, :, None]  # noqa: E731  (index p)
+    e = _phi_diff(it, sl, col(xc), row(xrc), col(yc), row(yrc), col(cc), row(crc))
+    tri = torch.ones(g, g, dtype=torch.bool, device=w.device).tril()
+    # exponents are ≤ 0 up to the rounding of the reference choice; the clamp only matters for items
+    # that weigh nothing (w = 0, log-offset −1e30), whose fp32 φ cannot order them
+    e = torch.exp(e.masked_fill(~tri, _NEG_INF).clamp_max_(_EXP_CAP))
+    a = e @ wc  # (z, nc, g, d)
+    ax = ay = None
+    if moments:
+        ax = (e * (row(xrc) - col(xc))) @ wc
+        if y is not None:
+            ay = (e * (row(yrc) - col(yc))) @ wc
+
+    if nc > 1:
+        # chunk totals (relative to the reference of each chunk's last position), scanned recursively;
+        # the references of chunk ends are cummax values, so φ is non-decreasing over chunks.
+        last = lambda t: None if t is None else t[:, :, -1]  # noqa: E731
+        parts = [a[:, :, -1]]
+        if moments:
+            parts.append(ax[:, :, -1])
+            if y is not None:
+                parts.append(ay[:, :, -1])
+        tot = torch.cat(parts, dim=-1)
+        xe, ye, ce = last(xrc), last(yrc), last(crc)
+        sub = _scan(xe, ye, ce, tot, inv_t, slope, moments=moments, monotone=True, chunk=chunk)
+        # carry the inclusive prefix of chunk c-1 into chunk c
+        prev = lambda t: None if t is None else t[:, :-1, None]  # noqa: E731
+        f = torch.exp(_phi_diff(inv_t.view(z, 1, 1), None if slope is None else slope.view(z, 1, 1), prev(xe), xrc[:, 1:], prev(ye), None if yrc is None else yrc[:, 1:],
+                                prev(ce), None if crc is None else crc[:, 1:]).clamp_max_(_EXP_CAP))[..., None]
+        s0 = sub[0][:, :-1, None, :]
+        a[:, 1:] += f * s0[..., :d]
+        if moments:
+            # Σ e (x_ref − x_r) w = f·[(x_ref − x_refprev)·S0 + Sx]
+            sx = s0[..., d:2 * d] + sub[1][:, :-1, None, :d]
+            ax[:, 1:] += f * (sx + (xrc[:, 1:] - prev(xe))[..., None] * s0[..., :d])
+            if y is not None:
+                sy = s0[..., 2 * d:3 * d] + sub[2][:, :-1, None, :d]
+                ay[:, 1:] += f * (sy + (yrc[:, 1:] - prev(ye))[..., None] * s0[..., :d])
+
+    def unchunk(t):
+        if t is None:
+            return None
+        return t.reshape(z, nc * g, d)[:, :n]
+
+    return unchunk(a), unchunk(ax), unchunk(ay), xr, yr, cr
+
+
+# ----------------------------------------------------------------------------------------------------
+# One level: items sorted by a coordinate, lookups finding their split points
+# ----------------------------------------------------------------------------------------------------
+
+def _sides(xs, ys, cs, w, inv_t, slope, xq, yq, splits=("le", "gt"), moments=False):
+    """Sums over sorted items on either side of each lookup, each relative to its own log-scale.
+
+    xs (Z, S) item coordinates sorted ascending (λk of keys, or λq of queries in the transposed problem);
+    ys (Z, S) item positions relative to the level's split point, or None; cs (Z, S) item log-offsets
+    or None; w (Z, S, D) item weights; inv_t (Z, 1); slope (Z, 1) or None; xq (Z, M) lookup
+    coordinates; yq (Z, M) or (M,) lookup positions relative to the split (or None).
+
+    The logit of a lookup and an item is −|xq − x|·inv_t + slope·(y − yq) + c. For each requested split
+    returns (scale (Z, M), a (Z, M, D), mx, my) with sum = e^{scale}·a over the items with
+      "le": x ≤ xq,  "lt": x < xq,  "gt": x > xq
+    (scale −inf where there are none). With `moments`: mx = Σ e^{logit − scale}·|xq − x|·w and
+    my = Σ e^{logit − scale}·(yq − y)·w (else None).
+    """
+    z, s = xs.shape
+    d = w.shape[-1]
+    m = xq.shape[-1]
+    # problem 0: prefixes in ascending x; problem 1: suffixes, as prefixes of the reversed items in −x
+    x2 = torch.cat([xs, -xs.flip(-1)])
+    y2 = None if ys is None else torch.cat([ys, ys.flip(-1)])
+    c2 = None if cs is None else torch.cat([cs, cs.flip(-1)])
+    w2 = torch.cat([w, w.flip(-2)])
+    it2 = inv_t.repeat(2, 1)
+    sl2 = None if slope is None else slope.repeat(2, 1)
+    a, ax, ay, xr, yr, cr = _scan(x2, y2, c2, w2, it2, sl2, moments=moments,
+                                  monotone=ys is None and cs is None)
+    xs_c = xs.contiguous()
+    xq_c = xq.contiguous()
+    right = torch.searchsorted(xs_c, xq_c, right=True)
+    left = torch.searchsorted(xs_c, xq_c, right=False) if "lt" in splits else None
+    out = []
+    for kind in splits:
+        if kind == "gt":
+            half, idx, empty, q_coord = 1, s - 1 - right, right == s, -xq
+        else:
+            split = right if kind == "le" else left
+            half, idx, empty, q_coord = 0, split - 1, split == 0, xq
+        idx = idx.clamp_min(0)
+        sel = slice(z * half, z * (half + 1))
+        gather_vec = lambda t: t[sel].gather(1, idx[..., None].expand(z, m, d))  # noqa: E731
+        xk = xr[sel].gather(1, idx)
+        scale = (xk - q_coord) * inv_t
+        if slope is not None:
+            yk = yr[sel].gather(1, idx)
+            scale = scale + slope * (yk - yq)
+        if cs is not None:
+            scale = scale + cr[sel].gather(1, idx)
+        ak = gather_vec(a)
+        mx = my = None
+        if moments:
+            mx = gather_vec(ax) + (q_coord - xk)[..., None] * ak
+            if slope is not None:
+                my = gather_vec(ay) + (yq - yk)[..., None] * ak
+        out.append((scale.masked_fill(empty, _NEG_INF), ak, mx, my))
+    return out
+
+
+def _combine(m_run, acc, scale, vec):
+    """acc·e^{m_run} += vec·e^{scale}, keeping acc relative to the running max (in place)."""
+    new = torch.maximum(m_run, scale)
+    safe = new.masked_fill(torch.isinf(new), 0.0)
+    acc.mul_(torch.exp(m_run - safe)[..., None]).add_(vec * torch.exp(scale - safe)[..., None])
+    m_run.copy_(new)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Forward
+# ----------------------------------------------------------------------------------------------------
+
+def _leaf_logits(lq_ax, lk, inv_t, slope, strict, leaf):
+    """Dense logits inside each leaf block, (B, Hkv, G, N/C, C, C), plus Δλ = λq − λk and the distance."""
+    b, hkv, grp, n = lq_ax.shape
+    nb = n // leaf
+    qb = lq_ax.view(b, hkv, grp, nb, leaf)
+    kb = lk.view(b, hkv, 1, nb, leaf)
+    diff = qb[..., :, None] - kb[..., None, :]
+    s = diff.abs().mul_(-inv_t[..., None, None])
+    ar = torch.arange(leaf, device=lq_ax.device)
+    dist = (ar[:, None] - ar[None, :]).to(s.dtype)
+    if slope is not None:
+        s.sub_(slope[..., None, None] * dist)
+    mask = dist < 0 if not strict else dist <= 0
+    s.masked_fill_(mask, _NEG_INF)
+    return s, diff, dist
+
+
+def _leaf(lq_ax, lk, v1, inv_t, slope, strict, leaf):
+    """Dense attention inside each leaf block: returns (m, acc) on the axis."""
+    b, hkv, grp, n = lq_ax.shape
+    nb = n // leaf
+    s, _, _ = _leaf_logits(lq_ax, lk, inv_t, slope, strict, leaf)
+    m = s.amax(-1)
+    safe = m.masked_fill(torch.isinf(m), 0.0)
+    p = torch.exp_(s.sub_(safe[..., None]))
+    acc = p @ v1.view(b, hkv, 1, nb, leaf, -1)
+    return m.reshape(b, hkv, grp, n), acc.reshape(b, hkv, grp, n, -1)
+
+
+def _level_keys(lk, v1, size, slope):
+    """The left halves of one level, sorted by λk: (ks, perm, w, yk) with yk = position − split."""
+    b, hkv, n = lk.shape
+    d = v1.shape[-1]
+    p = n // (2 * size)
+    ks, perm = lk.view(b, hkv, p, 2, size)[:, :, :, 0].sort(dim=-1)
+    w = v1.view(b, hkv, p, 2, size, d)[:, :, :, 0].gather(-2, perm[..., None].expand(b, hkv, p, size, d))
+    yk = None if slope is None else (perm - size).to(lk.dtype)
+    return ks, perm, w, yk
+
+
+def _causal_dc(lq_ax, lk, v1, inv_t, slope, strict, leaf):
+    """Causal attention on a common time axis of N = leaf·2^L positions (keys and queries aligned).
+
+    lq_ax (B, Hkv, G, N) the queries on the key axis; lk (B, Hkv, N); v1 (B, Hkv, N, D) with the ones
+    column; query i sees keys j ≤ i (j < i when `strict`). Returns (m, acc) with
+    acc = Σ_j e^{s_ij − m_i}·[v_j, 1].
+    """
+    b, hkv, grp, n = lq_ax.shape
+    d = v1.shape[-1]
+    m_run, acc = _leaf(lq_ax, lk, v1, inv_t, slope, strict, leaf)
+    size = leaf
+    while size < n:
+        p = n // (2 * size)
+        full = (b, hkv, grp, p, size)
+        ks, _, w, yk = _level_keys(lk, v1, size, slope)
+        ex = lambda t: t[:, :, None].expand(*full, *t.shape[4:]).reshape(-1, size, *t.shape[4:])  # noqa: E731
+        q = lq_ax.view(b, hkv, grp, p, 2, size)[:, :, :, :, 1]
+        it = inv_t[..., None].expand(b, hkv, grp, p, 1).reshape(-1, 1)
+        sl = None if slope is None else slope[..., None].expand(b, hkv, grp, p, 1).reshape(-1, 1)
+        yq = None if slope is None else torch.arange(size, device=lk.device, dtype=lk.dtype)
+        res = _sides(ex(ks), None if yk is None else ex(yk), None, ex(w), it, sl, q.reshape(-1, size), yq)
+        m_r = m_run.view(b, hkv, grp, p, 2, size)[:, :, :, :, 1]
+        acc_r = acc.view(b, hkv, grp, p, 2, size, d)[:, :, :, :, 1]
+        for scale, vec, _, _ in res:
+            _combine(m_r, acc_r, scale.view(full), vec.view(*full, d))
+        size *= 2
+    return m_run, acc
+
+
+def _leaf_size(t: int) -> int:
+    return max(16, min(LEAF, 1 << max(0, (t - 1).bit_length())))
+
+
+def _axis_len(tk: int, leaf: int) -> int:
+    return leaf << max(0, math.ceil(math.log2(max(1, tk) / leaf)))
+
+
+def _to_axis(t, n, dim, start=0, value=0.0):
+    """Place `t` at [start, start + len) of a length-n axis along `dim`, filled with `value` elsewhere."""
+    if start == 0 and t.shape[dim] == n:
+        return t
+    dim = dim % t.dim()
+    shape = list(t.shape)
+    shape[dim] = n
+    out = t.new_full(shape, value)
+    out.narrow(dim, start, t.shape[dim]).copy_(t)
+    return out
+
+
+def _prepare(lq, lk, v, temperature, alibi_slopes):
+    b, h, tq = lq.shape
+    hkv = lk.shape[1]
+    grp = h // hkv
+    lqg = lq.float().reshape(b, hkv, grp, tq)
+    inv_t = (1.0 / temperature.float()).view(1, hkv, grp, 1).expand(b, hkv, grp, 1)
+    slope = None if alibi_slopes is None else alibi_slopes.float().view(b, hkv, grp, 1)
+    v1 = torch.cat([v.float(), v.new_ones(*v.shape[:-1], 1, dtype=torch.float32)], dim=-1)
+    return lqg, lk.float(), v1, inv_t, slope
+
+
+def _causal_part(lqg, lk, v1, inv_t, slope, strict, q_start):
+    """Queries at positions q_start … q_start + Tq − 1 of the Tk-long key axis: (m, acc) for them."""
+    tq = lqg.shape[-1]
+    tk = lk.shape[-1]
+    leaf = _leaf_size(tk)
+    n = _axis_len(tk, leaf)
+    lq_ax = _to_axis(lqg, n, -1, q_start)
+    m, acc = _causal_dc(lq_ax, _to_axis(lk, n, -1), _to_axis(v1, n, -2), inv_t, slope, strict, leaf)
+    return m[..., q_start: q_start + tq], acc[..., q_start: q_start + tq, :]
+
+
+def _global_part(lqg, lk, v1, inv_t):
+    """Non-causal without slopes: one level over all keys sorted once."""
+    b, hkv, grp, tq = lqg.shape
+    tk, d = lk.shape[-1], v1.shape[-1]
+    ks, perm = lk.sort(dim=-1)
+    w = v1.gather(-2, perm[..., None].expand_as(v1))
+    ex = lambda t: t[:, :, None].expand(b, hkv, grp, *t.shape[2:]).reshape(-1, *t.shape[2:])  # noqa: E731
+    res = _sides(ex(ks), None, None, ex(w), inv_t.reshape(-1, 1), None, lqg.reshape(-1, tq), None)
+    (s_lo, a_lo, _, _), (s_up, a_up, _, _) = res
+    m = torch.maximum(s_lo, s_up)
+    acc = a_lo * torch.exp(s_lo - m)[..., None] + a_up * torch.exp(s_up - m)[..., None]
+    return m.view(b, hkv, grp, tq), acc.view(b, hkv, grp, tq, d)
+
+
+def _use_dense(tq, tk, is_causal, slopes):
+    if tq <= DENSE_QUERIES or tk <= DENSE_QUERIES:
+        return True
+    return not is_causal and slopes is not None and tq > tk
+
+
+def _forward_parts(lq, lk, v, temperature, alibi_slopes, is_causal):
+    """(m, acc) per query, (B, Hkv, G, Tq) and (B, Hkv, G, Tq, Dv + 1)."""
+    lqg, lkf, v1, inv_t, slope = _prepare(lq, lk, v, temperature, alibi_slopes)
+    tk, tq = lkf.shape[-1], lqg.shape[-1]
+    if is_causal:
+        return _causal_part(lqg, lkf, v1, inv_t, slope, False, tk - tq)
+    if slope is None:
+        return _global_part(lqg, lkf, v1, inv_t)
+    m, acc = _causal_part(lqg, lkf, v1, inv_t, slope, False, tk - tq)
+    # keys after the query: the causal problem on the time-reversed sequences, strictly causal. Query i
+    # (position i' = i + Tk − Tq) sits at Tk − 1 − i' there, so the reversed queries fill positions 0 … Tq−1.
+    m2, acc2 = _causal_part(lqg.flip(-1), lkf.flip(-1), v1.flip(-2), inv_t, slope, True, 0)
+    _combine(m, acc, m2.flip(-1), acc2.flip(-2))
+    return m, acc
+
+
+def attention_fwd_loglinear(lq, lk, v, temperature, alibi_slopes, is_causal):
+    """Exact taumode attention in O(T·D·log T) (see the module docstring). Returns (out, lse).
+
+    lq (B, H, Tq) fp32; lk (B, Hkv, Tk) fp32; v (B, Hkv, Tk, Dv); temperature (H,); alibi_slopes (B, H)
+    or None. Causal is bottom-right aligned (Tq ≤ Tk). out in v.dtype, lse (B, H, Tq) fp32.
+    Few queries (decode, short prompts) go to the dense chunked path, which is cheaper there.
+    """
+    b, h, tq = lq.shape
+    hkv, tk, dv = lk.shape[1], lk.shape[2], v.shape[-1]
+    if _use_dense(tq, tk, is_causal, alibi_slopes):
+        out, lse = reference.attention_fwd_chunked(lq.float(), lk.float(), v, temperature.float(),
+                                                   None if alibi_slopes is None else alibi_slopes.float(),
+                                                   is_causal)
+        return out, lse.float()
+    m, acc = _forward_parts(lq, lk, v, temperature, alibi_slopes, is_causal)
+    den = acc[..., dv]
+    out = (acc[..., :dv] / den[..., None]).reshape(b, h, tq, dv).to(v.dtype)
+    lse = (m + den.log()).reshape(b, h, tq)
+    return out, lse
+
+
+# ----------------------------------------------------------------------------------------------------
+# Backward
+# ----------------------------------------------------------------------------------------------------
+#
+# With P_ij = e^{s_ij − lse_i}, dS = P∘(dO·v_j − D_i), D_i = dO_i·O_i (SPEC §2), every gradient is a
+# contraction of P-weighted sums that the same machinery computes:
+#   query side (over keys j, weights [v_j, 1]):
+#     Qsign_i = Σ_j P_ij sign(λq_i − λk_j)[v_j, 1]   → dλq_i = −(1/T)(dO_i·Qsign_v − D_i·Qsign_1)
+#     M_i     = Σ_j P_ij |λq_i − λk_j| [v_j, 1]      → dT   = (1/T²) Σ_i (dO_i·M_v − D_i·M_1)
+#     N_i     = Σ_j P_ij |i' − j| [v_j, 1]            → dm   = −Σ_i (dO_i·N_v − D_i·N_1)
+#   key side (the transposed problem, over queries i, weights [dO_i, D_i], log-offset −lse_i):
+#     Kall_j  = Σ_i P_ij [dO_i, D_i]                  → dv_j = Kall_dO
+#     Ksign_j = Σ_i P_ij sign(λq_i − λk_j)[dO_i, D_i] → dλk_j = (1/T)(v_j·Ksign_dO − Ksign_D)
+# Signs come from looking up both sides of the tie group (searchsorted left and right), so sign(0) = 0.
+
+def _bwd_leaf(lq_ax, lk, v1, g1, lse_ax, inv_t, slope, strict, leaf, acc):
+    b, hkv, grp, n = lq_ax.shape
+    nb, d = n // leaf, v1.shape[-1]
+    s, diff, dist = _leaf_logits(lq_ax, lk, inv_t, slope, strict, leaf)
+    p = torch.exp_(s.sub_(lse_ax.view(b, hkv, grp, nb, leaf)[..., None]))
+    ps = p * torch.sign(diff)
+    v1b = v1.view(b, hkv, 1, nb, leaf, d)
+    g1b = g1.view(b, hkv, grp, nb, leaf, d)
+    view = lambda t: t.view(b, hkv, grp, nb, leaf, d)  # noqa: E731
+    view(acc["qsign"]).add_(ps @ v1b)
+    view(acc["m"]).add_((p * diff.abs_()) @ v1b)
+    if slope is not None:
+        view(acc["n"]).add_((p * dist.clamp_min(0)) @ v1b)
+    view(acc["kall"]).add_(p.transpose(-1, -2) @ g1b)
+    view(acc["ksign"]).add_(ps.transpose(-1, -2) @ g1b)
+
+
+def _bwd_level(acc, lq_ax, lk, v1, g1, lse_ax, inv_t, slope, size):
+    """One level of the causal D&C: the right halves' queries against the left halves' keys."""
+    b, hkv, grp, n = lq_ax.shape
+    d = v1.shape[-1]
+    p = n // (2 * size)
+    full = (b, hkv, grp, p, size)
+    halves = lambda t, k: t.view(b, hkv, grp, p, 2, size, *t.shape[4:])[:, :, :, :, k]  # noqa: E731
+    flat = lambda t: t.reshape(-1, size, *t.shape[5:])  # noqa: E731
+    ex = lambda t: t[:, :, None].expand(*full, *t.shape[4:])  # noqa: E731
+    it = inv_t[..., None].expand(b, hkv, grp, p, 1).reshape(-1, 1)
+    sl = None if slope is None else slope[..., None].expand(b, hkv, grp, p, 1).reshape(-1, 1)
+    ar = torch.arange(size, device=lk.device, dtype=lk.dtype)
+    lse_r = flat(halves(lse_ax, 1))
+
+    # query side: items are the left halves' keys sorted by λk; lookups the right halves' queries
+    ks, _, w, yk = _level_keys(lk, v1, size, slope)
+    q = flat(halves(lq_ax, 1))
+    res = _sides(flat(ex(ks)), None if yk is None else flat(ex(yk)), None, flat(ex(w)), it, sl, q,
+                 None if slope is None else ar, splits=("le", "lt", "gt"), moments=True)
+    (s_le, _, mx_le, my_le), (s_lt, a_lt, _, _), (s_gt, a_gt, mx_gt, my_gt) = res
+    e = lambda sc: torch.exp(sc - lse_r)[..., None]  # noqa: E731
+    e_le, e_gt = e(s_le), e(s_gt)
+    halves(acc["qsign"], 1).add_((e(s_lt) * a_lt - e_gt * a_gt).view(*full, d))
+    halves(acc["m"], 1).add_((e_le * mx_le + e_gt * mx_gt).view(*full, d))
+    if slope is not None:
+        halves(acc["n"], 1).add_((e_le * my_le + e_gt * my_gt).view(*full, d))
+
+    # key side: items are the right halves' queries sorted by λq (per query head), log-offset −lse;
+    # lookups the left halves' keys. Item position s − i' = −(i' − s), lookup position s − j.
+    qs, qperm = q.sort(dim=-1)
+    wq = flat(halves(g1, 1)).gather(1, qperm[..., None].expand(-1, -1, d))
+    cq = -lse_r.gather(1, qperm)
+    yqi = None if slope is None else -qperm.to(lk.dtype)
+    kl = flat(ex(lk.view(b, hkv, p, 2, size)[:, :, :, 0]))
+    res = _sides(qs, yqi, cq, wq, it, sl, kl, None if slope is None else size - ar, splits=("le", "lt", "gt"))
+    (s_le, a_le, _, _), (s_lt, a_lt, _, _), (s_gt, a_gt, _, _) = res
+    e = lambda sc: torch.exp(sc)[..., None]  # noqa: E731
+    e_gt = e(s_gt)
+    halves(acc["kall"], 0).add_((e(s_le) * a_le + e_gt * a_gt).view(*full, d))
+    halves(acc["ksign"], 0).add_((e_gt * a_gt - e(s_lt) * a_lt).view(*full, d))
+
+
+def _bwd_causal_part(lqg, lk, v1, g1, lse, inv_t, slope, strict, q_start):
+    """Accumulators (see above) of the causal problem with queries at q_start … q_start + Tq − 1."""
+    b, hkv, grp, tq = lqg.shape
+    tk, d = lk.shape[-1], v1.shape[-1]
+    leaf = _leaf_size(tk)
+    n = _axis_len(tk, leaf)
+    lq_ax = _to_axis(lqg, n, -1, q_start)
+    lk_ax = _to_axis(lk, n, -1)
+    v1_ax = _to_axis(v1, n, -2)
+    g1_ax = _to_axis(g1, n, -2, q_start)
+    # queries that are not real (before q_start, axis padding) weigh nothing: lse = +1e30 ⇒ P = 0
+    lse_ax = _to_axis(lse, n, -1, q_start, value=1e30)
+    names = ["qsign", "m", "kall", "ksign"] + (["n"] if slope is not None else [])
+    acc = {k: lq_ax.new_zeros(b, hkv, grp, n, d) for k in names}
+    _bwd_leaf(lq_ax, lk_ax, v1_ax, g1_ax, lse_ax, inv_t, slope, strict, leaf, acc)
+    size = leaf
+    while size < n:
+        _bwd_level(acc, lq_ax, lk_ax, v1_ax, g1_ax, lse_ax, inv_t, slope, size)
+        size *= 2
+    out = {}
+    for k, t in acc.items():
+        out[k] = t[..., :tk, :] if k.startswith("k") else t[..., q_start: q_start + tq, :]
+    return out
+
+
+def _bwd_global_part(lqg, lk, v1, g1, lse, inv_t):
+    """Non-causal without slopes: one level, all keys against all queries."""
+    b, hkv, grp, tq = lqg.shape
+    tk, d = lk.shape[-1], v1.shape[-1]
+    ex = lambda t: t[:, :, None].expand(b, hkv, grp, *t.shape[2:]).reshape(-1, *t.shape[2:])  # noqa: E731
+    it = inv_t.reshape(-1, 1)
+    ks, perm = lk.sort(dim=-1)
+    w = v1.gather(-2, perm[..., None].expand_as(v1))
+    lse_f = lse.reshape(-1, tq)
+    res = _sides(ex(ks), None, None, ex(w), it, None, lqg.reshape(-1, tq), None,
+                 splits=("le", "lt", "gt"), moments=True)
+    (s_le, _, mx_le, _), (s_lt, a_lt, _, _), (s_gt, a_gt, mx_gt, _) = res
+    e = lambda sc: torch.exp(sc - lse_f)[..., None]  # noqa: E731
+    acc = {"qsign": e(s_lt) * a_lt - e(s_gt) * a_gt, "m": e(s_le) * mx_le + e(s_gt) * mx_gt}
+    qs, qperm = lqg.reshape(-1, tq).sort(dim=-1)
+    wq = g1.reshape(-1, tq, d).gather(1, qperm[..., None].expand(-1, -1, d))
+    res = _sides(qs, None, -lse_f.gather(1, qperm), wq, it, None, ex(lk), None, splits=("le", "lt", "gt"))
+    (s_le, a_le, _, _), (s_lt, a_lt, _, _), (s_gt, a_gt, _, _) = res
+    acc["kall"] = torch.exp(s_le)[..., None] * a_le + torch.exp(s_gt)[..., None] * a_gt
+    acc["ksign"] = torch.exp(s_gt)[..., None] * a_gt - torch.exp(s_lt)[..., None] * a_lt
+    return {k: t.view(b, hkv, grp, -1, d) for k, t in acc.items()}
+
+
+def attention_bwd_loglinear(dout, lq, lk, v, out, lse, temperature, alibi_slopes, is_causal):
+    """Exact gradients in O(T·D·log T): the forward's D&C run on the query side (P-weighted sums of
+    [v, 1] split by sign, with first moments in |Δλ| and |i' − j|) and on the transposed key side (keys
+    looking up sums over later queries of e^{−lse}·[dO, D]). Same cases as the forward; few queries go
+    to the dense chunked backward. Returns (dlq, dlk, dv, dtemperature, dalibi) per the contract.
+    """
+    b, h, tq = lq.shape
+    hkv, tk, dv_dim = lk.shape[1], lk.shape[2], v.shape[-1]
+    grp = h // hkv
+    if _use_dense(tq, tk, is_causal, alibi_slopes):
+        res = reference.attention_bwd_chunked(dout, lq.float(), lk.float(), v, out, lse.float(),
+                                              temperature.float(),
+                                              None if alibi_slopes is None else alibi_slopes.float(), is_causal)
+        dlq, dlk, dv, dtemp, dalibi = res
+        return dlq.float(), dlk.float(), dv.to(v.dtype), dtemp.float(), None if dalibi is None else dalibi.float()
+    lqg, lkf, v1, inv_t, slope = _prepare(lq, lk, v, temperature, alibi_slopes)
+    do = dout.float().reshape(b, hkv, grp, tq, dv_dim)
+    delta = (do * out.float().reshape(b, hkv, grp, tq, dv_dim)).sum(-1)
+    g1 = torch.cat([do, delta[..., None]], dim=-1)
+    lse_g = lse.float().reshape(b, hkv, grp, tq)
+    if is_causal:
+        acc = _bwd_causal_part(lqg, lkf, v1, g1, lse_g, inv_t, slope, False, tk - tq)
+    elif slope is None:
+        acc = _bwd_global_part(lqg, lkf, v1, g1, lse_g, inv_t)
+    else:
+        acc = _bwd_causal_part(lqg, lkf, v1, g1, lse_g, inv_t, slope, False, tk - tq)
+        rev = _bwd_causal_part(lqg.flip(-1), lkf.flip(-1), v1.flip(-2), g1.flip(-2), lse_g.flip(-1),
+                               inv_t, slope, True, 0)
+        for k in acc:
+            acc[k] = acc[k] + rev[k].flip(-2)
+
+    o = out.float().reshape(b, hkv, grp, tq, dv_dim)
+
+    def contract(t):  # dO_i·t_v − D_i·t_1 = dO_i·(t_v − O_i t_1) for the query-side sums, (B, Hkv, G, Tq)
+        return (do * (t[..., :dv_dim] - o * t[..., dv_dim:])).sum(-1)
+
+    it = inv_t  # (B, Hkv, G, 1)
+    dlq = (-it * contract(acc["qsign"])).reshape(b, h, tq)
+    dtemp = (it * it * contract(acc["m"])).sum(dim=(0, 3)).reshape(h)
+    dalibi = None if slope is None else (-contract(acc["n"]).sum(-1)).reshape(b, h)
+    dv = acc["kall"][..., :dv_dim].sum(2)
+    ks = acc["ksign"]
+    dlk = (it * ((v1[:, :, None, :, :dv_dim] * ks[..., :dv_dim]).sum(-1) - ks[..., dv_dim])).sum(2)
+    return dlq, dlk, dv.to(v.dtype), dtemp, dalibi
