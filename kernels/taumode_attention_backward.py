@@ -1,0 +1,309 @@
+"""Taumode attention backward (SPEC §2): dλq, dλk, dV, dtemperature, dslope from dO, O and the saved lse.
+
+Device code only; the launcher is `tauformer_kernels.attention_triton_backward.attention_bwd_triton`.
+
+With s_ij = -|λq_i - λk_j|/T_h - slope·|i + Tk - Tq - j| (causal: j <= i + Tk - Tq), P = exp(s - lse),
+D_i = Σ_d dO_id O_id, dP = dO Vᵀ and dS = P∘(dP - D):
+
+    dV = Pᵀ dO                                  dλq_i = -(1/T) Σ_j dS_ij sign(λq_i - λk_j)
+    dλk_j = (1/T) Σ_i dS_ij sign(λq_i - λk_j)    dT_h = Σ dS |λq_i - λk_j| / T²
+    dslope_bh = -Σ dS |i + Tk - Tq - j|
+
+Two kernels:
+
+- `attention_bwd_preprocess_kernel`: D = rowsum(dO∘O) in fp32 and lse·log2(e), one program per
+  (query block, b·h).
+- `taumode_attention_bwd_kernel`: one program per (key block, b·kv head). It holds its λk and V tile and
+  loops over the GROUP query heads of its kv group and, for each, over the query blocks that see its keys.
+  The tile is kept transposed (keys × queries, as in the Triton tutorial's dK/dV kernel) so that both
+  products take the score tile straight from registers: dV += Pᵀ dO (A operand = P) and dPᵀ = V dOᵀ.
+  P is recomputed with one exp2 per score from λq, λk and lse (log2 domain); P <= 1 for every finite λ and
+  every temperature, so there is nothing to overflow.
+  The sign-weighted reductions are products with one-hot matrices on the tensor cores, not warp shuffles:
+  dλk accumulates (dS∘sign) @ e0 over all query blocks and heads (A operand from registers);
+  dλq of this key block is e0ᵀ @ (dS∘sign), a (16 × BLOCK_M) product whose row 0 is the column sum.
+  dtemperature and dslope accumulate dS∘|Δλ| and dS∘dist element-wise in a register tile and are summed
+  once per head at the end.
+  Every result is deterministic: dV, dλk are complete per program (GQA heads summed in a fixed order);
+  dλq, dtemperature and dslope are per-key-block partials that the launcher sums in a fixed order.
+
+Layouts: λq (B, H, Tq) fp32, λk (B, Hkv, Tk) fp32, V (B, Hkv, Tk, Dv), dO (B, H, Tq, Dv) in V's dtype, any
+strides; LSE2 (the logsumexp times log2 e) and DELTA (B, H, Tq) fp32 contiguous; TEMP (H,) fp32; SLOPES (B, H) fp32 (read when HAS_ALIBI).
+Outputs: DV (B, Hkv, Tk, Dv) in V's dtype, any strides; DLK (B, Hkv, Tk) fp32 contiguous;
+DLQ_PART (num key blocks, B, H, Tq) fp32 contiguous: Σ_j dS_ij sign(λq_i - λk_j) over the block's keys
+(dλq before the factor -1/T_h), every element written (zeros for rows that see none of the block's keys);
+DT_PART, DSLOPE_PART (B, H, num key blocks) fp32 contiguous (DSLOPE_PART written when HAS_ALIBI).
+"""
+import triton
+import triton.language as tl
+
+# log2(e): logits are formed in the log2 domain for exp2
+_LOG2E = tl.constexpr(1.4426950408889634)
+
+
+@triton.jit
+def attention_bwd_preprocess_kernel(
+    OUT, DO, LSE, DELTA, LSE2,
+    stride_o_b, stride_o_h, stride_o_t, stride_o_d,
+    stride_do_b, stride_do_h, stride_do_t, stride_do_d,
+    H, Tq, Dv,
+    # query rows per program
+    BLOCK_M: tl.constexpr,
+    # Dv padded to a power of two
+    BLOCK_D: tl.constexpr,
+):
+    """DELTA[b, h, i] = Σ_d dO[b, h, i, d]·O[b, h, i, d] in fp32 and LSE2 = LSE·log2(e) (the logsumexp in the
+    log2 domain of the main kernel); LSE, DELTA, LSE2 (B, H, Tq) fp32 contiguous."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = (offs_m[:, None] < Tq) & (offs_d[None, :] < Dv)
+    o = tl.load(OUT + b * stride_o_b + h * stride_o_h + offs_m[:, None] * stride_o_t + offs_d[None, :] * stride_o_d,
+                mask=mask, other=0.0)
+    do = tl.load(DO + b * stride_do_b + h * stride_do_h + offs_m[:, None] * stride_do_t
+                 + offs_d[None, :] * stride_do_d, mask=mask, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    row_ok = offs_m < Tq
+    tl.store(DELTA + pid_bh * Tq + offs_m, delta, mask=row_ok)
+    lse = tl.load(LSE + pid_bh * Tq + offs_m, mask=row_ok, other=0.0)
+    tl.store(LSE2 + pid_bh * Tq + offs_m, lse * _LOG2E, mask=row_ok)
+
+
+@triton.jit
+def _bwd_tile(dv_acc, dlk_acc, dt_acc, dsl_acc, lam_k, v, offs_n, offs_d, start_m, e0_q, e0_k,
+              LQ_bh, DO_bh, LSE_bh, DELTA_bh, DLQP_bh, stride_lq_t, stride_do_t, stride_do_d,
+              Tq, Tk, Dv, off, inv_t2, slope2,
+              IS_CAUSAL: tl.constexpr,
+              HAS_ALIBI: tl.constexpr,
+              # apply the causal / key-range mask (tiles on the diagonal or past Tk)
+              MASK: tl.constexpr,
+              # Tq % BLOCK_M != 0: mask the query rows
+              MASK_Q: tl.constexpr,
+              # BLOCK_D > Dv: mask dO's feature columns
+              MASK_D: tl.constexpr,
+              BLOCK_M: tl.constexpr,
+              BLOCK_N: tl.constexpr,
+              # input_precision of the dV and dP products
+              DOT_PRECISION: tl.constexpr,
+              # input_precision of the one-hot reduction products (dS∘sign is fp32)
+              RED_PRECISION: tl.constexpr,
+              # GPU code generation: layout anchor and inline-PTX exp2 (False in the interpreter)
+              GPU: tl.constexpr):
+    """One (keys × queries) tile: accumulates dV, dλk (one-hot product), dtemperature and dslope tiles and
+    stores this key block's partial dλq of the BLOCK_M query rows."""
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    do_ptrs = DO_bh + offs_m[:, None] * stride_do_t + offs_d[None, :] * stride_do_d
+    if MASK_Q:
+        q_ok = offs_m < Tq
+        lam_q = tl.load(LQ_bh + offs_m * stride_lq_t, mask=q_ok, other=0.0)
+        # rows past Tq: lse = +inf gives P = 0, dO = 0 and D = 0 give dS = 0
+        ell = tl.load(LSE_bh + offs_m, mask=q_ok, other=float("inf"))
+        delta = tl.load(DELTA_bh + offs_m, mask=q_ok, other=0.0)
+        do_mask = q_ok[:, None]
+        if MASK_D:
+            do_mask = do_mask & (offs_d[None, :] < Dv)
+        do = tl.load(do_ptrs, mask=do_mask, other=0.0)
+    else:
+        lam_q = tl.load(LQ_bh + offs_m * stride_lq_t)
+        ell = tl.load(LSE_bh + offs_m)
+        delta = tl.load(DELTA_bh + offs_m)
+        if MASK_D:
+            do = tl.load(do_ptrs, mask=offs_d[None, :] < Dv, other=0.0)
+        else:
+            do = tl.load(do_ptrs)
+    # λq_i - λk_j, (BLOCK_N, BLOCK_M): the difference first (exact for close λ, any magnitude), then scaled
+    diff = lam_q[None, :] - lam_k[:, None]
+    abs_diff = tl.abs(diff)
+    logit2 = -abs_diff * inv_t2 - ell[None, :]
+    if HAS_ALIBI:
+        dist = tl.abs(offs_m[None, :] + off - offs_n[:, None]).to(tl.float32)
+        logit2 = logit2 - slope2 * dist
+    if MASK:
+        # hidden scores get -inf before the exponential (their logit2 may be large where lse is very negative)
+        visible = offs_n[:, None] < Tk
+        if IS_CAUSAL:
+            visible = visible & (offs_n[:, None] <= offs_m[None, :] + off)
+        logit2 = tl.where(visible, logit2, float("-inf"))
+    if GPU:
+        # a BLOCK_N×BLOCK_M×16 product of zeros whose accumulator is the logit tile: it puts the tile in the
+        # tensor cores' accumulator layout (that of dPᵀ), so P is computed once and feeds dV = Pᵀ dO from
+        # registers; without it Triton evaluates the exponentials twice, once per layout
+        logit2 = tl.dot(tl.zeros([BLOCK_N, 16], dtype=do.dtype), tl.zeros([16, BLOCK_M], dtype=do.dtype), logit2)
+        # one MUFU.EX2; P below 2^-126 flushes to 0 (tl.exp2 adds a range test and two multiplies)
+        p = tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=r,r", [logit2], dtype=tl.float32,
+                                      is_pure=True, pack=1)
+    else:
+        p = tl.exp2(logit2)
+    dp = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+    dv_acc = tl.dot(p.to(do.dtype), do, dv_acc, input_precision=DOT_PRECISION)
+    # P∘sign(λq_i - λk_j): the sign bit of the difference moved onto P (one LOP3), and sign(0) = 0 (ties
+    # carry no gradient, as autograd's abs)
+    p_sign = (p.to(tl.uint32, bitcast=True) ^ (diff.to(tl.uint32, bitcast=True) & 0x80000000)).to(
+        tl.float32, bitcast=True)
+    p_sign = tl.where(diff == 0.0, 0.0, p_sign)
+    # dS∘sign; dS∘|Δλ| = (dS∘sign)∘Δλ
+    ds_sign = p_sign * (dp - delta[None, :])
+    dt_acc += ds_sign * diff
+    if HAS_ALIBI:
+        dsl_acc += p * (dp - delta[None, :]) * dist
+    ds_sign = ds_sign.to(e0_q.dtype)
+    dlk_acc = tl.dot(ds_sign, e0_q, dlk_acc, input_precision=RED_PRECISION)
+    # every row of the (16, BLOCK_M) product is the column sum; row 0 is stored
+    dlq = tl.dot(e0_k, ds_sign, input_precision=RED_PRECISION)
+    row0 = tl.arange(0, 16)[:, None] == 0
+    dlq_ptrs = DLQP_bh + offs_m[None, :] + tl.zeros([16, BLOCK_M], dtype=tl.int32)
+    if MASK_Q:
+        tl.store(dlq_ptrs, dlq, mask=row0 & (offs_m[None, :] < Tq))
+    else:
+        tl.store(dlq_ptrs, dlq, mask=row0)
+    return dv_acc, dlk_acc, dt_acc, dsl_acc
+
+
+@triton.jit
+def taumode_attention_bwd_kernel(
+    LQ, LK, V, DO, LSE2, DELTA, TEMP, SLOPES,
+    DV, DLK, DLQ_PART, DT_PART, DSLOPE_PART,
+    stride_lq_b, stride_lq_h, stride_lq_t,
+    stride_lk_b, stride_lk_h, stride_lk_t,
+    stride_v_b, stride_v_h, stride_v_t, stride_v_d,
+    stride_do_b, stride_do_h, stride_do_t, stride_do_d,
+    stride_dv_b, stride_dv_h, stride_dv_t, stride_dv_d,
+    B, H, Tq, Tk, Dv,
+    # query heads per kv head (H // Hkv)
+    GROUP: tl.constexpr,
+    # bottom-right causal mask j <= i + Tk - Tq
+    IS_CAUSAL: tl.constexpr,
+    # ALiBi slopes given (SLOPES read, DSLOPE_PART written)
+    HAS_ALIBI: tl.constexpr,
+    # query rows per loop iteration
+    BLOCK_M: tl.constexpr,
+    # keys per program
+    BLOCK_N: tl.constexpr,
+    # Dv padded to a power of two (>= 16)
+    BLOCK_D: tl.constexpr,
+    # Tq % BLOCK_M == 0 (no query-row masks)
+    EVEN_M: tl.constexpr,
+    # Tk % BLOCK_N == 0 (no key-tail masks)
+    EVEN_N: tl.constexpr,
+    # BLOCK_D > Dv: mask V's, dO's and dV's feature columns
+    MASK_D: tl.constexpr,
+    # input_precision of dV = Pᵀ dO and dPᵀ = V dOᵀ ("ieee" for fp32 V, ignored for fp16/bf16)
+    DOT_PRECISION: tl.constexpr,
+    # input_precision of the one-hot reductions ("ieee": dS∘sign in fp32 for fp32 V; fp16/bf16 V take it in
+    # V's dtype, as FlashAttention's dS)
+    RED_PRECISION: tl.constexpr,
+    # GPU code generation (a zero product that fixes the score tile's layout, inline-PTX exp2); False under
+    # TRITON_INTERPRET=1, where the same math runs with tl.exp2
+    GPU: tl.constexpr,
+):
+    """Writes DV, DLK (complete) and the partials DLQ_PART, DT_PART, DSLOPE_PART (see the module docstring)."""
+    pid_n = tl.program_id(0)
+    pid_bk = tl.program_id(1)
+    Hkv = H // GROUP
+    b = pid_bk // Hkv
+    hk = pid_bk % Hkv
+    num_kb = tl.num_programs(0)
+    off = Tk - Tq
+    start_n = pid_n * BLOCK_N
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+
+    LK_bh = LK + b * stride_lk_b + hk * stride_lk_h
+    V_bh = V + b * stride_v_b + hk * stride_v_h
+    v_ptrs = V_bh + offs_n[:, None] * stride_v_t + offs_d[None, :] * stride_v_d
+    if EVEN_N:
+        lam_k = tl.load(LK_bh + offs_n * stride_lk_t)
+        if MASK_D:
+            v = tl.load(v_ptrs, mask=offs_d[None, :] < Dv, other=0.0)
+        else:
+            v = tl.load(v_ptrs)
+    else:
+        key_ok = offs_n < Tk
+        lam_k = tl.load(LK_bh + offs_n * stride_lk_t, mask=key_ok, other=0.0)
+        v_mask = key_ok[:, None]
+        if MASK_D:
+            v_mask = v_mask & (offs_d[None, :] < Dv)
+        v = tl.load(v_ptrs, mask=v_mask, other=0.0)
+
+    # query ranges: [0, q_start) sees no key of this block; [q_start, q_mid) needs the mask; [q_mid, Tq) not
+    if IS_CAUSAL:
+        q_start = (tl.maximum(start_n - off, 0) // BLOCK_M) * BLOCK_M
+        # a tile is fully visible when its first row sees the block's last key: start_m + off >= start_n + N - 1
+        q_need = tl.maximum(start_n + BLOCK_N - 1 - off - q_start, 0)
+        q_mid = q_start + tl.cdiv(q_need, BLOCK_M) * BLOCK_M
+    else:
+        q_start = Tq * 0
+        q_mid = Tq * 0
+    if not EVEN_N:
+        if start_n + BLOCK_N > Tk:
+            q_mid = Tq
+    q_mid = tl.minimum(q_mid, Tq)
+
+    # one-hot reduction matrices: column 0 of e0_q and row 0 of e0_k are ones
+    # one-hot reduction matrices: column 0 of e0_q is ones; e0_k is all ones (every row of e0_k·dS is the
+    # column sum, so any row can be stored). In V's dtype (fp32 for fp32 V).
+    e0_q = (tl.where(tl.arange(0, 16)[None, :] == 0, 1.0, 0.0) + tl.zeros([BLOCK_M, 16], dtype=tl.float32)
+            ).to(V.dtype.element_ty)
+    e0_k = tl.full([16, BLOCK_N], 1.0, dtype=V.dtype.element_ty)
+
+    dv_acc = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dlk_total = tl.zeros([BLOCK_N, 16], dtype=tl.float32)
+    for g in range(GROUP):
+        h = hk * GROUP + g
+        inv_t = 1.0 / tl.load(TEMP + h)
+        inv_t2 = inv_t * _LOG2E
+        if HAS_ALIBI:
+            slope2 = tl.load(SLOPES + b * H + h) * _LOG2E
+        else:
+            slope2 = 0.0
+        LQ_bh = LQ + b * stride_lq_b + h * stride_lq_h
+        DO_bh = DO + b * stride_do_b + h * stride_do_h
+        LSE_bh = LSE2 + (b * H + h) * Tq
+        DELTA_bh = DELTA + (b * H + h) * Tq
+        DLQP_bh = DLQ_PART + ((pid_n * B + b) * H + h) * Tq
+        # rows that see no key of this block: their partial dλq is 0
+        for start_m in range(0, q_start, BLOCK_M):
+            offs_m = start_m + tl.arange(0, BLOCK_M)
+            tl.store(DLQP_bh + offs_m, tl.zeros([BLOCK_M], dtype=tl.float32))
+        dlk_acc = tl.zeros([BLOCK_N, 16], dtype=tl.float32)
+        dt_acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+        if HAS_ALIBI:
+            dsl_acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+        else:
+            dsl_acc = dt_acc
+        for start_m in range(q_start, q_mid, BLOCK_M):
+            dv_acc, dlk_acc, dt_acc, dsl_acc = _bwd_tile(
+                dv_acc, dlk_acc, dt_acc, dsl_acc, lam_k, v, offs_n, offs_d, start_m, e0_q, e0_k,
+                LQ_bh, DO_bh, LSE_bh, DELTA_bh, DLQP_bh, stride_lq_t, stride_do_t, stride_do_d,
+                Tq, Tk, Dv, off, inv_t2, slope2,
+                IS_CAUSAL, HAS_ALIBI, True, not EVEN_M, MASK_D, BLOCK_M, BLOCK_N, DOT_PRECISION, RED_PRECISION, GPU)
+        for start_m in range(q_mid, Tq, BLOCK_M):
+            dv_acc, dlk_acc, dt_acc, dsl_acc = _bwd_tile(
+                dv_acc, dlk_acc, dt_acc, dsl_acc, lam_k, v, offs_n, offs_d, start_m, e0_q, e0_k,
+                LQ_bh, DO_bh, LSE_bh, DELTA_bh, DLQP_bh, stride_lq_t, stride_do_t, stride_do_d,
+                Tq, Tk, Dv, off, inv_t2, slope2,
+                IS_CAUSAL, HAS_ALIBI, False, not EVEN_M, MASK_D, BLOCK_M, BLOCK_N, DOT_PRECISION, RED_PRECISION, GPU)
+        dlk_total += dlk_acc * inv_t
+        dt = tl.sum(tl.sum(dt_acc, 1), 0) * (inv_t * inv_t)
+        tl.store(DT_PART + (b * H + h) * num_kb + pid_n, dt)
+        if HAS_ALIBI:
+            tl.store(DSLOPE_PART + (b * H + h) * num_kb + pid_n, -tl.sum(tl.sum(dsl_acc, 1), 0))
+
+    dlk = tl.sum(dlk_total, 1)
+    dv_ptrs = DV + b * stride_dv_b + hk * stride_dv_h + offs_n[:, None] * stride_dv_t + offs_d[None, :] * stride_dv_d
+    dv_out = dv_acc.to(DV.dtype.element_ty)
+    if EVEN_N:
+        tl.store(DLK + pid_bk * Tk + offs_n, dlk)
+        if MASK_D:
+            tl.store(dv_ptrs, dv_out, mask=offs_d[None, :] < Dv)
+        else:
+            tl.store(dv_ptrs, dv_out)
+    else:
+        tl.store(DLK + pid_bk * Tk + offs_n, dlk, mask=offs_n < Tk)
+        dv_mask = offs_n[:, None] < Tk
+        if MASK_D:
+            dv_mask = dv_mask & (offs_d[None, :] < Dv)
+        tl.store(dv_ptrs, dv_out, mask=dv_mask)

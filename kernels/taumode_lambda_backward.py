@@ -1,0 +1,133 @@
+"""Backward of the λ projection (SPEC §1): dx and dtau from dλ, with the chain rule fused.
+
+Device code only; the launcher is `tauformer_kernels.lambda_triton_backward.lambda_bwd_triton`.
+
+For a head vector x (F), s = xᵀx + eps, L_sym = (L + Lᵀ)/2, E_raw = xᵀ L_sym x / s, E = max(E_raw, 0):
+
+    dE   = dλ · tau / (E + tau)²      (0 where the clamp is active, E_raw < 0)
+    dx   = dE · 2 (L_sym x - E_raw x) / s
+    dtau = Σ dλ · (-E / (E + tau)²)   (per head)
+
+One program per (block of BLOCK_T vectors, b·h). L_sym is formed on-chip from two loads of L (a tile and its
+transpose) and y = x L_sym runs on the tensor cores in BLOCK_K × BLOCK_K tiles of L_sym. When F fits in one
+tile (BLOCK_K == BLOCK_F) everything is one pass over x; for larger F a first pass gets xᵀx and E_raw and a
+second recomputes each column tile of y to write dx (L stays in L2 across programs).
+
+Layouts: DLAM (B, H, T) fp32, X and DX (B, H, T, F) in x's dtype, any strides; LAP (F, F) fp32 contiguous;
+TAU (H,) fp32; DTAU_PART (B, H, number of T blocks) fp32 contiguous: each program's Σ dλ·dλ/dtau.
+"""
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _x_tile(X_bh, offs_t, offs_f, stride_x_t, stride_x_f, T, F,
+            # mask the rows past T / the features past F
+            MASK_T: tl.constexpr, MASK_F: tl.constexpr):
+    """x[offs_t, offs_f] in fp32 (0 outside the tensor)."""
+    ptrs = X_bh + offs_t[:, None] * stride_x_t + offs_f[None, :] * stride_x_f
+    if MASK_T or MASK_F:
+        mask = (offs_t[:, None] < T) & (offs_f[None, :] < F)
+        x = tl.load(ptrs, mask=mask, other=0.0)
+    else:
+        x = tl.load(ptrs)
+    return x.to(tl.float32)
+
+
+@triton.jit
+def _lsym_tile(LAP, offs_r, offs_c, F, MASK_F: tl.constexpr):
+    """(L + Lᵀ)/2 at rows offs_r, columns offs_c, fp32 (0 outside F × F)."""
+    if MASK_F:
+        mask = (offs_r[:, None] < F) & (offs_c[None, :] < F)
+        a = tl.load(LAP + offs_r[:, None] * F + offs_c[None, :], mask=mask, other=0.0)
+        b = tl.load(LAP + offs_c[None, :] * F + offs_r[:, None], mask=mask, other=0.0)
+    else:
+        a = tl.load(LAP + offs_r[:, None] * F + offs_c[None, :])
+        b = tl.load(LAP + offs_c[None, :] * F + offs_r[:, None])
+    return 0.5 * (a + b)
+
+
+@triton.jit
+def _y_tile(X_bh, LAP, offs_t, fo, stride_x_t, stride_x_f, T, F,
+            BLOCK_T: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_K: tl.constexpr,
+            MASK_T: tl.constexpr, MASK_F: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Columns fo .. fo + BLOCK_K of y = x L_sym for the block's rows, fp32."""
+    offs_c = fo + tl.arange(0, BLOCK_K)
+    y = tl.zeros([BLOCK_T, BLOCK_K], dtype=tl.float32)
+    for ki in range(0, BLOCK_F, BLOCK_K):
+        offs_k = ki + tl.arange(0, BLOCK_K)
+        x = _x_tile(X_bh, offs_t, offs_k, stride_x_t, stride_x_f, T, F, MASK_T, MASK_F)
+        y = tl.dot(x, _lsym_tile(LAP, offs_k, offs_c, F, MASK_F), y, input_precision=DOT_PRECISION)
+    return y
+
+
+@triton.jit
+def taumode_lambda_bwd_kernel(
+    DLAM, X, LAP, TAU, DX, DTAU_PART,
+    stride_dlam_b, stride_dlam_h, stride_dlam_t,
+    stride_x_b, stride_x_h, stride_x_t, stride_x_f,
+    stride_dx_b, stride_dx_h, stride_dx_t, stride_dx_f,
+    H, T, F, eps,
+    # vectors per program
+    BLOCK_T: tl.constexpr,
+    # F padded to a power of two (>= 16)
+    BLOCK_F: tl.constexpr,
+    # tile of L_sym (and of the feature loop); BLOCK_K == BLOCK_F keeps everything in one pass
+    BLOCK_K: tl.constexpr,
+    # BLOCK_F > F: mask the feature columns
+    MASK_F: tl.constexpr,
+    # input_precision of x·L_sym: "tf32x3" (fp32 x), "tf32" (fp16/bf16 x: exact in tf32; L_sym rounded)
+    DOT_PRECISION: tl.constexpr,
+):
+    """Writes DX (like X) and DTAU_PART (see the module docstring)."""
+    pid_t = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    row_ok = offs_t < T
+    X_bh = X + b * stride_x_b + h * stride_x_h
+    DX_bh = DX + b * stride_dx_b + h * stride_dx_h
+    dlam = tl.load(DLAM + b * stride_dlam_b + h * stride_dlam_h + offs_t * stride_dlam_t, mask=row_ok, other=0.0)
+    tau = tl.load(TAU + h)
+
+    if BLOCK_K == BLOCK_F:
+        offs_f = tl.arange(0, BLOCK_F)
+        x = _x_tile(X_bh, offs_t, offs_f, stride_x_t, stride_x_f, T, F, True, MASK_F)
+        y = tl.dot(x, _lsym_tile(LAP, offs_f, offs_f, F, MASK_F), input_precision=DOT_PRECISION)
+        s = tl.sum(x * x, 1) + eps
+        e_raw = tl.sum(x * y, 1) / s
+    else:
+        sq = tl.zeros([BLOCK_T], dtype=tl.float32)
+        xy = tl.zeros([BLOCK_T], dtype=tl.float32)
+        for fo in range(0, BLOCK_F, BLOCK_K):
+            offs_c = fo + tl.arange(0, BLOCK_K)
+            x_c = _x_tile(X_bh, offs_t, offs_c, stride_x_t, stride_x_f, T, F, True, MASK_F)
+            y_c = _y_tile(X_bh, LAP, offs_t, fo, stride_x_t, stride_x_f, T, F,
+                          BLOCK_T, BLOCK_F, BLOCK_K, True, MASK_F, DOT_PRECISION)
+            sq += tl.sum(x_c * x_c, 1)
+            xy += tl.sum(x_c * y_c, 1)
+        s = sq + eps
+        e_raw = xy / s
+
+    energy = tl.maximum(e_raw, 0.0)
+    inv_denom = 1.0 / ((energy + tau) * (energy + tau))
+    # the clamp passes the gradient where E_raw >= 0, as autograd's clamp_min does
+    d_energy = tl.where(e_raw >= 0, dlam * tau * inv_denom, 0.0)
+    coef = 2.0 * d_energy / s
+    dtau = tl.sum(tl.where(row_ok, -dlam * energy * inv_denom, 0.0), 0)
+    tl.store(DTAU_PART + pid_bh * tl.num_programs(0) + pid_t, dtau)
+
+    if BLOCK_K == BLOCK_F:
+        dx = coef[:, None] * (y - e_raw[:, None] * x)
+        ptrs = DX_bh + offs_t[:, None] * stride_dx_t + offs_f[None, :] * stride_dx_f
+        tl.store(ptrs, dx.to(DX.dtype.element_ty), mask=row_ok[:, None] & (offs_f[None, :] < F))
+    else:
+        for fo in range(0, BLOCK_F, BLOCK_K):
+            offs_c = fo + tl.arange(0, BLOCK_K)
+            x_c = _x_tile(X_bh, offs_t, offs_c, stride_x_t, stride_x_f, T, F, True, MASK_F)
+            y_c = _y_tile(X_bh, LAP, offs_t, fo, stride_x_t, stride_x_f, T, F,
+                          BLOCK_T, BLOCK_F, BLOCK_K, True, MASK_F, DOT_PRECISION)
+            dx = coef[:, None] * (y_c - e_raw[:, None] * x_c)
+            ptrs = DX_bh + offs_t[:, None] * stride_dx_t + offs_c[None, :] * stride_dx_f
+            tl.store(ptrs, dx.to(DX.dtype.element_ty), mask=row_ok[:, None] & (offs_c[None, :] < F))

@@ -1,0 +1,211 @@
+"""Ahead-of-time compile check of the backward kernels (no GPU needed).
+
+`python -m tauformer_kernels.compile_check_backward --arch 80 90` compiles every backward kernel at
+representative constexprs for those targets with `triton.compile(ASTSource, target=GPUTarget(...))` and
+prints, per kernel and arch, registers, stack bytes (spills), shared memory and the counts of tensor-core
+(HMMA/HGMMA) and MUFU instructions in the SASS. Exits non-zero if a kernel fails to compile or spills.
+
+`ENTRIES` is the table a general compile check can take over: each entry names the kernel, its signature
+(argument name -> Triton type; strides of the last dimension are the constant 1 as the launcher's
+contiguous-last-dim tensors give, and the others are marked divisible by 16 as Triton's launcher
+specialises them), the constexprs and the launch options.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass, field
+
+import triton
+
+from tauformer_kernels.kernels.taumode_attention_backward import (
+    attention_bwd_preprocess_kernel,
+    taumode_attention_bwd_kernel,
+)
+
+_BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+_TRITON_DTYPE = {"fp32": "*fp32", "fp16": "*fp16", "bf16": "*bf16"}
+
+
+@dataclass
+class Entry:
+    name: str
+    fn: object
+    # argument name -> Triton type ("*fp16", "i32", ...); names given in `ones` are the constant 1
+    signature: dict
+    constexprs: dict
+    num_warps: int = 4
+    num_stages: int = 2
+    ones: tuple = ()
+    # arguments (pointers and strides/sizes) specialised as divisible by 16
+    div16: tuple = ()
+    scores_per_iter: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+def _attention_bwd_entry(dtype: str, block_d: int, causal: bool, alibi: bool, group: int, cfg: dict,
+                         even: bool = True, name: str = "") -> Entry:
+    p = _TRITON_DTYPE[dtype]
+    f32 = "*fp32"
+    sig = {"LQ": f32, "LK": f32, "V": p, "DO": p, "LSE2": f32, "DELTA": f32, "TEMP": f32, "SLOPES": f32,
+           "DV": p, "DLK": f32, "DLQ_PART": f32, "DT_PART": f32, "DSLOPE_PART": f32}
+    strides = [f"stride_{t}_{d}" for t, dims in (("lq", "bht"), ("lk", "bht"), ("v", "bhtd"), ("do", "bhtd"),
+                                                 ("dv", "bhtd")) for d in dims]
+    for s in strides:
+        sig[s] = "i32"
+    for s in ("B", "H", "Tq", "Tk", "Dv"):
+        sig[s] = "i32"
+    ones = ("stride_lq_t", "stride_lk_t", "stride_v_d", "stride_do_d", "stride_dv_d")
+    div16 = tuple(k for k, v in sig.items() if v.startswith("*")) + tuple(
+        s for s in strides if s not in ones) + ("Tq", "Tk")
+    prec = ("tf32x3", "tf32x3") if dtype == "fp32" else ("ieee", "ieee")
+    ce = {"GROUP": group, "IS_CAUSAL": causal, "HAS_ALIBI": alibi, "BLOCK_M": cfg["BLOCK_M"],
+          "BLOCK_N": cfg["BLOCK_N"], "BLOCK_D": block_d, "EVEN_M": even, "EVEN_N": even, "MASK_D": False,
+          "DOT_PRECISION": prec[0], "RED_PRECISION": prec[1], "GPU": True}
+    return Entry(name or f"taumode_attention_bwd {dtype} D={block_d} causal={causal} alibi={alibi} G={group}",
+                 taumode_attention_bwd_kernel, sig, ce, cfg["num_warps"], cfg["num_stages"], ones, div16,
+                 cfg["BLOCK_M"] * cfg["BLOCK_N"])
+
+
+def _preprocess_entry(dtype: str, block_d: int) -> Entry:
+    p = _TRITON_DTYPE[dtype]
+    sig = {"OUT": p, "DO": p, "LSE": "*fp32", "DELTA": "*fp32", "LSE2": "*fp32"}
+    for t in ("o", "do"):
+        for d in "bhtd":
+            sig[f"stride_{t}_{d}"] = "i32"
+    sig.update(H="i32", Tq="i32", Dv="i32")
+    ones = ("stride_o_d", "stride_do_d")
+    div16 = ("OUT", "DO", "LSE", "DELTA", "LSE2", "stride_o_b", "stride_o_h", "stride_o_t", "stride_do_b", "stride_do_h",
+             "stride_do_t", "Tq")
+    from tauformer_kernels.attention_triton_backward import preprocess_block_m
+
+    return Entry(f"attention_bwd_preprocess {dtype} D={block_d}", attention_bwd_preprocess_kernel, sig,
+                 {"BLOCK_M": preprocess_block_m(block_d), "BLOCK_D": block_d}, 4, 1, ones, div16)
+
+
+def _lambda_bwd_entry(dtype: str, block_f: int, cfg: dict) -> Entry:
+    from tauformer_kernels.kernels.taumode_lambda_backward import taumode_lambda_bwd_kernel
+
+    p = _TRITON_DTYPE[dtype]
+    sig = {"DLAM": "*fp32", "X": p, "LAP": "*fp32", "TAU": "*fp32", "DX": p, "DTAU_PART": "*fp32"}
+    for t in ("dlam", "x", "dx"):
+        for d in ("bht" if t == "dlam" else "bhtf"):
+            sig[f"stride_{t}_{d}"] = "i32"
+    sig.update(H="i32", T="i32", F="i32", eps="fp32")
+    ones = ("stride_dlam_t", "stride_x_f", "stride_dx_f")
+    div16 = tuple(k for k, v in sig.items() if v.startswith("*")) + tuple(
+        k for k in sig if k.startswith("stride") and k not in ones) + ("T", "F")
+    ce = {"BLOCK_T": cfg["BLOCK_T"], "BLOCK_F": block_f, "BLOCK_K": cfg["BLOCK_K"], "MASK_F": False,
+          "DOT_PRECISION": "tf32x3" if dtype == "fp32" else "tf32"}
+    return Entry(f"taumode_lambda_bwd {dtype} F={block_f}", taumode_lambda_bwd_kernel, sig, ce,
+                 cfg["num_warps"], cfg["num_stages"], ones, div16)
+
+
+def entries() -> list[Entry]:
+    """Every backward kernel at the constexprs the launchers use on a GPU."""
+    import torch
+
+    from tauformer_kernels.attention_triton_backward import _GPU_CONFIGS, _GPU_CONFIGS_FP32
+    from tauformer_kernels.lambda_triton_backward import gpu_config
+
+    out = []
+    for dtype in ("bf16", "fp16"):
+        out.append(_attention_bwd_entry(dtype, 64, True, False, 1, _GPU_CONFIGS[64]))
+    out.append(_attention_bwd_entry("fp32", 64, True, False, 1, _GPU_CONFIGS_FP32[64]))
+    out.append(_attention_bwd_entry("bf16", 64, True, True, 4, _GPU_CONFIGS[64], even=False))
+    out.append(_attention_bwd_entry("fp16", 64, False, False, 2, _GPU_CONFIGS[64], even=False))
+    for d in (128, 256, 512):
+        out.append(_attention_bwd_entry("bf16", d, True, False, 1, _GPU_CONFIGS[d]))
+    out.append(_attention_bwd_entry("fp32", 512, True, True, 1, _GPU_CONFIGS_FP32[512], even=False))
+    for dtype in ("bf16", "fp32"):
+        out.append(_preprocess_entry(dtype, 64))
+    out.append(_preprocess_entry("bf16", 512))
+    for f in (64, 128, 256, 512):
+        for dtype in ("bf16", "fp32"):
+            out.append(_lambda_bwd_entry(dtype, f, gpu_config(f, torch.float32 if dtype == "fp32" else torch.bfloat16)))
+    return out
+
+
+def model_entries() -> list[Entry]:
+    """The main loop alone for the static model: non-causal, even shapes, one query head per kv head, so
+    the only loop in the SASS is the unmasked tile loop that causal programs spend their time in."""
+    from tauformer_kernels.attention_triton_backward import _GPU_CONFIGS
+
+    return [_attention_bwd_entry(dt, 64, False, False, 1, _GPU_CONFIGS[64], name=f"bwd main loop {dt} D=64")
+            for dt in ("bf16", "fp16")]
+
+
+def compile_entry(e: Entry, arch: int):
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    names = e.fn.arg_names
+    sig = {k: ("constexpr" if k in e.ones else v) for k, v in e.signature.items()}
+    sig.update({k: "constexpr" for k in e.constexprs})
+    constexprs = dict(e.constexprs, **{k: 1 for k in e.ones})
+    attrs = {(names.index(k),): [["tt.divisibility", 16]] for k in e.div16}
+    src = ASTSource(fn=e.fn, signature=sig, constexprs=constexprs, attrs=attrs)
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                          options={"num_warps": e.num_warps, "num_stages": e.num_stages})
+
+
+def inspect_cubin(cubin: bytes) -> dict:
+    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
+        f.write(cubin)
+    try:
+        res = subprocess.run([os.path.join(_BIN, "cuobjdump"), "--dump-resource-usage", f.name],
+                             capture_output=True, text=True).stdout
+        sass = subprocess.run([os.path.join(_BIN, "nvdisasm"), "-c", f.name], capture_output=True, text=True).stdout
+    finally:
+        os.unlink(f.name)
+    get = lambda key: int(m.group(1)) if (m := re.search(key + r":(\d+)", res)) else 0  # noqa: E731
+    ops = re.findall(r"\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9]*)", sass)
+    return {"regs": get("REG"), "stack": get("STACK"), "local": get("LOCAL"),
+            "mma": sum(o in ("HMMA", "HGMMA") for o in ops), "mufu": sum(o == "MUFU" for o in ops)}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--arch", type=int, nargs="+", default=[80, 90], help="sm versions to compile for")
+    ap.add_argument("--filter", default="", help="only entries whose name contains this text")
+    a = ap.parse_args(argv)
+    failed = False
+    for e in entries():
+        if a.filter not in e.name:
+            continue
+        for arch in a.arch:
+            try:
+                k = compile_entry(e, arch)
+            except Exception as exc:  # noqa: BLE001 -- report every failure, then exit non-zero
+                print(f"FAIL {e.name} sm_{arch}: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
+                failed = True
+                continue
+            r = inspect_cubin(k.asm["cubin"])
+            spill = r["stack"] > 0 or r["local"] > 0
+            failed |= spill
+            print(f"{'SPILL' if spill else 'ok   '} {e.name} sm_{arch} warps={e.num_warps}: regs={r['regs']} "
+                  f"stack={r['stack']} shared={k.metadata.shared} mma={r['mma']} mufu={r['mufu']}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
+
+def kernel_cases() -> list:
+    """The backward entries as rows of `tauformer_kernels.compile_check.KERNELS` (KernelCase), so the general
+    compile check covers them with one line: `KERNELS += compile_check_backward.kernel_cases()`."""
+    from tauformer_kernels.compile_check import KernelCase
+
+    rows = []
+    for e in entries() + model_entries():
+        args = {}
+        for k, ty in e.signature.items():
+            args[k] = f"{ty}:1" if k in e.ones else (f"{ty}:16" if k in e.div16 else ty)
+        rows.append(KernelCase(e.name, f"{e.fn.__module__.rsplit('.', 1)[-1]}:{e.fn.__name__}", args,
+                               dict(e.constexprs), e.num_warps, e.num_stages, e.scores_per_iter))
+    return rows
