@@ -1,0 +1,357 @@
+"""Taumode attention forward: softmax_j(-|λq_i - λk_j| / T_h - slope_bh·|i + Tk - Tq - j|) · V.
+
+Device code only; the launcher is `tauformer_kernels.attention_triton.attention_fwd_triton`.
+
+One program per (query block of BLOCK_M rows, batch·head). It reads λq (its rows), λk and V of the kv head
+h // GROUP (GQA without expanding anything), and writes O and the natural-log logsumexp. All logits are
+formed in fp32 in the log2 domain (scaled by log2(e)); P is cast to V's dtype for the tensor cores, with fp32
+accumulation.
+
+Two paths, chosen per program inside the kernel from the λ range (no host sync). The launcher launches the
+kernel twice, PATH=1 (factorised) then PATH=2 (general); each program of each launch computes the same
+condition and only the matching launch writes it, so each path is compiled alone (its own registers).
+
+- Factorised (the fast path). With c the centre of the λ range of this block's rows and all keys of the
+  head, x_i = (λq_i - c)/T·log2e and y_j = (λk_j - c)/T·log2e (log2 units), a logit without ALiBi is
+  -|x_i - y_j| and
+      2^(-|x_i - y_j|) = 2^-x_i · min(2^y_j, r_i·2^-y_j),   r_i = 2^(2x_i),
+  so a tile costs O(rows + cols) exponentials and one multiply plus one min per score (packed half2 for
+  fp16 V). The row factor 2^-x_i is the same for every key block: it is left out of the accumulators
+  (it cancels in O = acc / rowsum) and added back to the logsumexp. The reference is fixed (every logit
+  <= 0 and the row maximum >= -span), so there is no online max and no rescaling. Blocks on the causal
+  diagonal or past Tk take an exponential per score with the same reference. With ALiBi (σ = slope·log2e, j0 the block
+  start) a fully visible block has p_ij = min(u1_i·w1_j, u2_i·w2_j) with
+      u1_i = 2^(-x_i - σ(i + off - j0 - N/2)), w1_j = 2^(y_j + σ(j - j0 - N/2)), u2, w2 likewise with ±x, ∓y,
+  Valid when `span` (the program's λ range in log2 units) keeps every factor finite and every dropped
+  (underflowed) product negligible: 1.5·span + σ·N/2 <= 96, and span <= FAST_SPAN, which bounds how far
+  the row maximum can fall below the reference: 2^-span must stay inside the range of P's dtype (fp16:
+  the binding limit). The row sums come from the tensor cores (P times a block of ones): they are sums of
+  the same rounded P that multiplies V.
+
+- General (any finite λ, any temperature): an explicit exponential per score with an online maximum
+  and rescaling, as in FlashAttention-2, the mask applied only on blocks that need it. A zero product on
+  the tensor cores gives the score tile the accumulator's register layout (see _explicit_tile).
+
+Layouts: λq (B, H, Tq) fp32, λk (B, Hkv, Tk) fp32, V (B, Hkv, Tk, Dv) fp32/fp16/bf16, any strides;
+temperature (H,) fp32; slopes (B, H) fp32 (read only when HAS_ALIBI); kmin/kmax (B, Hkv) fp32 = min/max of
+λk over keys; O (B, H, Tq, Dv) in V's dtype, any strides; LSE (B, H, Tq) fp32 contiguous.
+"""
+import triton
+import triton.language as tl
+
+# log2(e) and ln(2): logits are kept in the log2 domain for exp2
+_LOG2E = tl.constexpr(1.4426950408889634)
+_LN2 = tl.constexpr(0.6931471805599453)
+# bound on the exponent magnitudes of the factorised path (log2 units), see the module docstring
+_FACTOR_LIMIT = tl.constexpr(96.0)
+
+
+@triton.jit
+def _load_keys(LK_bh, V_bh, offs_n, offs_d, stride_lk_t, stride_v_t, stride_v_d, Tk, Dv,
+               # True where the block may run past Tk (mask the key loads)
+               MASK_KEYS: tl.constexpr,
+               # True where BLOCK_D > Dv (mask the feature columns of V)
+               MASK_D: tl.constexpr):
+    """λk of the block (fp32) and its V tile (BLOCK_N, BLOCK_D) in V's dtype; masked entries are 0."""
+    if MASK_KEYS:
+        key_ok = offs_n < Tk
+        lam_k = tl.load(LK_bh + offs_n * stride_lk_t, mask=key_ok, other=0.0)
+        v_mask = key_ok[:, None]
+        if MASK_D:
+            v_mask = v_mask & (offs_d[None, :] < Dv)
+        v = tl.load(V_bh + offs_n[:, None] * stride_v_t + offs_d[None, :] * stride_v_d, mask=v_mask, other=0.0)
+    else:
+        lam_k = tl.load(LK_bh + offs_n * stride_lk_t)
+        if MASK_D:
+            v = tl.load(V_bh + offs_n[:, None] * stride_v_t + offs_d[None, :] * stride_v_d,
+                        mask=offs_d[None, :] < Dv, other=0.0)
+        else:
+            v = tl.load(V_bh + offs_n[:, None] * stride_v_t + offs_d[None, :] * stride_v_d)
+    return lam_k, v
+
+
+@triton.jit
+def _factorised_tile(acc, acc_l, x_row, r_row, i_rel, j0, ones, LK_bh, V_bh, offs_d, stride_lk_t, stride_v_t,
+                     stride_v_d, Tk, Dv, centre, inv_t2, slope2,
+                     # ALiBi term present (slope2 is read)
+                     HAS_ALIBI: tl.constexpr,
+                     BLOCK_N: tl.constexpr,
+                     MASK_D: tl.constexpr,
+                     # dtype of the per-score products (fp16 for fp16 V: packed half2 arithmetic; else fp32)
+                     FACTOR_DTYPE: tl.constexpr,
+                     # input_precision of the P·V dots ("ieee"/"tf32x3" for fp32 V, ignored for fp16/bf16)
+                     DOT_PRECISION: tl.constexpr):
+    """One fully visible key block of the factorised path: acc += M V, acc_l += M 1.
+
+    Without ALiBi the row factor 2^-x_i is the same for every key block, so it is left out of M (it
+    cancels in O = acc / rowsum and is added back to the logsumexp): M_ij = P_ij·2^x_i =
+    min(2^y_j, r_i·2^-y_j) with r_i = 2^(2x_i), one multiply and one min per score. With ALiBi the row
+    factors change with the block: M = P = min(u1_i·w1_j, u2_i·w2_j)."""
+    offs_n = j0 + tl.arange(0, BLOCK_N)
+    lam_k, v = _load_keys(LK_bh, V_bh, offs_n, offs_d, stride_lk_t, stride_v_t, stride_v_d, Tk, Dv, False, MASK_D)
+    y = (lam_k - centre) * inv_t2
+    if HAS_ALIBI:
+        col_alibi = slope2 * (tl.arange(0, BLOCK_N) - BLOCK_N // 2).to(tl.float32)
+        # i + off - j0 - N/2 for each row: >= N/2 - 1 on a fully visible block
+        row_alibi = slope2 * (i_rel - j0 - BLOCK_N // 2).to(tl.float32)
+        u1 = tl.exp2(-x_row - row_alibi)
+        u2 = tl.exp2(x_row - row_alibi)
+        w1 = tl.exp2(y + col_alibi)
+        w2 = tl.exp2(col_alibi - y)
+        p = tl.minimum(u1[:, None] * w1[None, :], u2[:, None] * w2[None, :])
+    else:
+        w1 = tl.exp2(y).to(FACTOR_DTYPE)
+        w2 = tl.exp2(-y).to(FACTOR_DTYPE)
+        p = tl.minimum(w1[None, :], r_row[:, None] * w2[None, :])
+    p = p.to(v.dtype)
+    acc = tl.dot(p, v, acc, input_precision=DOT_PRECISION)
+    acc_l = tl.dot(p, ones, acc_l, input_precision=DOT_PRECISION)
+    return acc, acc_l
+
+
+@triton.jit
+def _explicit_tile(acc, row_sum, row_ref, lam_q, i_rel, j0, ones, LK_bh, V_bh, offs_d, stride_lk_t, stride_v_t,
+                   stride_v_d, Tk, Dv, inv_t2, slope2,
+                   IS_CAUSAL: tl.constexpr,
+                   HAS_ALIBI: tl.constexpr,
+                   # keep a running row maximum and rescale (general path); else row_ref is fixed
+                   ONLINE_MAX: tl.constexpr,
+                   # apply the causal / key-range mask (blocks on the diagonal or past Tk)
+                   MASK: tl.constexpr,
+                   BLOCK_N: tl.constexpr,
+                   MASK_D: tl.constexpr,
+                   DOT_PRECISION: tl.constexpr):
+    """One key block with an exponential per score; row_ref and the logits in log2 units.
+
+    ONLINE_MAX: row_sum is a (BLOCK_M,) vector; returns (acc, row_sum, row_ref) with acc += P V,
+    row_sum += Σ_j P, both rescaled when the running maximum moves. Fixed reference: row_sum is the
+    (BLOCK_M, 16) accumulator of P·1 and P = 2^(s - row_ref)."""
+    offs_n = j0 + tl.arange(0, BLOCK_N)
+    if MASK:
+        # keys past Tk get λk = +inf: their logit is -inf whatever λq (finite) is, so no per-score key mask
+        key_ok = offs_n < Tk
+        lam_k = tl.load(LK_bh + offs_n * stride_lk_t, mask=key_ok, other=float("inf"))
+        v_mask = key_ok[:, None]
+        if MASK_D:
+            v_mask = v_mask & (offs_d[None, :] < Dv)
+        v = tl.load(V_bh + offs_n[:, None] * stride_v_t + offs_d[None, :] * stride_v_d, mask=v_mask, other=0.0)
+    else:
+        lam_k, v = _load_keys(LK_bh, V_bh, offs_n, offs_d, stride_lk_t, stride_v_t, stride_v_d, Tk, Dv, False,
+                              MASK_D)
+    BLOCK_M: tl.constexpr = acc.shape[0]
+    # a zero product on the tensor cores gives the score tile the accumulator's register layout, so the row
+    # reductions are in-thread plus two shuffles and P feeds the next product without a trip through
+    # shared memory (Triton would otherwise pick a row-per-warp layout for the broadcasts below)
+    s = tl.dot(tl.zeros([BLOCK_M, 16], dtype=tl.float16), tl.zeros([16, BLOCK_N], dtype=tl.float16))
+    # the difference first: exact for close λ, then one rounding (λ may be large, e.g. key positions)
+    s = s - tl.abs(lam_q[:, None] - lam_k[None, :]) * inv_t2
+    if HAS_ALIBI:
+        # |i + Tk - Tq - j|
+        s = s - slope2 * tl.abs(i_rel.to(tl.float32)[:, None] - offs_n.to(tl.float32)[None, :])
+    if MASK:
+        if IS_CAUSAL:
+            s = tl.where(offs_n[None, :] <= i_rel[:, None], s, float("-inf"))
+    if ONLINE_MAX:
+        m_new = tl.maximum(row_ref, tl.max(s, 1))
+        # a row with nothing visible yet keeps a finite reference (no -inf - -inf)
+        m_new = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(row_ref - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        row_sum = row_sum * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        row_ref = m_new
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
+    else:
+        # fixed reference: no reduction at all, the row sums come from the tensor cores (acc_l, passed as
+        # row_sum), so the tile stays in the accumulator's register layout
+        p = tl.exp2(s - row_ref[:, None]).to(v.dtype)
+        acc = tl.dot(p, v, acc, input_precision=DOT_PRECISION)
+        row_sum = tl.dot(p, ones, row_sum, input_precision=DOT_PRECISION)
+    return acc, row_sum, row_ref
+
+
+@triton.jit
+def _factorised_path(acc, lam_q, row_ok, i_rel, lo_end, hi, lam_lo, lam_hi, LK_bh, V_bh, offs_d, stride_lk_t,
+                     stride_v_t, stride_v_d, Tk, Dv, inv_t2, slope2,
+                     IS_CAUSAL: tl.constexpr, HAS_ALIBI: tl.constexpr, BLOCK_M: tl.constexpr,
+                     BLOCK_N: tl.constexpr, MASK_D: tl.constexpr, FACTOR_DTYPE: tl.constexpr,
+                     DOT_PRECISION: tl.constexpr):
+    """The factorised path over keys [0, hi): returns (acc, row_sum, row_ref) with O = acc / row_sum and
+    log2-sum-exp = row_ref + log2(row_sum)."""
+    centre = 0.5 * (lam_lo + lam_hi)
+    # rows past Tq get x = 0 so that their (unstored) factors stay finite
+    x_row = tl.where(row_ok, (lam_q - centre) * inv_t2, 0.0)
+    # fixed reference (log2): 0, or with ALiBi the term of the row's nearest key (non-causal, Tq > Tk)
+    if HAS_ALIBI:
+        row_ref = -slope2 * tl.maximum(-i_rel, 0).to(tl.float32)
+        r_row = x_row  # unused
+    else:
+        # the accumulators hold P·2^x_i (see _factorised_tile): shift the reference by x_i
+        row_ref = -x_row
+        r_row = tl.exp2(2.0 * x_row).to(FACTOR_DTYPE)
+    ones = tl.full([BLOCK_N, 16], 1.0, dtype=V_bh.dtype.element_ty)
+    acc_l = tl.zeros([BLOCK_M, 16], dtype=tl.float32)
+    for j0 in tl.range(0, lo_end, BLOCK_N):
+        acc, acc_l = _factorised_tile(acc, acc_l, x_row, r_row, i_rel, j0, ones, LK_bh, V_bh, offs_d,
+                                      stride_lk_t, stride_v_t, stride_v_d, Tk, Dv, centre, inv_t2, slope2,
+                                      HAS_ALIBI, BLOCK_N, MASK_D, FACTOR_DTYPE, DOT_PRECISION)
+    # blocks on the diagonal or past Tk: an exponential per score (few blocks per row; with ALiBi the sign of
+    # i + off - j changes inside them). Masking the factorised products instead (possible without ALiBi)
+    # cost more registers than this tile and spilled at BLOCK_M = 128.
+    if IS_CAUSAL:
+        # at most BLOCK_M / BLOCK_N + 1 such blocks: peeled (unrolled) rather than looped
+        for k in tl.static_range(BLOCK_M // BLOCK_N + 1):
+            j0 = lo_end + k * BLOCK_N
+            if j0 < hi:
+                acc, acc_l, row_ref = _explicit_tile(acc, acc_l, row_ref, lam_q, i_rel, j0, ones, LK_bh, V_bh,
+                                                     offs_d, stride_lk_t, stride_v_t, stride_v_d, Tk, Dv, inv_t2,
+                                                     slope2, IS_CAUSAL, HAS_ALIBI, False, True, BLOCK_N, MASK_D,
+                                                     DOT_PRECISION)
+    else:
+        for j0 in tl.range(lo_end, hi, BLOCK_N):
+            acc, acc_l, row_ref = _explicit_tile(acc, acc_l, row_ref, lam_q, i_rel, j0, ones, LK_bh, V_bh, offs_d,
+                                                 stride_lk_t, stride_v_t, stride_v_d, Tk, Dv, inv_t2, slope2,
+                                                 IS_CAUSAL, HAS_ALIBI, False, True, BLOCK_N, MASK_D,
+                                                 DOT_PRECISION)
+    row_sum = tl.max(acc_l, 1)
+    return acc, row_sum, row_ref
+
+
+@triton.jit
+def _general_path(acc, lam_q, i_rel, lo_end, hi, LK_bh, V_bh, offs_d, stride_lk_t, stride_v_t, stride_v_d, Tk,
+                  Dv, inv_t2, slope2,
+                  IS_CAUSAL: tl.constexpr, HAS_ALIBI: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                  MASK_D: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Exponential per score with an online maximum (any finite λ, any temperature); same returns."""
+    row_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
+    row_ref = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    for j0 in tl.range(0, lo_end, BLOCK_N):
+        acc, row_sum, row_ref = _explicit_tile(acc, row_sum, row_ref, lam_q, i_rel, j0, 0, LK_bh, V_bh,
+                                               offs_d, stride_lk_t, stride_v_t, stride_v_d, Tk, Dv, inv_t2,
+                                               slope2, IS_CAUSAL, HAS_ALIBI, True, False, BLOCK_N, MASK_D,
+                                               DOT_PRECISION)
+    for j0 in tl.range(lo_end, hi, BLOCK_N):
+        acc, row_sum, row_ref = _explicit_tile(acc, row_sum, row_ref, lam_q, i_rel, j0, 0, LK_bh, V_bh,
+                                               offs_d, stride_lk_t, stride_v_t, stride_v_d, Tk, Dv, inv_t2,
+                                               slope2, IS_CAUSAL, HAS_ALIBI, True, True, BLOCK_N, MASK_D,
+                                               DOT_PRECISION)
+
+    return acc, row_sum, row_ref
+
+
+@triton.jit
+def _store_outputs(acc, row_sum, row_ref, OUT, LSE, b, h, pid_bh, offs_m, offs_d, row_ok, stride_o_b, stride_o_h,
+                   stride_o_t, stride_o_d, Tq, Dv):
+    """O = acc / row_sum in OUT's dtype; LSE = (row_ref + log2 row_sum)·ln 2 (first column block only)."""
+    # rows past Tq may see no key at all: keep their (unstored) values finite
+    row_sum = tl.where(row_sum > 0, row_sum, 1.0)
+    out = acc / row_sum[:, None]
+    lse = (row_ref + tl.log2(row_sum)) * _LN2
+    if tl.program_id(2) == 0:
+        tl.store(LSE + pid_bh * Tq + offs_m, lse, mask=row_ok)
+    o_ptrs = OUT + b * stride_o_b + h * stride_o_h + offs_m[:, None] * stride_o_t + offs_d[None, :] * stride_o_d
+    tl.store(o_ptrs, out.to(OUT.dtype.element_ty), mask=row_ok[:, None] & (offs_d[None, :] < Dv))
+
+
+@triton.jit
+def taumode_attention_fwd_kernel(
+    LQ, LK, V, TEMP, SLOPES, KMIN, KMAX, OUT, LSE,
+    stride_lq_b, stride_lq_h, stride_lq_t,
+    stride_lk_b, stride_lk_h, stride_lk_t,
+    stride_v_b, stride_v_h, stride_v_t, stride_v_d,
+    stride_o_b, stride_o_h, stride_o_t, stride_o_d,
+    H, GROUP, Tq, Tk, Dv,
+    # bottom-right causal mask j <= i + Tk - Tq
+    IS_CAUSAL: tl.constexpr,
+    # ALiBi slopes given (SLOPES is read)
+    HAS_ALIBI: tl.constexpr,
+    # query rows per program
+    BLOCK_M: tl.constexpr,
+    # keys per loop iteration
+    BLOCK_N: tl.constexpr,
+    # columns of V and O per program: Dv padded to a power of two (>= 16), at most 128 (larger Dv is split
+    # over program_id(2))
+    BLOCK_D: tl.constexpr,
+    # Dv is not a multiple of BLOCK_D: mask V's and O's feature columns
+    MASK_D: tl.constexpr,
+    # largest λ span (log2 units, (max - min)·log2e/T) the factorised path accepts: bounds how far the row
+    # maximum can fall below the fixed reference 0, so it depends on P's dtype range (0 disables the path)
+    FAST_SPAN: tl.constexpr,
+    # dtype of the factorised path's per-score products: fp16 (packed half2) for fp16 V, else fp32
+    FACTOR_DTYPE: tl.constexpr,
+    # which programs this launch writes: 1 those whose rows take the factorised path (exact there), 2 the
+    # others (general path), 3 all of them with the general path. The launcher runs 1 then 2: each path is
+    # its own kernel, so neither pays the other's registers, and the choice needs no host sync.
+    PATH: tl.constexpr,
+    # input_precision of tl.dot: "ieee" or "tf32x3" for fp32 V, ignored for fp16/bf16
+    DOT_PRECISION: tl.constexpr,
+):
+    """Writes OUT (B, H, Tq, Dv) in V's dtype and LSE (B, H, Tq) fp32 (natural-log logsumexp of the logits).
+
+    Grid: (cdiv(Tq, BLOCK_M), B·H, cdiv(Dv, BLOCK_D))."""
+    # longest query blocks first when causal (their key ranges are the longest)
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    hk = h // GROUP
+    off = Tk - Tq
+    i0 = pid_m * BLOCK_M
+    offs_m = i0 + tl.arange(0, BLOCK_M)
+    # Dv > BLOCK_D is split over program_id(2): each program recomputes P (cheap) for its BLOCK_D columns
+    offs_d = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
+    row_ok = offs_m < Tq
+    # i + Tk - Tq: a key j is causally visible to row i when j <= i_rel
+    i_rel = offs_m + off
+
+    lam_q = tl.load(LQ + b * stride_lq_b + h * stride_lq_h + offs_m * stride_lq_t, mask=row_ok, other=0.0)
+    inv_t2 = _LOG2E / tl.load(TEMP + h)
+    if HAS_ALIBI:
+        slope2 = tl.load(SLOPES + b * H + h) * _LOG2E
+    else:
+        slope2 = 0.0
+    LK_bh = LK + b * stride_lk_b + hk * stride_lk_h
+    V_bh = V + b * stride_v_b + hk * stride_v_h
+
+    # key ranges: [0, lo_end) fully visible full blocks; [lo_end, hi) blocks that need a mask
+    last_row = tl.minimum(i0 + BLOCK_M, Tq) - 1
+    full_end = (Tk // BLOCK_N) * BLOCK_N
+    if IS_CAUSAL:
+        lo_end = tl.minimum((tl.maximum(i0 + off + 1, 0) // BLOCK_N) * BLOCK_N, full_end)
+        hi = tl.minimum(Tk, last_row + off + 1)
+    else:
+        if HAS_ALIBI:
+            # |i + off - j| factorises only left of the diagonal: the rest goes through the explicit tile
+            lo_end = tl.minimum((tl.maximum(i0 + off + 1, 0) // BLOCK_N) * BLOCK_N, full_end)
+        else:
+            lo_end = full_end
+        hi = Tk
+
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+
+    # the factorised path's condition: λ span of these rows and all keys, in log2 units
+    q_lo = tl.min(tl.where(row_ok, lam_q, float("inf")), 0)
+    q_hi = tl.max(tl.where(row_ok, lam_q, float("-inf")), 0)
+    k_lo = tl.load(KMIN + b * (H // GROUP) + hk)
+    k_hi = tl.load(KMAX + b * (H // GROUP) + hk)
+    lam_lo = tl.minimum(q_lo, k_lo)
+    lam_hi = tl.maximum(q_hi, k_hi)
+    span = (lam_hi - lam_lo) * inv_t2
+    fast = (span <= FAST_SPAN) & (1.5 * span + slope2 * (BLOCK_N // 2) <= _FACTOR_LIMIT)
+
+    # PATH 1 writes the programs where the factorised path is exact, PATH 2 the others (PATH 3: all)
+    if PATH == 1:
+        if fast:
+            acc, row_sum, row_ref = _factorised_path(
+                acc, lam_q, row_ok, i_rel, lo_end, hi, lam_lo, lam_hi, LK_bh, V_bh, offs_d, stride_lk_t,
+                stride_v_t, stride_v_d, Tk, Dv, inv_t2, slope2, IS_CAUSAL, HAS_ALIBI, BLOCK_M, BLOCK_N, MASK_D,
+                FACTOR_DTYPE, DOT_PRECISION)
+            _store_outputs(acc, row_sum, row_ref, OUT, LSE, b, h, pid_bh, offs_m, offs_d, row_ok, stride_o_b,
+                           stride_o_h, stride_o_t, stride_o_d, Tq, Dv)
+    else:
+        if (not fast) or (PATH == 3):
+            acc, row_sum, row_ref = _general_path(
+                acc, lam_q, i_rel, lo_end, hi, LK_bh, V_bh, offs_d, stride_lk_t, stride_v_t, stride_v_d, Tk,
+                Dv, inv_t2, slope2, IS_CAUSAL, HAS_ALIBI, BLOCK_M, BLOCK_N, MASK_D, DOT_PRECISION)
+            _store_outputs(acc, row_sum, row_ref, OUT, LSE, b, h, pid_bh, offs_m, offs_d, row_ok, stride_o_b,
+                           stride_o_h, stride_o_t, stride_o_d, Tq, Dv)

@@ -1,0 +1,68 @@
+"""Taumode λ projection forward: λ = E / (E + tau[h]), E = max(xᵀLx / (xᵀx + eps), 0).
+
+Device code only; the launcher is `tauformer_kernels.lambda_triton.lambda_fwd_triton`.
+
+One program per (block of BLOCK_T vectors, batch·head). x·L runs on the tensor cores in column chunks of
+BLOCK_C and contraction chunks of BLOCK_K (the Laplacian stays on-chip / in L2: F×F is small); the
+Rayleigh quotient, the clamp and the bound are fp32.
+
+Precision of x·L: for fp16/bf16 x the Laplacian arrives split in two terms of x's dtype, L = L_HI + L_LO
+(each exact as x is exact), so two tensor-core products give L to ~16-22 bits; for fp32 x, L_HI is fp32
+and the product runs with DOT_PRECISION (tf32x3 or ieee).
+
+Layouts: x (B, Hx, T, F) any strides; L_HI, L_LO (BLOCK_F, BLOCK_F) contiguous, zero-padded past F;
+tau (Hx,) fp32; LAM (B, Hx, T) fp32 contiguous.
+"""
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def taumode_lambda_fwd_kernel(
+    X, L_HI, L_LO, TAU, LAM,
+    stride_xb, stride_xh, stride_xt, stride_xf,
+    Hx, T, F, eps,
+    # vectors (rows) per program
+    BLOCK_T: tl.constexpr,
+    # F padded to a power of two (>= 16)
+    BLOCK_F: tl.constexpr,
+    # output columns of x·L per chunk (divides BLOCK_F)
+    BLOCK_C: tl.constexpr,
+    # contraction (feature) chunk of x·L (divides BLOCK_F)
+    BLOCK_K: tl.constexpr,
+    # L_LO holds the low part of L (fp16/bf16 x): add its product
+    SPLIT_L: tl.constexpr,
+    # input_precision of the fp32 product ("tf32x3" or "ieee"); ignored for fp16/bf16
+    DOT_PRECISION: tl.constexpr,
+):
+    """Writes LAM[b, h, t] for the BLOCK_T vectors of this program."""
+    pid_t = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // Hx
+    h = pid_bh % Hx
+    offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    row_ok = offs_t < T
+    x_rows = X + b * stride_xb + h * stride_xh + offs_t[:, None] * stride_xt
+
+    quad = tl.zeros([BLOCK_T], dtype=tl.float32)  # xᵀ L x
+    norm2 = tl.zeros([BLOCK_T], dtype=tl.float32)  # xᵀ x
+    for c0 in tl.range(0, BLOCK_F, BLOCK_C):
+        offs_c = c0 + tl.arange(0, BLOCK_C)
+        x_c = tl.load(x_rows + offs_c[None, :] * stride_xf, mask=row_ok[:, None] & (offs_c[None, :] < F),
+                      other=0.0).to(tl.float32)
+        lx = tl.zeros([BLOCK_T, BLOCK_C], dtype=tl.float32)
+        for k0 in tl.range(0, BLOCK_F, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            x_k = tl.load(x_rows + offs_k[None, :] * stride_xf, mask=row_ok[:, None] & (offs_k[None, :] < F),
+                          other=0.0)
+            l_off = offs_k[:, None] * BLOCK_F + offs_c[None, :]
+            lx = tl.dot(x_k, tl.load(L_HI + l_off), lx, input_precision=DOT_PRECISION)
+            if SPLIT_L:
+                lx = tl.dot(x_k, tl.load(L_LO + l_off), lx)
+        quad += tl.sum(lx * x_c, 1)
+        norm2 += tl.sum(x_c * x_c, 1)
+
+    energy = tl.maximum(quad / (norm2 + eps), 0.0)
+    tau = tl.load(TAU + h)
+    lam = energy / (energy + tau)
+    tl.store(LAM + pid_bh * T + offs_t, lam, mask=row_ok)

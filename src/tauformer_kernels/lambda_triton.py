@@ -1,0 +1,58 @@
+"""Launcher of the Triton λ projection forward (kernels/taumode_lambda.py).
+
+`lambda_fwd_triton(x, laplacian, tau, eps) -> lam` follows docs/internal-contract.md: x (B, Hx, T, F) in
+any float dtype and any strides, laplacian (F, F) fp32, tau (Hx,) fp32; lam (B, Hx, T) fp32.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+
+from tauformer_kernels.kernels.taumode_lambda import taumode_lambda_fwd_kernel
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def split_laplacian(laplacian: torch.Tensor, dtype: torch.dtype, block_f: int):
+    """L zero-padded to (block_f, block_f) as (hi, lo) in `dtype` with hi + lo ≈ L to ~2·(mantissa) bits;
+    for fp32, (L, L) unsplit (the kernel multiplies fp32 with tf32x3)."""
+    f = laplacian.shape[0]
+    padded = torch.zeros(block_f, block_f, dtype=torch.float32, device=laplacian.device)
+    padded[:f, :f] = laplacian.to(torch.float32)
+    if dtype == torch.float32:
+        return padded, padded
+    hi = padded.to(dtype)
+    lo = (padded - hi.to(torch.float32)).to(dtype)
+    return hi, lo
+
+
+def launch_config(f: int, dtype: torch.dtype) -> dict:
+    block_f = max(16, triton.next_power_of_2(f))
+    cfg = {"BLOCK_F": block_f, "BLOCK_C": min(block_f, 64), "BLOCK_K": min(block_f, 64), "num_warps": 4,
+           "num_stages": 2, "BLOCK_T": 64}
+    return cfg
+
+
+def lambda_fwd_triton(x, laplacian, tau, eps, *, poison: bool = False):
+    """λ (B, Hx, T) fp32 of every head vector of x; poison=True fills it with NaN before the kernel runs."""
+    b, hx, t, f = x.shape
+    lam = torch.empty(b, hx, t, dtype=torch.float32, device=x.device)
+    if poison:
+        lam.fill_(float("nan"))
+    if lam.numel() == 0:
+        return lam
+    cfg = launch_config(f, x.dtype)
+    l_hi, l_lo = split_laplacian(laplacian, x.dtype, cfg["BLOCK_F"])
+    grid = (triton.cdiv(t, cfg["BLOCK_T"]), b * hx)
+    taumode_lambda_fwd_kernel[grid](
+        x, l_hi, l_lo, tau.to(torch.float32).contiguous(), lam,
+        *x.stride(), hx, t, f, float(eps),
+        BLOCK_T=cfg["BLOCK_T"], BLOCK_F=cfg["BLOCK_F"], BLOCK_C=cfg["BLOCK_C"], BLOCK_K=cfg["BLOCK_K"],
+        SPLIT_L=x.dtype != torch.float32, DOT_PRECISION="tf32x3" if x.dtype == torch.float32 else "ieee",
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+    return lam
