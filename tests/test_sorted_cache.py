@@ -1,0 +1,85 @@
+"""The sorted decode cache (sorted_cache.py) against the dense decode over a plain (V, λk) cache.
+
+Every step's output is compared with `reference.attention_fwd_chunked` on the same λq, λk, v with one
+query (fp32, the plain cache's decode) and with the float64 oracle. Tolerance: 1e-5 relative, scaled by
+the temperature's amplification of fp32 rounding of λ (tests/helpers.temperature_tolerance).
+"""
+import pytest
+import torch
+
+from helpers import relative_error, temperature_tolerance
+from tauformer_kernels import reference
+from tauformer_kernels.sorted_cache import SortedCache
+
+
+def _run(b, h, hkv, dv, temperature, slopes, prefill, steps, block, lam_k=None):
+    total = prefill + steps
+    lk = torch.rand(b, hkv, total) if lam_k is None else lam_k
+    v = torch.randn(b, hkv, total, dv)
+    lq = torch.rand(b, h, total)
+    temp = torch.full((h,), float(temperature)) * torch.linspace(0.5, 2.0, h)
+    sl = None if slopes is None else torch.rand(b, h) * slopes
+    cache = SortedCache(temp, hkv, sl, block=block)
+    cache.append(lk[..., :prefill], v[..., :prefill, :])
+    tol = temperature_tolerance(1e-5, 0.5 * temperature)
+    worst = 0.0
+    for t in range(prefill, total + 1):
+        if t > prefill:
+            cache.append(lk[..., t - 1: t], v[..., t - 1: t, :])
+        q = lq[..., t - 1: t]
+        out = cache.attend(q, temp, sl)
+        assert out.shape == (b, h, 1, dv) and out.dtype == v.dtype
+        dense, _ = reference.attention_fwd_chunked(q, lk[..., :t], v[..., :t, :], temp, sl, True)
+        ref = reference.attention_naive(q.double(), lk[..., :t].double(), v[..., :t, :].double(), temp.double(),
+                                        None if sl is None else sl.double(), True)
+        err = relative_error(out, ref)
+        assert err < tol, (t, err, tol, relative_error(dense, ref))
+        assert relative_error(out, dense) < tol + relative_error(dense, ref)
+        worst = max(worst, err)
+    assert cache.length == total
+    return worst
+
+
+@pytest.mark.parametrize("temperature", [1e-4, 1e-3, 0.05, 1.0, 10.0])
+@pytest.mark.parametrize("slopes", [None, 1.0])
+def test_prefill_then_decode_gqa(temperature, slopes):
+    """Prefill of 100, then 64 decode steps; GQA H=8, Hkv=2; small blocks so sealing happens often."""
+    _run(2, 8, 2, 16, temperature, slopes, 100, 64, block=16)
+
+
+@pytest.mark.parametrize("slopes", [None, 0.05])
+def test_default_block_long_prefill(slopes):
+    """A prefill spanning several default-size blocks plus a ragged tail, then a few steps."""
+    _run(1, 4, 2, 20, 0.05, slopes, 1000, 30, block=256)
+
+
+def test_one_key_at_a_time_from_empty():
+    _run(1, 2, 1, 8, 1e-3, 0.3, 1, 40, block=4)
+
+
+def test_lambda_outside_unit_interval():
+    """λk = key position with temperature 1e-3 (the reference crate's retrieval setup)."""
+    total = 300
+    lam_k = torch.arange(total, dtype=torch.float32).view(1, 1, total)
+    _run(1, 2, 1, 8, 1e-3, None, 200, 100, block=32, lam_k=lam_k)
+
+
+def test_ties():
+    lam_k = torch.randint(0, 4, (1, 1, 150)) / 4.0
+    _run(1, 2, 1, 8, 0.05, None, 100, 50, block=16, lam_k=lam_k)
+
+
+def test_rejects_other_temperatures_and_slopes():
+    temp = torch.full((2,), 0.1)
+    cache = SortedCache(temp, 1, None, block=8)
+    cache.append(torch.rand(1, 1, 20), torch.randn(1, 1, 20, 4))
+    q = torch.rand(1, 2, 1)
+    cache.attend(q, temp, None)
+    with pytest.raises(ValueError, match="temperatures"):
+        cache.attend(q, temp * 2, None)
+    with pytest.raises(ValueError, match="alibi_slopes"):
+        cache.attend(q, temp, torch.ones(1, 2))
+    with pytest.raises(ValueError, match="lq"):
+        cache.attend(torch.rand(1, 3, 1), temp, None)
+    with pytest.raises(ValueError, match="empty"):
+        SortedCache(temp, 1).attend(q)
