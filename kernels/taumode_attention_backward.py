@@ -11,8 +11,9 @@ D_i = Σ_d dO_id O_id, dP = dO Vᵀ and dS = P∘(dP - D):
 
 Two kernels:
 
-- `attention_bwd_preprocess_kernel`: D = rowsum(dO∘O) in fp32 and lse·log2(e), one program per
-  (query block, b·h).
+- `attention_bwd_preprocess_kernel`: D = rowsum(dO∘O) in fp32 and lse·log2(e), written with a copy of λq
+  into one ROWS buffer laid out per query block of the main kernel (λq, lse·log2e, D: BLOCK_M floats
+  apart, padded past Tq), one program per (row block, b·h).
 - `taumode_attention_bwd_kernel`: one program per (key block, b·kv head). It holds its λk and V tile and
   loops over the GROUP query heads of its kv group and, for each, over the query blocks that see its keys.
   The tile is kept transposed (keys × queries, as in the Triton tutorial's dK/dV kernel) so that both
@@ -22,13 +23,15 @@ Two kernels:
   The sign-weighted reductions are products with one-hot matrices on the tensor cores, not warp shuffles:
   dλk accumulates (dS∘sign) @ e0 over all query blocks and heads (A operand from registers);
   dλq of this key block is e0ᵀ @ (dS∘sign), a (16 × BLOCK_M) product whose row 0 is the column sum.
-  dtemperature and dslope accumulate dS∘|Δλ| and dS∘dist element-wise in a register tile and are summed
-  once per head at the end.
+  dtemperature accumulates dS∘|Δλ| = (dS∘sign)∘Δλ element-wise in a register tile in the unmasked loop
+  (DT_TILE) and as per-iteration row sums (a key vector) in the masked loop; dslope (ALiBi) always as row
+  sums. Both are summed once per head at the end.
   Every result is deterministic: dV, dλk are complete per program (GQA heads summed in a fixed order);
   dλq, dtemperature and dslope are per-key-block partials that the launcher sums in a fixed order.
 
 Layouts: λq (B, H, Tq) fp32, λk (B, Hkv, Tk) fp32, V (B, Hkv, Tk, Dv), dO (B, H, Tq, Dv) in V's dtype, any
-strides; LSE2 (the logsumexp times log2 e) and DELTA (B, H, Tq) fp32 contiguous; TEMP (H,) fp32; SLOPES (B, H) fp32 (read when HAS_ALIBI).
+strides; ROWS (B·H, cdiv(Tq, BLOCK_M), 3, BLOCK_M) fp32 contiguous (from the preprocess: λq, the logsumexp
+times log2 e, D); TEMP (H,) fp32; SLOPES (B, H) fp32 (read when HAS_ALIBI).
 Outputs: DV (B, Hkv, Tk, Dv) in V's dtype, any strides; DLK (B, Hkv, Tk) fp32 contiguous;
 DLQ_PART (num key blocks, B, H, Tq) fp32 contiguous: Σ_j dS_ij sign(λq_i - λk_j) over the block's keys
 (dλq before the factor -1/T_h), every element written (zeros for rows that see none of the block's keys);
@@ -43,17 +46,23 @@ _LOG2E = tl.constexpr(1.4426950408889634)
 
 @triton.jit
 def attention_bwd_preprocess_kernel(
-    OUT, DO, LSE, DELTA, LSE2,
+    OUT, DO, LSE, LQ, ROWS,
     stride_o_b, stride_o_h, stride_o_t, stride_o_d,
     stride_do_b, stride_do_h, stride_do_t, stride_do_d,
+    stride_lq_b, stride_lq_h, stride_lq_t,
     H, Tq, Dv,
     # query rows per program
     BLOCK_M: tl.constexpr,
     # Dv padded to a power of two
     BLOCK_D: tl.constexpr,
+    # the main kernel's BLOCK_M: the block size of the ROWS layout
+    ROW_BLOCK: tl.constexpr,
 ):
-    """DELTA[b, h, i] = Σ_d dO[b, h, i, d]·O[b, h, i, d] in fp32 and LSE2 = LSE·log2(e) (the logsumexp in the
-    log2 domain of the main kernel); LSE, DELTA, LSE2 (B, H, Tq) fp32 contiguous."""
+    """ROWS (B·H, cdiv(Tq, ROW_BLOCK), 3, ROW_BLOCK) fp32 contiguous: per query block of the main kernel, its
+    λq, LSE·log2(e) (the logsumexp in the log2 domain of the main kernel) and D = Σ_d dO∘O in fp32, the
+    three vectors ROW_BLOCK floats apart, so that the main kernel reads all three from one address (the
+    offsets become load immediates). Padding rows (Tq..) get λq = 0, lse = +inf, D = 0 (P = 0, dS = 0), so
+    the main kernel reads them without masks. The grid covers the padded rows."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // H
@@ -67,14 +76,19 @@ def attention_bwd_preprocess_kernel(
                  + offs_d[None, :] * stride_do_d, mask=mask, other=0.0)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     row_ok = offs_m < Tq
-    tl.store(DELTA + pid_bh * Tq + offs_m, delta, mask=row_ok)
-    lse = tl.load(LSE + pid_bh * Tq + offs_m, mask=row_ok, other=0.0)
-    tl.store(LSE2 + pid_bh * Tq + offs_m, lse * _LOG2E, mask=row_ok)
+    lse = tl.load(LSE + pid_bh * Tq + offs_m, mask=row_ok, other=float("inf"))
+    lam_q = tl.load(LQ + b * stride_lq_b + h * stride_lq_h + offs_m * stride_lq_t, mask=row_ok, other=0.0)
+    n_qb = tl.cdiv(Tq, ROW_BLOCK)
+    dst = ROWS + (pid_bh * n_qb + offs_m // ROW_BLOCK) * (3 * ROW_BLOCK) + offs_m % ROW_BLOCK
+    in_pad = offs_m < n_qb * ROW_BLOCK
+    tl.store(dst, lam_q, mask=in_pad)
+    tl.store(dst + ROW_BLOCK, lse * _LOG2E, mask=in_pad)
+    tl.store(dst + 2 * ROW_BLOCK, delta, mask=in_pad)
 
 
 @triton.jit
 def _bwd_tile(dv_acc, dlk_acc, dt_acc, dsl_acc, lam_k, v, offs_n, offs_d, start_m, e0_q, e0_k,
-              LQ_bh, DO_bh, LSE_bh, DELTA_bh, DLQP_bh, stride_lq_t, stride_do_t, stride_do_d,
+              ROWS_bh, DO_bh, DLQP_bh, stride_do_t, stride_do_d,
               Tq, Tk, Dv, off, inv_t2, slope2,
               IS_CAUSAL: tl.constexpr,
               HAS_ALIBI: tl.constexpr,
@@ -91,25 +105,31 @@ def _bwd_tile(dv_acc, dlk_acc, dt_acc, dsl_acc, lam_k, v, offs_n, offs_d, start_
               # input_precision of the one-hot reduction products (dS∘sign is fp32)
               RED_PRECISION: tl.constexpr,
               # GPU code generation: layout anchor and inline-PTX exp2 (False in the interpreter)
-              GPU: tl.constexpr):
-    """One (keys × queries) tile: accumulates dV, dλk (one-hot product), dtemperature and dslope tiles and
-    stores this key block's partial dλq of the BLOCK_M query rows."""
-    offs_m = start_m + tl.arange(0, BLOCK_M)
-    do_ptrs = DO_bh + offs_m[:, None] * stride_do_t + offs_d[None, :] * stride_do_d
+              GPU: tl.constexpr,
+              # dt_acc is a (BLOCK_N, BLOCK_M) register tile (one FFMA per score); False: a (BLOCK_N,) vector
+              # of per-iteration row sums (32 fewer registers per thread at 64×64, a few shuffles per tile)
+              DT_TILE: tl.constexpr):
+    """One (keys × queries) tile: accumulates dV, dλk (one-hot product), dtemperature (tile or key vector) and
+    dslope (key vector) and stores this key block's partial dλq of the BLOCK_M query rows."""
+    offs_r = tl.arange(0, BLOCK_M)
+    offs_m = start_m + offs_r
+    # addresses as (scalar base advanced to start_m) + (loop-invariant per-thread offsets): the compiler folds
+    # the offsets of a thread's elements into the load instructions' immediates instead of forming one
+    # address per element from start_m + arange. λq, lse·log2e and D of this query block are one ROWS block
+    # (BLOCK_M floats apart: one address for the three), padded past Tq (lse = +inf: P = 0; D = 0), so
+    # they need no masks.
+    R_m = ROWS_bh + start_m * 3
+    lam_q = tl.load(R_m + offs_r)
+    ell = tl.load(R_m + BLOCK_M + offs_r)
+    delta = tl.load(R_m + 2 * BLOCK_M + offs_r)
+    do_ptrs = (DO_bh + start_m * stride_do_t) + offs_r[:, None] * stride_do_t + offs_d[None, :] * stride_do_d
     if MASK_Q:
-        q_ok = offs_m < Tq
-        lam_q = tl.load(LQ_bh + offs_m * stride_lq_t, mask=q_ok, other=0.0)
-        # rows past Tq: lse = +inf gives P = 0, dO = 0 and D = 0 give dS = 0
-        ell = tl.load(LSE_bh + offs_m, mask=q_ok, other=float("inf"))
-        delta = tl.load(DELTA_bh + offs_m, mask=q_ok, other=0.0)
-        do_mask = q_ok[:, None]
+        # rows past Tq: dO = 0 (and P = 0, D = 0 from ROWS) give dS = 0
+        do_mask = (offs_m < Tq)[:, None]
         if MASK_D:
             do_mask = do_mask & (offs_d[None, :] < Dv)
         do = tl.load(do_ptrs, mask=do_mask, other=0.0)
     else:
-        lam_q = tl.load(LQ_bh + offs_m * stride_lq_t)
-        ell = tl.load(LSE_bh + offs_m)
-        delta = tl.load(DELTA_bh + offs_m)
         if MASK_D:
             do = tl.load(do_ptrs, mask=offs_d[None, :] < Dv, other=0.0)
         else:
@@ -146,15 +166,19 @@ def _bwd_tile(dv_acc, dlk_acc, dt_acc, dsl_acc, lam_k, v, offs_n, offs_d, start_
     p_sign = tl.where(diff == 0.0, 0.0, p_sign)
     # dS∘sign; dS∘|Δλ| = (dS∘sign)∘Δλ
     ds_sign = p_sign * (dp - delta[None, :])
-    dt_acc += ds_sign * diff
+    if DT_TILE:
+        dt_acc += ds_sign * diff
+    else:
+        dt_acc += tl.sum(ds_sign * diff, 1)
     if HAS_ALIBI:
-        dsl_acc += p * (dp - delta[None, :]) * dist
+        # a key vector, not a second register tile (ALiBi builds would spill)
+        dsl_acc += tl.sum(p * (dp - delta[None, :]) * dist, 1)
     ds_sign = ds_sign.to(e0_q.dtype)
     dlk_acc = tl.dot(ds_sign, e0_q, dlk_acc, input_precision=RED_PRECISION)
     # every row of the (16, BLOCK_M) product is the column sum; row 0 is stored
     dlq = tl.dot(e0_k, ds_sign, input_precision=RED_PRECISION)
     row0 = tl.arange(0, 16)[:, None] == 0
-    dlq_ptrs = DLQP_bh + offs_m[None, :] + tl.zeros([16, BLOCK_M], dtype=tl.int32)
+    dlq_ptrs = (DLQP_bh + start_m) + offs_r[None, :] + tl.zeros([16, BLOCK_M], dtype=tl.int32)
     if MASK_Q:
         tl.store(dlq_ptrs, dlq, mask=row0 & (offs_m[None, :] < Tq))
     else:
@@ -164,9 +188,8 @@ def _bwd_tile(dv_acc, dlk_acc, dt_acc, dsl_acc, lam_k, v, offs_n, offs_d, start_
 
 @triton.jit
 def taumode_attention_bwd_kernel(
-    LQ, LK, V, DO, LSE2, DELTA, TEMP, SLOPES,
+    ROWS, LK, V, DO, TEMP, SLOPES,
     DV, DLK, DLQ_PART, DT_PART, DSLOPE_PART,
-    stride_lq_b, stride_lq_h, stride_lq_t,
     stride_lk_b, stride_lk_h, stride_lk_t,
     stride_v_b, stride_v_h, stride_v_t, stride_v_d,
     stride_do_b, stride_do_h, stride_do_t, stride_do_d,
@@ -198,6 +221,9 @@ def taumode_attention_bwd_kernel(
     # GPU code generation (a zero product that fixes the score tile's layout, inline-PTX exp2); False under
     # TRITON_INTERPRET=1, where the same math runs with tl.exp2
     GPU: tl.constexpr,
+    # the unmasked loop accumulates dtemperature in a (BLOCK_N, BLOCK_M) register tile (one FFMA per score);
+    # False: per-iteration row sums into a key vector (for the configs that would otherwise spill)
+    DT_TILE: tl.constexpr,
 ):
     """Writes DV, DLK (complete) and the partials DLQ_PART, DT_PART, DSLOPE_PART (see the module docstring)."""
     pid_n = tl.program_id(0)
@@ -259,38 +285,45 @@ def taumode_attention_bwd_kernel(
             slope2 = tl.load(SLOPES + b * H + h) * _LOG2E
         else:
             slope2 = 0.0
-        LQ_bh = LQ + b * stride_lq_b + h * stride_lq_h
+        ROWS_bh = ROWS + (b * H + h) * (tl.cdiv(Tq, BLOCK_M) * 3 * BLOCK_M)
         DO_bh = DO + b * stride_do_b + h * stride_do_h
-        LSE_bh = LSE2 + (b * H + h) * Tq
-        DELTA_bh = DELTA + (b * H + h) * Tq
         DLQP_bh = DLQ_PART + ((pid_n * B + b) * H + h) * Tq
         # rows that see no key of this block: their partial dλq is 0
         for start_m in range(0, q_start, BLOCK_M):
             offs_m = start_m + tl.arange(0, BLOCK_M)
             tl.store(DLQP_bh + offs_m, tl.zeros([BLOCK_M], dtype=tl.float32))
         dlk_acc = tl.zeros([BLOCK_N, 16], dtype=tl.float32)
-        dt_acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
-        if HAS_ALIBI:
-            dsl_acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
-        else:
-            dsl_acc = dt_acc
+        # dtemperature and dslope as key vectors of row sums; the unmasked loop may keep dtemperature in a
+        # register tile instead (DT_TILE), which is not live during the masked loop (its mask, the key-tail
+        # and causal predicates raise the register pressure there)
+        dt_vec = tl.zeros([BLOCK_N], dtype=tl.float32)
+        dsl_vec = tl.zeros([BLOCK_N], dtype=tl.float32)
         for start_m in range(q_start, q_mid, BLOCK_M):
-            dv_acc, dlk_acc, dt_acc, dsl_acc = _bwd_tile(
-                dv_acc, dlk_acc, dt_acc, dsl_acc, lam_k, v, offs_n, offs_d, start_m, e0_q, e0_k,
-                LQ_bh, DO_bh, LSE_bh, DELTA_bh, DLQP_bh, stride_lq_t, stride_do_t, stride_do_d,
+            dv_acc, dlk_acc, dt_vec, dsl_vec = _bwd_tile(
+                dv_acc, dlk_acc, dt_vec, dsl_vec, lam_k, v, offs_n, offs_d, start_m, e0_q, e0_k,
+                ROWS_bh, DO_bh, DLQP_bh, stride_do_t, stride_do_d,
                 Tq, Tk, Dv, off, inv_t2, slope2,
-                IS_CAUSAL, HAS_ALIBI, True, not EVEN_M, MASK_D, BLOCK_M, BLOCK_N, DOT_PRECISION, RED_PRECISION, GPU)
+                IS_CAUSAL, HAS_ALIBI, True, not EVEN_M, MASK_D, BLOCK_M, BLOCK_N, DOT_PRECISION, RED_PRECISION, GPU,
+                False)
+        if DT_TILE:
+            dt_acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+        else:
+            dt_acc = dt_vec
         for start_m in range(q_mid, Tq, BLOCK_M):
-            dv_acc, dlk_acc, dt_acc, dsl_acc = _bwd_tile(
-                dv_acc, dlk_acc, dt_acc, dsl_acc, lam_k, v, offs_n, offs_d, start_m, e0_q, e0_k,
-                LQ_bh, DO_bh, LSE_bh, DELTA_bh, DLQP_bh, stride_lq_t, stride_do_t, stride_do_d,
+            dv_acc, dlk_acc, dt_acc, dsl_vec = _bwd_tile(
+                dv_acc, dlk_acc, dt_acc, dsl_vec, lam_k, v, offs_n, offs_d, start_m, e0_q, e0_k,
+                ROWS_bh, DO_bh, DLQP_bh, stride_do_t, stride_do_d,
                 Tq, Tk, Dv, off, inv_t2, slope2,
-                IS_CAUSAL, HAS_ALIBI, False, not EVEN_M, MASK_D, BLOCK_M, BLOCK_N, DOT_PRECISION, RED_PRECISION, GPU)
+                IS_CAUSAL, HAS_ALIBI, False, not EVEN_M, MASK_D, BLOCK_M, BLOCK_N, DOT_PRECISION, RED_PRECISION, GPU,
+                DT_TILE)
         dlk_total += dlk_acc * inv_t
-        dt = tl.sum(tl.sum(dt_acc, 1), 0) * (inv_t * inv_t)
+        if DT_TILE:
+            dt = tl.sum(tl.sum(dt_acc, 1) + dt_vec, 0) * (inv_t * inv_t)
+        else:
+            dt = tl.sum(dt_acc, 0) * (inv_t * inv_t)
         tl.store(DT_PART + (b * H + h) * num_kb + pid_n, dt)
         if HAS_ALIBI:
-            tl.store(DSLOPE_PART + (b * H + h) * num_kb + pid_n, -tl.sum(tl.sum(dsl_acc, 1), 0))
+            tl.store(DSLOPE_PART + (b * H + h) * num_kb + pid_n, -tl.sum(dsl_vec, 0))
 
     dlk = tl.sum(dlk_total, 1)
     dv_ptrs = DV + b * stride_dv_b + hk * stride_dv_h + offs_n[:, None] * stride_dv_t + offs_d[None, :] * stride_dv_d

@@ -23,21 +23,24 @@ from tauformer_kernels.kernels.taumode_attention_backward import (
 # Tiles (BLOCK_N keys per program × BLOCK_M queries per iteration) and launch options on a GPU, by the
 # padded Dv. The dV accumulator (BLOCK_N × BLOCK_D fp32) and the V tile live in registers, so large heads
 # take fewer keys per program. No autotuner: BLOCK_N sets the size of the partial-dλq buffer.
+# DT_TILE: the unmasked loop keeps dtemperature in a BLOCK_N × BLOCK_M register tile (one FFMA per score)
+# instead of per-iteration row sums; only where the build stays free of spills with it.
 _GPU_CONFIGS = {
-    64: {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 1},
-    128: {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2},
-    256: {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2},
-    512: {"BLOCK_M": 32, "BLOCK_N": 16, "num_warps": 4, "num_stages": 1},
+    64: {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 1, "DT_TILE": True},
+    128: {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2, "DT_TILE": True},
+    256: {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2, "DT_TILE": True},
+    512: {"BLOCK_M": 32, "BLOCK_N": 16, "num_warps": 4, "num_stages": 1, "DT_TILE": True},
 }
-# fp32 V: the "ieee" products run on the FMA units and hold more registers: smaller tiles.
+# fp32 V: the tf32x3 products hold more registers: smaller tiles.
 _GPU_CONFIGS_FP32 = {
-    64: {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1},
-    128: {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1},
-    256: {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 8, "num_stages": 1},
-    512: {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 8, "num_stages": 1},
+    64: {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1, "DT_TILE": True},
+    128: {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1, "DT_TILE": True},
+    256: {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 8, "num_stages": 1, "DT_TILE": True},
+    512: {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 8, "num_stages": 1, "DT_TILE": True},
 }
-# Under TRITON_INTERPRET=1: one small config (the interpreter runs each program in numpy).
-_INTERPRET_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1}
+# Under TRITON_INTERPRET=1: one small tile (the interpreter runs each program in numpy); DT_TILE as on a GPU,
+# so the tests run the code path the GPU build runs.
+_INTERPRET_TILES = {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1}
 
 
 def _interpreting() -> bool:
@@ -48,12 +51,40 @@ def block_d_of(dv: int) -> int:
     return max(16, triton.next_power_of_2(dv))
 
 
-def launch_config(dv: int, dtype: torch.dtype) -> dict:
-    """Tile sizes and launch options for a head size Dv and V's dtype."""
-    if _interpreting():
-        return dict(_INTERPRET_CONFIG)
+def backward_config(dtype: torch.dtype, dv: int, *, has_alibi: bool = False, group: int = 1,
+                    is_causal: bool = True, arch: int = 90, interpret: bool | None = None) -> dict:
+    """Tiles, launch options and the DT_TILE constexpr of `taumode_attention_bwd_kernel` for V's dtype, the
+    head size Dv, ALiBi, the GQA group, causality and the sm version (80: A100-class mma.sync, 90: Hopper
+    wgmma). The one source of the launch configuration: the launcher and `compile_check_backward` (which
+    proves these configs spill-free on sm_80 and sm_90) both call it. interpret=None reads TRITON_INTERPRET.
+    group and is_causal do not change the choice today; they are arguments so that a config that spills for
+    one variant can be changed for it alone."""
+    if interpret is None:
+        interpret = _interpreting()
     table = _GPU_CONFIGS_FP32 if dtype == torch.float32 else _GPU_CONFIGS
-    return dict(table[max(64, block_d_of(dv))])
+    cfg = dict(table[max(64, block_d_of(dv))])
+    if arch < 90 and dtype != torch.float32 and block_d_of(dv) <= 64:
+        # sm_80's mma.sync layouts hold ~13 more registers than wgmma at 64×64: the dtemperature tile
+        # spills there (32 B); row sums keep it spill-free
+        cfg["DT_TILE"] = False
+    if has_alibi:
+        # ALiBi adds the distance tile and the dslope row sums: the dtemperature tile does not fit beside them
+        cfg["DT_TILE"] = False
+    if interpret:
+        cfg.update(_INTERPRET_TILES)
+    return cfg
+
+
+def launch_config(dv: int, dtype: torch.dtype) -> dict:
+    """Tile sizes and launch options for a head size Dv and V's dtype (no ALiBi, causal, GROUP=1, sm_90)."""
+    return backward_config(dtype, dv)
+
+
+def _arch_of(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 90
+    major, minor = torch.cuda.get_device_capability(device)
+    return 10 * major + minor
 
 
 def preprocess_block_m(block_d: int) -> int:
@@ -84,7 +115,8 @@ def attention_bwd_triton(dout, lq, lk, v, out, lse, temperature, alibi_slopes, i
     hkv, tk, dv_dim = lk.shape[1], lk.shape[2], v.shape[-1]
     group = h // hkv
     device = v.device
-    cfg = launch_config(dv_dim, v.dtype)
+    cfg = backward_config(v.dtype, dv_dim, has_alibi=alibi_slopes is not None, group=group,
+                          is_causal=bool(is_causal), arch=_arch_of(device))
     block_m, block_n = cfg["BLOCK_M"], cfg["BLOCK_N"]
     block_d = block_d_of(dv_dim)
     num_kb = triton.cdiv(tk, block_n)
@@ -106,24 +138,25 @@ def attention_bwd_triton(dout, lq, lk, v, out, lse, temperature, alibi_slopes, i
 
     dout = dout.to(v.dtype)
     lse = lse.to(torch.float32).contiguous()
-    delta = new((b, h, tq), nan, dtype=torch.float32, device=device)
-    lse2 = new((b, h, tq), nan, dtype=torch.float32, device=device)
+    # per query block of the main kernel: λq, lse·log2e, D (see the preprocess kernel), padded past Tq
+    num_qb = triton.cdiv(tq, block_m)
+    rows = new((b * h, num_qb, 3, block_m), nan, dtype=torch.float32, device=device)
     pre_m = preprocess_block_m(block_d)
-    attention_bwd_preprocess_kernel[(triton.cdiv(tq, pre_m), b * h)](
-        out, dout, lse, delta, lse2, *out.stride(), *dout.stride(), h, tq, dv_dim,
-        BLOCK_M=pre_m, BLOCK_D=block_d,
+    attention_bwd_preprocess_kernel[(triton.cdiv(num_qb * block_m, pre_m), b * h)](
+        out, dout, lse, lq, rows, *out.stride(), *dout.stride(), *lq.stride(), h, tq, dv_dim,
+        BLOCK_M=pre_m, BLOCK_D=block_d, ROW_BLOCK=block_m,
     )
-    slopes = alibi_slopes.to(torch.float32).contiguous() if alibi_slopes is not None else delta
+    slopes = alibi_slopes.to(torch.float32).contiguous() if alibi_slopes is not None else rows
     dot_prec, red_prec = dot_precisions(v.dtype)
     taumode_attention_bwd_kernel[(num_kb, b * hkv)](
-        lq, lk, v, dout, lse2, delta, temperature.to(torch.float32).contiguous(), slopes,
+        rows, lk, v, dout, temperature.to(torch.float32).contiguous(), slopes,
         dv, dlk, dlq_part, dt_part, dslope_part,
-        *lq.stride(), *lk.stride(), *v.stride(), *dout.stride(), *dv.stride(),
+        *lk.stride(), *v.stride(), *dout.stride(), *dv.stride(),
         b, h, tq, tk, dv_dim,
         GROUP=group, IS_CAUSAL=bool(is_causal), HAS_ALIBI=alibi_slopes is not None,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
         EVEN_M=tq % block_m == 0, EVEN_N=tk % block_n == 0, MASK_D=block_d != dv_dim,
-        DOT_PRECISION=dot_prec, RED_PRECISION=red_prec, GPU=not _interpreting(),
+        DOT_PRECISION=dot_prec, RED_PRECISION=red_prec, GPU=not _interpreting(), DT_TILE=cfg["DT_TILE"],
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     # fixed-order reductions of the per-key-block partials

@@ -45,46 +45,69 @@ class Entry:
     div16: tuple = ()
     scores_per_iter: int = 0
     extra: dict = field(default_factory=dict)
+    # sm version -> {"constexprs": {...}, "num_warps": n, "num_stages": n} where the launcher's config for
+    # that arch differs from the fields above (which hold the sm_90 config)
+    per_arch: dict = field(default_factory=dict)
 
 
-def _attention_bwd_entry(dtype: str, block_d: int, causal: bool, alibi: bool, group: int, cfg: dict,
+def _attention_bwd_entry(dtype: str, block_d: int, causal: bool, alibi: bool, group: int,
                          even: bool = True, name: str = "") -> Entry:
+    """The attention backward at the launcher's own configuration (`backward_config`) for these arguments."""
+    import torch
+
+    from tauformer_kernels.attention_triton_backward import backward_config, dot_precisions
+
+    tdtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
+    cfgs = {arch: backward_config(tdtype, block_d, has_alibi=alibi, group=group, is_causal=causal, arch=arch,
+                                  interpret=False) for arch in (80, 90)}
+    cfg = cfgs[90]
     p = _TRITON_DTYPE[dtype]
     f32 = "*fp32"
-    sig = {"LQ": f32, "LK": f32, "V": p, "DO": p, "LSE2": f32, "DELTA": f32, "TEMP": f32, "SLOPES": f32,
+    sig = {"ROWS": f32, "LK": f32, "V": p, "DO": p, "TEMP": f32, "SLOPES": f32,
            "DV": p, "DLK": f32, "DLQ_PART": f32, "DT_PART": f32, "DSLOPE_PART": f32}
-    strides = [f"stride_{t}_{d}" for t, dims in (("lq", "bht"), ("lk", "bht"), ("v", "bhtd"), ("do", "bhtd"),
+    strides = [f"stride_{t}_{d}" for t, dims in (("lk", "bht"), ("v", "bhtd"), ("do", "bhtd"),
                                                  ("dv", "bhtd")) for d in dims]
     for s in strides:
         sig[s] = "i32"
     for s in ("B", "H", "Tq", "Tk", "Dv"):
         sig[s] = "i32"
-    ones = ("stride_lq_t", "stride_lk_t", "stride_v_d", "stride_do_d", "stride_dv_d")
+    ones = ("stride_lk_t", "stride_v_d", "stride_do_d", "stride_dv_d")
     div16 = tuple(k for k, v in sig.items() if v.startswith("*")) + tuple(
         s for s in strides if s not in ones) + ("Tq", "Tk")
-    prec = ("tf32x3", "tf32x3") if dtype == "fp32" else ("ieee", "ieee")
+    prec = dot_precisions(tdtype)
     ce = {"GROUP": group, "IS_CAUSAL": causal, "HAS_ALIBI": alibi, "BLOCK_M": cfg["BLOCK_M"],
           "BLOCK_N": cfg["BLOCK_N"], "BLOCK_D": block_d, "EVEN_M": even, "EVEN_N": even, "MASK_D": False,
-          "DOT_PRECISION": prec[0], "RED_PRECISION": prec[1], "GPU": True}
+          "DOT_PRECISION": prec[0], "RED_PRECISION": prec[1], "GPU": True,
+          "DT_TILE": cfg["DT_TILE"]}
+    per_arch = {arch: {"constexprs": dict(ce, BLOCK_M=c["BLOCK_M"], BLOCK_N=c["BLOCK_N"], DT_TILE=c["DT_TILE"]),
+                       "num_warps": c["num_warps"], "num_stages": c["num_stages"]} for arch, c in cfgs.items()}
     return Entry(name or f"taumode_attention_bwd {dtype} D={block_d} causal={causal} alibi={alibi} G={group}",
                  taumode_attention_bwd_kernel, sig, ce, cfg["num_warps"], cfg["num_stages"], ones, div16,
-                 cfg["BLOCK_M"] * cfg["BLOCK_N"])
+                 cfg["BLOCK_M"] * cfg["BLOCK_N"], per_arch=per_arch)
 
 
 def _preprocess_entry(dtype: str, block_d: int) -> Entry:
+    import torch
+
+    from tauformer_kernels.attention_triton_backward import backward_config, preprocess_block_m
+
+    tdtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
+    row_block = backward_config(tdtype, block_d, interpret=False)["BLOCK_M"]
     p = _TRITON_DTYPE[dtype]
-    sig = {"OUT": p, "DO": p, "LSE": "*fp32", "DELTA": "*fp32", "LSE2": "*fp32"}
+    sig = {"OUT": p, "DO": p, "LSE": "*fp32", "LQ": "*fp32", "ROWS": "*fp32"}
     for t in ("o", "do"):
         for d in "bhtd":
             sig[f"stride_{t}_{d}"] = "i32"
+    for d in "bht":
+        sig[f"stride_lq_{d}"] = "i32"
     sig.update(H="i32", Tq="i32", Dv="i32")
-    ones = ("stride_o_d", "stride_do_d")
-    div16 = ("OUT", "DO", "LSE", "DELTA", "LSE2", "stride_o_b", "stride_o_h", "stride_o_t", "stride_do_b", "stride_do_h",
-             "stride_do_t", "Tq")
-    from tauformer_kernels.attention_triton_backward import preprocess_block_m
+    ones = ("stride_o_d", "stride_do_d", "stride_lq_t")
+    div16 = ("OUT", "DO", "LSE", "LQ", "ROWS", "stride_o_b", "stride_o_h", "stride_o_t", "stride_do_b",
+             "stride_do_h", "stride_do_t", "stride_lq_b", "stride_lq_h", "Tq")
 
     return Entry(f"attention_bwd_preprocess {dtype} D={block_d}", attention_bwd_preprocess_kernel, sig,
-                 {"BLOCK_M": preprocess_block_m(block_d), "BLOCK_D": block_d}, 4, 1, ones, div16)
+                 {"BLOCK_M": preprocess_block_m(block_d), "BLOCK_D": block_d, "ROW_BLOCK": row_block}, 4, 1,
+                 ones, div16)
 
 
 def _lambda_bwd_entry(dtype: str, block_f: int, cfg: dict) -> Entry:
@@ -109,18 +132,19 @@ def entries() -> list[Entry]:
     """Every backward kernel at the constexprs the launchers use on a GPU."""
     import torch
 
-    from tauformer_kernels.attention_triton_backward import _GPU_CONFIGS, _GPU_CONFIGS_FP32
     from tauformer_kernels.lambda_triton_backward import gpu_config
 
     out = []
     for dtype in ("bf16", "fp16"):
-        out.append(_attention_bwd_entry(dtype, 64, True, False, 1, _GPU_CONFIGS[64]))
-    out.append(_attention_bwd_entry("fp32", 64, True, False, 1, _GPU_CONFIGS_FP32[64]))
-    out.append(_attention_bwd_entry("bf16", 64, True, True, 4, _GPU_CONFIGS[64], even=False))
-    out.append(_attention_bwd_entry("fp16", 64, False, False, 2, _GPU_CONFIGS[64], even=False))
+        out.append(_attention_bwd_entry(dtype, 64, True, False, 1))
+    out.append(_attention_bwd_entry("fp32", 64, True, False, 1))
+    out.append(_attention_bwd_entry("bf16", 64, True, True, 4, even=False))
+    out.append(_attention_bwd_entry("fp16", 64, False, False, 2, even=False))
     for d in (128, 256, 512):
-        out.append(_attention_bwd_entry("bf16", d, True, False, 1, _GPU_CONFIGS[d]))
-    out.append(_attention_bwd_entry("fp32", 512, True, True, 1, _GPU_CONFIGS_FP32[512], even=False))
+        out.append(_attention_bwd_entry("bf16", d, True, False, 1))
+    out.append(_attention_bwd_entry("bf16", 512, True, True, 2, even=False))
+    out.append(_attention_bwd_entry("fp32", 128, True, True, 1, even=False))
+    out.append(_attention_bwd_entry("fp32", 512, True, True, 1, even=False))
     for dtype in ("bf16", "fp32"):
         out.append(_preprocess_entry(dtype, 64))
     out.append(_preprocess_entry("bf16", 512))
@@ -133,9 +157,7 @@ def entries() -> list[Entry]:
 def model_entries() -> list[Entry]:
     """The main loop alone for the static model: non-causal, even shapes, one query head per kv head, so
     the only loop in the SASS is the unmasked tile loop that causal programs spend their time in."""
-    from tauformer_kernels.attention_triton_backward import _GPU_CONFIGS
-
-    return [_attention_bwd_entry(dt, 64, False, False, 1, _GPU_CONFIGS[64], name=f"bwd main loop {dt} D=64")
+    return [_attention_bwd_entry(dt, 64, False, False, 1, name=f"bwd main loop {dt} D=64")
             for dt in ("bf16", "fp16")]
 
 
@@ -144,13 +166,16 @@ def compile_entry(e: Entry, arch: int):
     from triton.compiler import ASTSource
 
     names = e.fn.arg_names
+    over = e.per_arch.get(arch, {})
+    ce = over.get("constexprs", e.constexprs)
     sig = {k: ("constexpr" if k in e.ones else v) for k, v in e.signature.items()}
-    sig.update({k: "constexpr" for k in e.constexprs})
-    constexprs = dict(e.constexprs, **{k: 1 for k in e.ones})
+    sig.update({k: "constexpr" for k in ce})
+    constexprs = dict(ce, **{k: 1 for k in e.ones})
     attrs = {(names.index(k),): [["tt.divisibility", 16]] for k in e.div16}
     src = ASTSource(fn=e.fn, signature=sig, constexprs=constexprs, attrs=attrs)
     return triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                          options={"num_warps": e.num_warps, "num_stages": e.num_stages})
+                          options={"num_warps": over.get("num_warps", e.num_warps),
+                                   "num_stages": over.get("num_stages", e.num_stages)})
 
 
 def inspect_cubin(cubin: bytes) -> dict:
@@ -187,7 +212,8 @@ def main(argv=None) -> int:
             r = inspect_cubin(k.asm["cubin"])
             spill = r["stack"] > 0 or r["local"] > 0
             failed |= spill
-            print(f"{'SPILL' if spill else 'ok   '} {e.name} sm_{arch} warps={e.num_warps}: regs={r['regs']} "
+            w = e.per_arch.get(arch, {}).get("num_warps", e.num_warps)
+            print(f"{'SPILL' if spill else 'ok   '} {e.name} sm_{arch} warps={w}: regs={r['regs']} "
                   f"stack={r['stack']} shared={k.metadata.shared} mma={r['mma']} mufu={r['mufu']}")
     return 1 if failed else 0
 
