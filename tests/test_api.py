@@ -205,3 +205,20 @@ def test_triton_backend_on_cpu_without_interpreter_is_a_clear_error(monkeypatch)
     lq, lk = random_lambdas(1, 1, 1, 3, 3, dtype=torch.float32)
     with pytest.raises(RuntimeError, match="needs CUDA tensors"):
         taumode_attention_from_lambda(lq, lk, torch.randn(1, 1, 3, 2), backend="triton")
+
+
+def test_auto_backend_choice_on_cpu():
+    from tauformer_kernels.backends import CPU_LOGLINEAR_MIN_KEYS, resolve_attention_backend
+
+    cpu = torch.device("cpu")
+    assert resolve_attention_backend("auto", cpu, torch.float32, CPU_LOGLINEAR_MIN_KEYS - 1) == "reference"
+    assert resolve_attention_backend("auto", cpu, torch.float32, CPU_LOGLINEAR_MIN_KEYS) == "loglinear"
+    assert resolve_attention_backend("reference", cpu, torch.float32, 10**6) == "reference"
+
+
+def test_auto_at_long_context_matches_the_reference():
+    lq, lk = random_lambdas(1, 2, 1, 2100, 2100, dtype=torch.float32)
+    v = torch.randn(1, 1, 2100, 16)
+    out = taumode_attention_from_lambda(lq, lk, v, temperature=0.05)
+    ref = taumode_attention_from_lambda(lq, lk, v, temperature=0.05, backend="reference")
+    assert relative_error(out, ref) < 1e-5

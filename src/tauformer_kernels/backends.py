@@ -14,6 +14,11 @@ import torch
 
 BACKENDS = ("auto", "reference", "triton", "loglinear")
 
+# Key length from which `auto` takes the O(T log T) path on CPU: forward+backward crossed over between
+# 1024 and 2048 keys on the 2-core development machine (B=1, H=8, Dv=64, fp32; kernels/NOTES.md).
+# On CUDA the dense Triton kernels stay the choice until the crossover is measured on a GPU.
+CPU_LOGLINEAR_MIN_KEYS = 2048
+
 
 def triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
@@ -41,8 +46,8 @@ def _require_triton(device: torch.device, dtype: torch.dtype) -> None:
         raise TypeError("backend='triton' runs float16, bfloat16 and float32; use backend='reference' for float64")
 
 
-def resolve_attention_backend(backend: str, device: torch.device, dtype: torch.dtype) -> str:
-    """The concrete attention backend for `backend` on tensors of this device and dtype."""
+def resolve_attention_backend(backend: str, device: torch.device, dtype: torch.dtype, keys: int = 0) -> str:
+    """The concrete attention backend for `backend` on tensors of this device and dtype, `keys` long."""
     check_backend_name(backend)
     if backend == "triton":
         _require_triton(device, dtype)
@@ -50,6 +55,8 @@ def resolve_attention_backend(backend: str, device: torch.device, dtype: torch.d
         return backend
     if device.type == "cuda" and triton_available() and dtype != torch.float64:
         return "triton"
+    if device.type == "cpu" and keys >= CPU_LOGLINEAR_MIN_KEYS:
+        return "loglinear"
     return "reference"
 
 

@@ -219,8 +219,10 @@ def main(argv=None) -> int:
         os.environ["TRITON_CACHE_DIR"] = os.path.abspath(args.cache)
     import triton  # noqa: F401  (after TRITON_CACHE_DIR is set)
 
+    from .compile_check_backward import kernel_cases  # the backward kernels' rows (issue 4)
+
     failures = []
-    for case in KERNELS:
+    for case in KERNELS + kernel_cases():
         if args.only and args.only not in case.name:
             continue
         for arch in args.arch:
