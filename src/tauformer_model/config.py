@@ -1,0 +1,96 @@
+"""The model's configuration (a dataclass) and the named presets (plain data)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+ATTENTIONS = ("taumode", "dot")
+RECENCIES = ("none", "fixed", "learned")
+
+
+@dataclass
+class TauGPTConfig:
+    """Shape and attention options of a TauGPT. Stored beside every checkpoint (``to_dict``)."""
+
+    n_layer: int = 4
+    n_head: int = 4
+    # Key/value heads (GQA): n_head must be a multiple; query head h uses kv head h // (n_head // n_kv_head).
+    n_kv_head: int = 4
+    n_embd: int = 128
+    vocab_size: int = 256
+    # Longest sequence the training forward sees (RoPE itself has no limit; the cache takes any max_len).
+    block_size: int = 256
+    # "taumode": attention from Laplacian scalars (tauformer_kernels); "dot": PyTorch SDPA, the baseline.
+    attention: str = "taumode"
+    # Logit term -slope_h * |i - j| (ALiBi): "none" (the reference crate's model), "fixed" (ALiBi's
+    # geometric slopes), "learned" (the same slopes as initial values, learned in log space), or
+    # "auto": "learned" for taumode (what measures best, see docs), "none" for dot (plain SDPA).
+    recency: str = "auto"
+    # Initial per-head attention temperature of taumode (learned in log space). λ lies in [0, 1), so
+    # temperature 1 would make attention nearly uniform; 0.02 gives logits of order -10 at the start.
+    temperature_init: float = 0.02
+    # Initial tau of λ = E / (E + tau); the trainer replaces it by the median E of the first layer's
+    # keys over a batch (calibrate_tau). One tau per kv head, shared by all layers.
+    tau_init: float = 1.0
+    learn_tau: bool = False
+    # "chain" (the path-graph Laplacian over the head dim) or the path of a file written by
+    # tauformer_kernels.save_laplacian (e.g. by python -m tauformer_model.laplacian_cli).
+    laplacian: str = "chain"
+    eps: float = 1e-6
+    # taumode only: compute λ from the un-rotated (RMS-normed) q and k, i.e. skip RoPE (the reference
+    # applies RoPE first). λ then carries no position; order comes from the causal mask and recency.
+    lambda_before_rope: bool = False
+    rope_base: float = 10000.0
+    logit_softcap: float = 15.0
+    # Kernel backend passed to tauformer_kernels ("auto", "reference", "triton", ...).
+    backend: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.attention not in ATTENTIONS:
+            raise ValueError(f"attention must be one of {ATTENTIONS}, got {self.attention!r}")
+        if self.recency == "auto":
+            self.recency = "learned" if self.attention == "taumode" else "none"
+        if self.recency not in RECENCIES:
+            raise ValueError(f"recency must be 'auto' or one of {RECENCIES}, got {self.recency!r}")
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd ({self.n_embd}) must be a multiple of n_head ({self.n_head})")
+        if self.n_head % self.n_kv_head:
+            raise ValueError(f"n_head ({self.n_head}) must be a multiple of n_kv_head ({self.n_kv_head})")
+        if self.head_dim % 2:
+            raise ValueError(f"head dim n_embd // n_head = {self.head_dim} must be even (RoPE)")
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TauGPTConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+# Presets: model fields (TauGPTConfig) and training fields (train.TrainConfig), as plain data.
+PRESETS: dict[str, dict[str, dict]] = {
+    # About 5 minutes on 2 CPU cores; see docs/model-readme-section.md for what it reaches.
+    "tiny": {
+        "model": dict(n_layer=4, n_head=4, n_kv_head=4, n_embd=128, block_size=128),
+        "train": dict(batch_size=32, max_steps=600, lr=3e-3, warmup_steps=30, eval_every=100,
+                      eval_batches=8, checkpoint_every=200),
+    },
+    # The reference crate's 30M run: 6 layers, 6 heads of 64, context 1024, lr 5e-4, 100 warm-up steps.
+    "30m": {
+        "model": dict(n_layer=6, n_head=6, n_kv_head=6, n_embd=384, block_size=1024),
+        "train": dict(batch_size=32, max_steps=5000, lr=5e-4, warmup_steps=100, eval_every=250,
+                      eval_batches=20, checkpoint_every=500),
+    },
+    # For tests and smoke runs: seconds on a CPU.
+    "micro": {
+        "model": dict(n_layer=2, n_head=2, n_kv_head=1, n_embd=32, block_size=32),
+        "train": dict(batch_size=4, max_steps=8, lr=3e-3, warmup_steps=2, eval_every=2,
+                      eval_batches=2, checkpoint_every=4),
+    },
+}

@@ -1,0 +1,165 @@
+"""TauGPT: shapes, the (V, λk) cache against the full forward, cache bytes, tau calibration, recency."""
+
+import math
+
+import pytest
+import torch
+
+from tauformer_model import TauGPT, TauGPTConfig
+from tauformer_model.model import alibi_slopes, apply_rope, key_energy, rope_cos_sin
+
+
+def make_model(seed=0, **kw) -> TauGPT:
+    """A small model whose zero-initialised projections are randomised, so every path matters."""
+    cfg = dict(n_layer=2, n_head=4, n_kv_head=2, n_embd=64, vocab_size=256, block_size=192, backend="auto")
+    cfg.update(kw)
+    torch.manual_seed(seed)
+    model = TauGPT(TauGPTConfig(**cfg))
+    with torch.no_grad():
+        for block in model.blocks:
+            block.attn.c_proj.weight.normal_(std=0.05)
+            block.mlp.c_proj.weight.normal_(std=0.05)
+            if model.config.attention == "taumode":
+                block.attn.log_temperature.add_(0.3 * torch.randn_like(block.attn.log_temperature))
+        model.lm_head.weight.normal_(std=0.1)
+    return model.eval()
+
+
+def rel_err(a, b):
+    return float((a - b).norm() / b.norm())
+
+
+@pytest.mark.parametrize("attention", ["taumode", "dot"])
+def test_forward_shapes_and_loss(attention):
+    model = make_model(attention=attention)
+    idx = torch.randint(0, 256, (3, 37))
+    logits = model(idx)
+    assert logits.shape == (3, 37, 256) and logits.dtype == torch.float32
+    assert logits.abs().max() <= 15.0  # softcap
+    loss = model(idx, targets=idx)
+    assert loss.ndim == 0 and math.isfinite(float(loss.detach()))
+
+
+def test_recency_auto_resolves():
+    assert TauGPTConfig(attention="taumode").recency == "learned"
+    assert TauGPTConfig(attention="dot").recency == "none"
+    with pytest.raises(ValueError, match="recency"):
+        TauGPTConfig(recency="sometimes")
+    with pytest.raises(ValueError, match="n_kv_head"):
+        TauGPTConfig(n_head=4, n_kv_head=3)
+
+
+@pytest.mark.parametrize("attention,recency", [("taumode", "none"), ("taumode", "learned"),
+                                               ("taumode", "fixed"), ("dot", "none"), ("dot", "learned"),
+                                               ("taumode-lambda-before-rope", "learned")])
+def test_decode_with_cache_matches_full_forward(attention, recency):
+    """SPEC §4: a 100-token prefill in one call, then 64 single-token decodes, with GQA (4 q heads, 2 kv)."""
+    extra = {"lambda_before_rope": True} if attention.endswith("before-rope") else {}
+    model = make_model(attention=attention.split("-")[0], recency=recency, **extra)
+    idx = torch.randint(0, 256, (2, 164), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        full = model(idx)
+        cache = model.new_cache(2, 170)
+        pointers = [t.data_ptr() for t in cache.tensors()]
+        steps = [model(idx[:, :100], cache=cache)]
+        steps += [model(idx[:, t:t + 1], cache=cache) for t in range(100, 164)]
+    assert cache.pos == 164
+    assert [t.data_ptr() for t in cache.tensors()] == pointers  # preallocated, never reallocated
+    decoded = torch.cat(steps, dim=1)
+    assert rel_err(decoded[:, :100], full[:, :100]) < 1e-5
+    assert rel_err(decoded[:, 100:], full[:, 100:]) < 1e-5
+    # a chunk appended to a non-empty cache (Tq > 1, Tq < Tk) is bottom-right causal too
+    with torch.no_grad():
+        cache = model.new_cache(2, 164)
+        parts = [model(idx[:, :50], cache=cache), model(idx[:, 50:120], cache=cache), model(idx[:, 120:], cache=cache)]
+    assert rel_err(torch.cat(parts, dim=1), full) < 1e-5
+
+
+def test_cache_overflow_is_an_error():
+    model = make_model()
+    cache = model.new_cache(1, 8)
+    model(torch.zeros(1, 8, dtype=torch.long), cache=cache)
+    with pytest.raises(ValueError, match="cache"):
+        model(torch.zeros(1, 1, dtype=torch.long), cache=cache)
+
+
+def test_cache_bytes_ratio_measured_from_tensors():
+    """Per token and layer the taumode cache holds V and λk: (F+1)/(2F) of a (K, V) cache (fp32)."""
+    F = 16
+    tau_model = make_model(attention="taumode", n_embd=4 * F)
+    dot_model = make_model(attention="dot", n_embd=4 * F)
+    tau_cache, dot_cache = tau_model.new_cache(3, 50), dot_model.new_cache(3, 50)
+    tau_bytes = sum(t.nbytes for t in tau_cache.tensors())
+    dot_bytes = sum(t.nbytes for t in dot_cache.tensors())
+    assert tau_cache.nbytes == tau_bytes and dot_cache.nbytes == dot_bytes
+    assert tau_bytes / dot_bytes == pytest.approx((F + 1) / (2 * F), rel=1e-12)
+    assert tau_cache.bytes_per_token_per_layer == 2 * (F + 1) * 4  # 2 kv heads × (F values + one λ) × fp32
+
+
+def test_rope_half_split_layout():
+    """y1 = x1·cos + x2·sin, y2 = x2·cos − x1·sin; norms are preserved; position 0 is the identity."""
+    x = torch.randn(1, 1, 5, 8)
+    cos, sin = rope_cos_sin(8, 0, 5, 10000.0, "cpu")
+    y = apply_rope(x, cos, sin)
+    assert torch.allclose(y[..., 0, :], x[..., 0, :])
+    assert torch.allclose(y.norm(dim=-1), x.norm(dim=-1), atol=1e-6)
+    assert torch.allclose(y[..., 1, 0], x[..., 1, 0] * math.cos(1.0) + x[..., 1, 4] * math.sin(1.0), atol=1e-6)
+
+
+def test_calibrate_tau_is_median_energy():
+    model = make_model()
+    idx = torch.randint(0, 256, (4, 64))
+    tau = model.calibrate_tau(idx)
+    energy = model.first_layer_key_energy(idx)
+    assert tau == pytest.approx(float(energy.median()), rel=1e-6)
+    for block in model.blocks:
+        assert torch.allclose(block.attn.log_tau.exp(), torch.full((2,), tau))
+    lam = energy / (energy + tau)  # half of the calibration keys fall below λ = 1/2
+    assert float((lam < 0.5).float().mean()) == pytest.approx(0.5, abs=0.05)
+
+
+def test_key_energy_of_chain_laplacian():
+    lap = torch.tensor([[1.0, -1.0], [-1.0, 1.0]])
+    assert float(key_energy(torch.tensor([1.0, -1.0]), lap, 0.0)) == pytest.approx(2.0)
+    assert float(key_energy(torch.tensor([1.0, 1.0]), lap, 0.0)) == pytest.approx(0.0)
+
+
+@pytest.mark.parametrize("recency", ["none", "fixed", "learned"])
+def test_learnable_parameters_receive_gradients(recency):
+    model = make_model(recency=recency, learn_tau=True).train()
+    idx = torch.randint(0, 256, (2, 40))
+    model(idx, targets=idx).backward()
+    attn = model.blocks[0].attn
+    for p in (attn.log_temperature, attn.log_tau, attn.c_q.weight, attn.c_k.weight, attn.c_v.weight):
+        assert p.grad is not None and p.grad.abs().sum() > 0
+    if recency == "learned":
+        assert attn.log_slopes.grad is not None and attn.log_slopes.grad.abs().sum() > 0
+        assert torch.allclose(attn.log_slopes.detach().exp(), alibi_slopes(4))
+    elif recency == "fixed":
+        assert not attn.log_slopes.requires_grad
+    else:
+        assert attn.log_slopes is None
+
+
+def test_dot_baseline_is_the_same_model():
+    """attention="dot" differs only by the taumode-specific temperature and tau."""
+    tau_names = {n for n, _ in make_model(attention="taumode", recency="none").named_parameters()}
+    dot_names = {n for n, _ in make_model(attention="dot", recency="none").named_parameters()}
+    assert dot_names <= tau_names
+    assert {n.split(".")[-1] for n in tau_names - dot_names} == {"log_temperature"}
+
+
+def test_laplacian_from_file(tmp_path):
+    import numpy as np
+
+    from tauformer_model import laplacian_cli
+
+    emb = np.random.default_rng(0).normal(size=(200, 16))
+    np.save(tmp_path / "emb.npy", emb)
+    assert laplacian_cli.main([str(tmp_path / "emb.npy"), "--out", str(tmp_path / "lap.npz"), "--k", "3"]) == 0
+    model = make_model(n_embd=64, laplacian=str(tmp_path / "lap.npz"))  # head dim 16
+    lap = model.laplacian
+    assert lap.shape == (16, 16) and torch.allclose(lap, lap.T) and torch.allclose(lap.sum(1), torch.zeros(16), atol=1e-5)
+    assert not torch.allclose(lap, TauGPT(TauGPTConfig(n_embd=64, n_head=4)).laplacian)
+    with pytest.raises(ValueError):
+        make_model(n_embd=128, laplacian=str(tmp_path / "lap.npz"))  # head dim 32 ≠ 16

@@ -1,0 +1,63 @@
+"""Data parallel training under torchrun (2 CPU ranks, gloo) against one process with --grad-accum 2."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import sysconfig
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+pytest.importorskip("torch.distributed")
+if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
+    pytest.skip("torch.distributed with gloo is not available", allow_module_level=True)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> pathlib.Path:
+    root = pathlib.Path(sysconfig.get_paths()["stdlib"])
+    folder = tmp_path_factory.mktemp("corpus")
+    for p in sorted(root.glob("*.py"))[:40]:
+        (folder / p.name).write_bytes(p.read_bytes())
+    return folder
+
+
+def run(args, out, corpus, cache, ranks=1):
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p), OMP_NUM_THREADS="1")
+    env.pop("RANK", None), env.pop("WORLD_SIZE", None)
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}"] if ranks > 1 else [sys.executable]
+    cmd = launcher + ["-m", "tauformer_model.train", "--preset", "micro", "--data", str(corpus), "--data-cache", str(cache),
+                      "--out", str(out), "--batch-size", "2", "--max-steps", "6", "--eval-every", "2",
+                      "--checkpoint-every", "6", "--seed", "5", "--threads", "1", "--no-progress", "--device", "cpu"] + args
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc
+
+
+def params(out):
+    return load_file(str(out / "checkpoint" / "model.safetensors"))
+
+
+def losses(out):
+    return [(r["step"], r["train_loss"], r["val_loss"]) for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())]
+
+
+def test_two_ranks_equal_one_process_with_grad_accum(tmp_path, corpus):
+    cache = tmp_path / "cache"
+    run(["--grad-accum", "2"], tmp_path / "one", corpus, cache)
+    run([], tmp_path / "two", corpus, cache, ranks=2)
+    one, two = params(tmp_path / "one"), params(tmp_path / "two")
+    assert one.keys() == two.keys()
+    for name in one:
+        assert torch.allclose(one[name], two[name], rtol=1e-5, atol=1e-6), name
+    for a, b in zip(losses(tmp_path / "one"), losses(tmp_path / "two"), strict=True):
+        assert a[0] == b[0] and a[2] == pytest.approx(b[2], rel=1e-5)
+
+    # the 2-rank run stopped at step 2 and resumed in one process (grad-accum 2) continues with the same losses
+    run(["--stop-at", "2"], tmp_path / "switch", corpus, cache, ranks=2)
+    run(["--resume", "--grad-accum", "2"], tmp_path / "switch", corpus, cache)
+    for a, b in zip(losses(tmp_path / "switch"), losses(tmp_path / "one"), strict=True):
+        assert a[0] == b[0] and a[1] == pytest.approx(b[1], rel=1e-5) and a[2] == pytest.approx(b[2], rel=1e-5)
