@@ -87,7 +87,7 @@ def attention_bwd_preprocess_kernel(
 
 
 @triton.jit
-def _bwd_tile(dv_acc, dlk_acc, dt_acc, dsl_acc, lam_k, v, offs_n, offs_d, start_m, e0_q, e0_k,
+def _bwd_tile(dv_acc, dlk_acc, dt_acc, dsl_acc, lam_k, v, offs_n, start_n, offs_d, start_m, e0_q, e0_k,
               ROWS_bh, DO_bh, DLQP_bh, stride_do_t, stride_do_d,
               Tq, Tk, Dv, off, inv_t2, slope2,
               IS_CAUSAL: tl.constexpr,
@@ -137,10 +137,19 @@ def _bwd_tile(dv_acc, dlk_acc, dt_acc, dsl_acc, lam_k, v, offs_n, offs_d, start_
     # λq_i - λk_j, (BLOCK_N, BLOCK_M): the difference first (exact for close λ, any magnitude), then scaled
     diff = lam_q[None, :] - lam_k[:, None]
     abs_diff = tl.abs(diff)
-    logit2 = -abs_diff * inv_t2 - ell[None, :]
     if HAS_ALIBI:
-        dist = tl.abs(offs_m[None, :] + off - offs_n[:, None]).to(tl.float32)
-        logit2 = logit2 - slope2 * dist
+        # distances from tile-local float vectors (exact small integers, no int tile): i + off - j =
+        # qd_i - kd_j with qd = r + (start_m + off - start_n), kd = c (r, c the tile's row and column)
+        qd = (offs_r + (start_m + off - start_n)).to(tl.float32)
+        kd = tl.arange(0, BLOCK_N).to(tl.float32)
+        if IS_CAUSAL:
+            # visible scores have i + off >= j: slope·dist = slope·qd_i - slope·kd_j, folded into the row and
+            # column vectors (no distance tile: one FADD per score)
+            logit2 = -abs_diff * inv_t2 - (ell + slope2 * qd)[None, :] + (slope2 * kd)[:, None]
+        else:
+            logit2 = -abs_diff * inv_t2 - ell[None, :] - slope2 * tl.abs(qd[None, :] - kd[:, None])
+    else:
+        logit2 = -abs_diff * inv_t2 - ell[None, :]
     if MASK:
         # hidden scores get -inf before the exponential (their logit2 may be large where lse is very negative)
         visible = offs_n[:, None] < Tk
@@ -159,20 +168,33 @@ def _bwd_tile(dv_acc, dlk_acc, dt_acc, dsl_acc, lam_k, v, offs_n, offs_d, start_
         p = tl.exp2(logit2)
     dp = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
     dv_acc = tl.dot(p.to(do.dtype), do, dv_acc, input_precision=DOT_PRECISION)
-    # P∘sign(λq_i - λk_j): the sign bit of the difference moved onto P (one LOP3), and sign(0) = 0 (ties
-    # carry no gradient, as autograd's abs)
-    p_sign = (p.to(tl.uint32, bitcast=True) ^ (diff.to(tl.uint32, bitcast=True) & 0x80000000)).to(
-        tl.float32, bitcast=True)
-    p_sign = tl.where(diff == 0.0, 0.0, p_sign)
-    # dS∘sign; dS∘|Δλ| = (dS∘sign)∘Δλ
-    ds_sign = p_sign * (dp - delta[None, :])
+    if HAS_ALIBI:
+        # dS first, its dslope sum, then the sign moved onto dS (the same bits as P∘sign times dP - D): P and
+        # dS are never live together, which the extra dS∘dist reduction would otherwise need (it spilled)
+        ds = p * (dp - delta[None, :])
+        # a key vector, not a second register tile; the distance is re-formed here from the two vectors (one
+        # FADD per score) rather than kept live across the products. Causal: hidden scores have P = 0 (dS = 0),
+        # so the signed distance qd - kd is exact where it counts.
+        if IS_CAUSAL:
+            dist = qd[None, :] - kd[:, None]
+        else:
+            dist = tl.abs(qd[None, :] - kd[:, None])
+        dsl_acc += tl.sum(ds * dist, 1)
+        ds_sign = (ds.to(tl.uint32, bitcast=True) ^ (diff.to(tl.uint32, bitcast=True) & 0x80000000)).to(
+            tl.float32, bitcast=True)
+        ds_sign = tl.where(diff == 0.0, 0.0, ds_sign)
+    else:
+        # P∘sign(λq_i - λk_j): the sign bit of the difference moved onto P (one LOP3), and sign(0) = 0 (ties
+        # carry no gradient, as autograd's abs)
+        p_sign = (p.to(tl.uint32, bitcast=True) ^ (diff.to(tl.uint32, bitcast=True) & 0x80000000)).to(
+            tl.float32, bitcast=True)
+        p_sign = tl.where(diff == 0.0, 0.0, p_sign)
+        # dS∘sign; dS∘|Δλ| = (dS∘sign)∘Δλ
+        ds_sign = p_sign * (dp - delta[None, :])
     if DT_TILE:
         dt_acc += ds_sign * diff
     else:
         dt_acc += tl.sum(ds_sign * diff, 1)
-    if HAS_ALIBI:
-        # a key vector, not a second register tile (ALiBi builds would spill)
-        dsl_acc += tl.sum(p * (dp - delta[None, :]) * dist, 1)
     ds_sign = ds_sign.to(e0_q.dtype)
     dlk_acc = tl.dot(ds_sign, e0_q, dlk_acc, input_precision=RED_PRECISION)
     # every row of the (16, BLOCK_M) product is the column sum; row 0 is stored
@@ -300,7 +322,7 @@ def taumode_attention_bwd_kernel(
         dsl_vec = tl.zeros([BLOCK_N], dtype=tl.float32)
         for start_m in range(q_start, q_mid, BLOCK_M):
             dv_acc, dlk_acc, dt_vec, dsl_vec = _bwd_tile(
-                dv_acc, dlk_acc, dt_vec, dsl_vec, lam_k, v, offs_n, offs_d, start_m, e0_q, e0_k,
+                dv_acc, dlk_acc, dt_vec, dsl_vec, lam_k, v, offs_n, start_n, offs_d, start_m, e0_q, e0_k,
                 ROWS_bh, DO_bh, DLQP_bh, stride_do_t, stride_do_d,
                 Tq, Tk, Dv, off, inv_t2, slope2,
                 IS_CAUSAL, HAS_ALIBI, True, not EVEN_M, MASK_D, BLOCK_M, BLOCK_N, DOT_PRECISION, RED_PRECISION, GPU,
@@ -311,7 +333,7 @@ def taumode_attention_bwd_kernel(
             dt_acc = dt_vec
         for start_m in range(q_mid, Tq, BLOCK_M):
             dv_acc, dlk_acc, dt_acc, dsl_vec = _bwd_tile(
-                dv_acc, dlk_acc, dt_acc, dsl_vec, lam_k, v, offs_n, offs_d, start_m, e0_q, e0_k,
+                dv_acc, dlk_acc, dt_acc, dsl_vec, lam_k, v, offs_n, start_n, offs_d, start_m, e0_q, e0_k,
                 ROWS_bh, DO_bh, DLQP_bh, stride_do_t, stride_do_d,
                 Tq, Tk, Dv, off, inv_t2, slope2,
                 IS_CAUSAL, HAS_ALIBI, False, not EVEN_M, MASK_D, BLOCK_M, BLOCK_N, DOT_PRECISION, RED_PRECISION, GPU,

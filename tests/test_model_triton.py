@@ -17,7 +17,9 @@ def _losses(backend: str, steps: int = 20) -> list[float]:
                           recency="learned", backend=backend)
     torch.manual_seed(0)
     model = TauGPT(config).to(device)
-    data = torch.randint(0, 256, (steps, 2, 25), generator=torch.Generator().manual_seed(1)).to(device)
+    # periodic sequences (token = start + 3·t mod 64): learnable, so the loss must fall
+    starts = torch.randint(0, 64, (steps, 2, 1), generator=torch.Generator().manual_seed(1))
+    data = ((starts + 3 * torch.arange(25)) % 64).to(device)
     model.calibrate_tau(data[0, :, :-1])
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     losses = []

@@ -57,8 +57,8 @@ def backward_config(dtype: torch.dtype, dv: int, *, has_alibi: bool = False, gro
     head size Dv, ALiBi, the GQA group, causality and the sm version (80: A100-class mma.sync, 90: Hopper
     wgmma). The one source of the launch configuration: the launcher and `compile_check_backward` (which
     proves these configs spill-free on sm_80 and sm_90) both call it. interpret=None reads TRITON_INTERPRET.
-    group and is_causal do not change the choice today; they are arguments so that a config that spills for
-    one variant can be changed for it alone."""
+    Variants that spilled at the table's tiles get their own (ALiBi; fp16/bf16 Dv<=64 non-causal GQA);
+    kernels/NOTES_backward.md has the spill table."""
     if interpret is None:
         interpret = _interpreting()
     table = _GPU_CONFIGS_FP32 if dtype == torch.float32 else _GPU_CONFIGS
@@ -68,8 +68,24 @@ def backward_config(dtype: torch.dtype, dv: int, *, has_alibi: bool = False, gro
         # spills there (32 B); row sums keep it spill-free
         cfg["DT_TILE"] = False
     if has_alibi:
-        # ALiBi adds the distance tile and the dslope row sums: the dtemperature tile does not fit beside them
+        # ALiBi adds the dS∘distance row sums (dS and P∘sign no longer share a register tile): the
+        # dtemperature tile does not fit beside them
         cfg["DT_TILE"] = False
+        bd = block_d_of(dv)
+        if dtype == torch.float32:
+            if bd <= 128:
+                # tf32x3 at 32×32 spilled 304/392 B (sm_80/sm_90) at Dv=128; 16 keys per program fit
+                cfg["BLOCK_N"] = 16
+        elif bd <= 64:
+            # 64×64 spilled 168-320 B (GQA=4, odd T); 8 warps or BLOCK_M=32 still spilled, 32 keys per program
+            # do not (sm_80 254 regs, sm_90 213)
+            cfg["BLOCK_N"] = 32
+        elif bd >= 512:
+            # 32×16 at 4 warps spilled 8 B; 8 warps: ~195/168 regs
+            cfg["num_warps"] = 8
+    if dtype != torch.float32 and block_d_of(dv) <= 64 and not is_causal and group > 1:
+        # the GQA non-causal odd-T build spilled 8/32 B at 64×64 (DT_TILE off did not help): 32 query rows
+        cfg["BLOCK_M"] = 32
     if interpret:
         cfg.update(_INTERPRET_TILES)
     return cfg
@@ -92,7 +108,7 @@ def preprocess_block_m(block_d: int) -> int:
     return max(16, min(64, 8192 // block_d))
 
 
-def dot_precisions(dtype: torch.dtype) -> tuple[str, str]:
+def dot_precisions(dtype: torch.dtype, dv: int = 64) -> tuple[str, str]:
     """(input_precision of the dV/dP products, of the one-hot reductions of dS∘sign).
 
     fp32 V: "tf32x3" for both (the fp32 backward must meet 1e-4 relative, which tf32's 10-bit mantissa
@@ -101,6 +117,10 @@ def dot_precisions(dtype: torch.dtype) -> tuple[str, str]:
     fp16/bf16 V: P, dO and dS∘sign enter the tensor cores in V's dtype, as FlashAttention's P and dS do
     (input_precision does not apply)."""
     if dtype == torch.float32:
+        if block_d_of(dv) >= 512:
+            # Dv >= 512: the tf32x3 split copies of the V and dO tiles do not fit in registers (13-15 KB of
+            # stack); "ieee" (fp32 FMA, exact) at 16×16 tiles and 8 warps does
+            return "ieee", "ieee"
         return "tf32x3", "tf32x3"
     return "ieee", "ieee"
 
@@ -147,7 +167,7 @@ def attention_bwd_triton(dout, lq, lk, v, out, lse, temperature, alibi_slopes, i
         BLOCK_M=pre_m, BLOCK_D=block_d, ROW_BLOCK=block_m,
     )
     slopes = alibi_slopes.to(torch.float32).contiguous() if alibi_slopes is not None else rows
-    dot_prec, red_prec = dot_precisions(v.dtype)
+    dot_prec, red_prec = dot_precisions(v.dtype, dv_dim)
     taumode_attention_bwd_kernel[(num_kb, b * hkv)](
         rows, lk, v, dout, temperature.to(torch.float32).contiguous(), slopes,
         dv, dlk, dlq_part, dt_part, dslope_part,

@@ -44,6 +44,16 @@ class KernelCase:
     num_warps: int = 4
     num_stages: int = 3
     scores_per_iter: int = 0  # BLOCK_M·BLOCK_N of the main loop, for cycles per 1,000 scores
+    # {arch: {"constexprs": {...}, "num_warps": n, "num_stages": n}} where the launcher's config differs by arch
+    per_arch: dict = dataclasses.field(default_factory=dict)
+
+    def for_arch(self, arch: int) -> "KernelCase":
+        """This row as the launcher builds it for sm_<arch>."""
+        over = self.per_arch.get(arch)
+        if not over:
+            return self
+        return dataclasses.replace(self, constexprs=dict(self.constexprs, **over["constexprs"]),
+                                   num_warps=over["num_warps"], num_stages=over["num_stages"])
 
 
 def _attention_args(v_dtype: str) -> dict:
@@ -121,6 +131,7 @@ def compile_case(case: KernelCase, arch: int):
     """triton.compile of one table row for sm_<arch>; returns the compiled kernel."""
     import importlib
 
+    case = case.for_arch(arch)
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource

@@ -74,7 +74,7 @@ def _attention_bwd_entry(dtype: str, block_d: int, causal: bool, alibi: bool, gr
     ones = ("stride_lk_t", "stride_v_d", "stride_do_d", "stride_dv_d")
     div16 = tuple(k for k, v in sig.items() if v.startswith("*")) + tuple(
         s for s in strides if s not in ones) + ("Tq", "Tk")
-    prec = dot_precisions(tdtype)
+    prec = dot_precisions(tdtype, block_d)
     ce = {"GROUP": group, "IS_CAUSAL": causal, "HAS_ALIBI": alibi, "BLOCK_M": cfg["BLOCK_M"],
           "BLOCK_N": cfg["BLOCK_N"], "BLOCK_D": block_d, "EVEN_M": even, "EVEN_N": even, "MASK_D": False,
           "DOT_PRECISION": prec[0], "RED_PRECISION": prec[1], "GPU": True,
@@ -145,6 +145,7 @@ def entries() -> list[Entry]:
     out.append(_attention_bwd_entry("bf16", 512, True, True, 2, even=False))
     out.append(_attention_bwd_entry("fp32", 128, True, True, 1, even=False))
     out.append(_attention_bwd_entry("fp32", 512, True, True, 1, even=False))
+    out.append(_attention_bwd_entry("fp32", 64, True, True, 2, even=False))
     for dtype in ("bf16", "fp32"):
         out.append(_preprocess_entry(dtype, 64))
     out.append(_preprocess_entry("bf16", 512))
@@ -218,13 +219,10 @@ def main(argv=None) -> int:
     return 1 if failed else 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
-
 
 def kernel_cases() -> list:
-    """The backward entries as rows of `tauformer_kernels.compile_check.KERNELS` (KernelCase), so the general
-    compile check covers them with one line: `KERNELS += compile_check_backward.kernel_cases()`."""
+    """The backward entries as rows of `tauformer_kernels.compile_check.KERNELS` (KernelCase), each with its
+    per-arch config (`backward_config(arch=)` differs by arch: DT_TILE is off on sm_80 for fp16/bf16 Dv<=64)."""
     from tauformer_kernels.compile_check import KernelCase
 
     rows = []
@@ -233,5 +231,9 @@ def kernel_cases() -> list:
         for k, ty in e.signature.items():
             args[k] = f"{ty}:1" if k in e.ones else (f"{ty}:16" if k in e.div16 else ty)
         rows.append(KernelCase(e.name, f"{e.fn.__module__.rsplit('.', 1)[-1]}:{e.fn.__name__}", args,
-                               dict(e.constexprs), e.num_warps, e.num_stages, e.scores_per_iter))
+                               dict(e.constexprs), e.num_warps, e.num_stages, e.scores_per_iter, dict(e.per_arch)))
     return rows
+
+
+if __name__ == "__main__":
+    sys.exit(main())
