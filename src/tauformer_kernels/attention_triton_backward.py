@@ -58,7 +58,7 @@ def backward_config(dtype: torch.dtype, dv: int, *, has_alibi: bool = False, gro
     wgmma). The one source of the launch configuration: the launcher and `compile_check_backward` (which
     proves these configs spill-free on sm_80 and sm_90) both call it. interpret=None reads TRITON_INTERPRET.
     Variants that spilled at the table's tiles get their own (ALiBi; fp16/bf16 Dv<=64 non-causal GQA);
-    kernels/NOTES_backward.md has the spill table."""
+    kernels/NOTES.md (Backward) has the spill table."""
     if interpret is None:
         interpret = _interpreting()
     table = _GPU_CONFIGS_FP32 if dtype == torch.float32 else _GPU_CONFIGS
