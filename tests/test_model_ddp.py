@@ -61,3 +61,12 @@ def test_two_ranks_equal_one_process_with_grad_accum(tmp_path, corpus):
     run(["--resume", "--grad-accum", "2"], tmp_path / "switch", corpus, cache)
     for a, b in zip(losses(tmp_path / "switch"), losses(tmp_path / "one"), strict=True):
         assert a[0] == b[0] and a[1] == pytest.approx(b[1], rel=1e-5) and a[2] == pytest.approx(b[2], rel=1e-5)
+
+
+def test_two_ranks_with_a_compiled_model_train_like_eager(tmp_path, corpus):
+    """The custom ops under DDP and torch.compile of the wrapped model: same losses as the eager run."""
+    cache = tmp_path / "cache"
+    run([], tmp_path / "eager", corpus, cache, ranks=2)
+    run(["--compile"], tmp_path / "compiled", corpus, cache, ranks=2)
+    for a, b in zip(losses(tmp_path / "eager"), losses(tmp_path / "compiled"), strict=True):
+        assert a[0] == b[0] and a[1] == pytest.approx(b[1], rel=1e-4) and a[2] == pytest.approx(b[2], rel=1e-4)
