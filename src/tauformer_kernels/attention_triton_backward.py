@@ -55,7 +55,7 @@ def backward_config(dtype: torch.dtype, dv: int, *, has_alibi: bool = False, gro
                     is_causal: bool = True, arch: int = 90, interpret: bool | None = None) -> dict:
     """Tiles, launch options and the DT_TILE constexpr of `taumode_attention_bwd_kernel` for V's dtype, the
     head size Dv, ALiBi, the GQA group, causality and the sm version (80: A100-class mma.sync, 90: Hopper
-    wgmma). The one source of the launch configuration: the launcher and `compile_check_backward` (which
+    wgmma). The one source of the launch configuration: the launcher and the compile check (`compile_check_backward.entries()`, which
     proves these configs spill-free on sm_80 and sm_90) both call it. interpret=None reads TRITON_INTERPRET.
     Variants that spilled at the table's tiles get their own (ALiBi; fp16/bf16 Dv<=64 non-causal GQA);
     kernels/NOTES.md (Backward) has the spill table."""

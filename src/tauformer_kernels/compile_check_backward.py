@@ -1,33 +1,21 @@
-"""Ahead-of-time compile check of the backward kernels (no GPU needed).
+"""The backward kernels' rows of the compile check (`python -m tauformer_kernels.compile_check`).
 
-`python -m tauformer_kernels.compile_check_backward --arch 80 90` compiles every backward kernel at
-representative constexprs for those targets with `triton.compile(ASTSource, target=GPUTarget(...))` and
-prints, per kernel and arch, registers, stack bytes (spills), shared memory and the counts of tensor-core
-(HMMA/HGMMA) and MUFU instructions in the SASS. Exits non-zero if a kernel fails to compile or spills.
-
-`ENTRIES` is the table a general compile check can take over: each entry names the kernel, its signature
+`entries()` lists each backward kernel at representative constexprs, built from the launcher's own
+`backward_config` per arch so the check compiles what the launcher runs; `kernel_cases()` hands them to
+`compile_check` as KernelCase rows. Each entry names the kernel, its signature
 (argument name -> Triton type; strides of the last dimension are the constant 1 as the launcher's
 contiguous-last-dim tensors give, and the others are marked divisible by 16 as Triton's launcher
 specialises them), the constexprs and the launch options.
 """
 from __future__ import annotations
 
-import argparse
-import os
-import re
-import subprocess
-import sys
-import tempfile
 from dataclasses import dataclass, field
-
-import triton
 
 from tauformer_kernels.kernels.taumode_attention_backward import (
     attention_bwd_preprocess_kernel,
     taumode_attention_bwd_kernel,
 )
 
-_BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 _TRITON_DTYPE = {"fp32": "*fp32", "fp16": "*fp16", "bf16": "*bf16"}
 
 
@@ -162,64 +150,6 @@ def model_entries() -> list[Entry]:
             for dt in ("bf16", "fp16")]
 
 
-def compile_entry(e: Entry, arch: int):
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    names = e.fn.arg_names
-    over = e.per_arch.get(arch, {})
-    ce = over.get("constexprs", e.constexprs)
-    sig = {k: ("constexpr" if k in e.ones else v) for k, v in e.signature.items()}
-    sig.update({k: "constexpr" for k in ce})
-    constexprs = dict(ce, **{k: 1 for k in e.ones})
-    attrs = {(names.index(k),): [["tt.divisibility", 16]] for k in e.div16}
-    src = ASTSource(fn=e.fn, signature=sig, constexprs=constexprs, attrs=attrs)
-    return triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                          options={"num_warps": over.get("num_warps", e.num_warps),
-                                   "num_stages": over.get("num_stages", e.num_stages)})
-
-
-def inspect_cubin(cubin: bytes) -> dict:
-    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
-        f.write(cubin)
-    try:
-        res = subprocess.run([os.path.join(_BIN, "cuobjdump"), "--dump-resource-usage", f.name],
-                             capture_output=True, text=True).stdout
-        sass = subprocess.run([os.path.join(_BIN, "nvdisasm"), "-c", f.name], capture_output=True, text=True).stdout
-    finally:
-        os.unlink(f.name)
-    get = lambda key: int(m.group(1)) if (m := re.search(key + r":(\d+)", res)) else 0  # noqa: E731
-    ops = re.findall(r"\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9]*)", sass)
-    return {"regs": get("REG"), "stack": get("STACK"), "local": get("LOCAL"),
-            "mma": sum(o in ("HMMA", "HGMMA") for o in ops), "mufu": sum(o == "MUFU" for o in ops)}
-
-
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--arch", type=int, nargs="+", default=[80, 90], help="sm versions to compile for")
-    ap.add_argument("--filter", default="", help="only entries whose name contains this text")
-    a = ap.parse_args(argv)
-    failed = False
-    for e in entries():
-        if a.filter not in e.name:
-            continue
-        for arch in a.arch:
-            try:
-                k = compile_entry(e, arch)
-            except Exception as exc:  # noqa: BLE001 -- report every failure, then exit non-zero
-                print(f"FAIL {e.name} sm_{arch}: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
-                failed = True
-                continue
-            r = inspect_cubin(k.asm["cubin"])
-            spill = r["stack"] > 0 or r["local"] > 0
-            failed |= spill
-            w = e.per_arch.get(arch, {}).get("num_warps", e.num_warps)
-            print(f"{'SPILL' if spill else 'ok   '} {e.name} sm_{arch} warps={w}: regs={r['regs']} "
-                  f"stack={r['stack']} shared={k.metadata.shared} mma={r['mma']} mufu={r['mufu']}")
-    return 1 if failed else 0
-
-
-
 def kernel_cases() -> list:
     """The backward entries as rows of `tauformer_kernels.compile_check.KERNELS` (KernelCase), each with its
     per-arch config (`backward_config(arch=)` differs by arch: DT_TILE is off on sm_80 for fp16/bf16 Dv<=64)."""
@@ -233,7 +163,3 @@ def kernel_cases() -> list:
         rows.append(KernelCase(e.name, f"{e.fn.__module__.rsplit('.', 1)[-1]}:{e.fn.__name__}", args,
                                dict(e.constexprs), e.num_warps, e.num_stages, e.scores_per_iter, dict(e.per_arch)))
     return rows
-
-
-if __name__ == "__main__":
-    sys.exit(main())
