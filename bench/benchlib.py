@@ -37,7 +37,8 @@ EPS = 1e-6
 OURS = ("ours-auto", "ours-reference", "ours-triton", "ours-loglinear")
 ATTENTION_PEERS = ("naive-eager", "flex-compiled", "sdpa-dot")
 LAMBDA_CONTENDERS = ("ours-auto", "ours-reference", "ours-triton", "torch-einsum")
-DECODE_CONTENDERS = ("ours-auto", "ours-reference", "ours-triton", "ours-loglinear", "sdpa-dot-cache")
+DECODE_CONTENDERS = ("ours-auto", "ours-reference", "ours-triton", "ours-loglinear", "ours-sorted-cache",
+                     "sdpa-dot-cache")
 
 DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.float64: "fp64"}
 
@@ -85,7 +86,7 @@ class Settings:
                             {"flex-compiled": 128}, 30.0)
         if device == "cpu":
             return Settings(device, False, 1, 8, tuple(lengths or (1024, 2048, 4096, 8192, 16384)),
-                            tuple(head_dims or (64,)), tuple(contexts or (1024, 2048, 4096, 8192, 16384, 32768)),
+                            tuple(head_dims or (64,)), tuple(contexts or (1024, 4096, 16384, 65536, 131072)),
                             torch.float32,
                             # naive materialises T×T (and its autograd graph); flex fails to compile at
                             # 16384; the O(T²) reference takes ~4 s per forward at 4096 on 2 cores

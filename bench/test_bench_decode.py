@@ -4,7 +4,14 @@ Taumode keeps (V, λk) per layer: the step projects the new key and query to λ,
 last position of a preallocated cache, and attends the one query over all N keys. The peer keeps (K, V)
 and runs SDPA with one query over the cache (is_causal=False: a single query sees every cached key;
 SDPA's causal mask is top-left aligned). Cache bytes are recorded in extra_info.
+
+ours-sorted-cache (tauformer_kernels.SortedCache) appends every key for good, so one timed call is a
+whole period of its structure: BLOCK·FANOUT steps (λ projection, append, attend) from N − BLOCK·FANOUT
+cached keys to N (fewer below that), which include FANOUT seals of the tail and one merge of the
+level-0 blocks, the periodic costs at their true weight. Every round starts from a copy of the same
+prefilled cache (untimed); summarize.py divides by steps_per_call, so the tables show time per step.
 """
+import copy
 import math
 
 import torch
@@ -23,6 +30,9 @@ def test_decode_step(benchmark, bench, decode_case):
     benchmark.extra_info.update(kind="decode", contender=contender, backend=backend,
                                 shape=[b, h, context, head_dim], dtype=str(dt).removeprefix("torch."), device=dev,
                                 temperature=benchlib.TEMPERATURE, tau=benchlib.TAU)
+
+    if contender == "ours-sorted-cache":
+        return _sorted_cache_cycle(benchmark, bench, head_dim, context)
 
     gen = torch.Generator(device=dev).manual_seed(3)
     rand = lambda *shape: torch.randn(*shape, generator=gen, device=dev).to(dt)  # noqa: E731
@@ -79,3 +89,57 @@ def test_decode_step(benchmark, bench, decode_case):
     assert out.shape == (b, h, 1, head_dim)
     assert err <= tol, f"{contender}: relative error {err:.3g} > {tol:.3g} against the float64 oracle"
     bench.warm_and_time(benchmark, "decode", contender, context, head_dim, step, first_call_s)
+
+
+def _sorted_cache_cycle(benchmark, bench, head_dim, context):
+    from tauformer_kernels import sorted_cache
+
+    s = bench.settings
+    b, h, dev, dt = s.batch, s.heads, s.device, s.dtype
+    steps = min(sorted_cache.BLOCK * sorted_cache.FANOUT, context - 1)
+    gen = torch.Generator(device=dev).manual_seed(3)
+    rand = lambda *shape: torch.randn(*shape, generator=gen, device=dev).to(dt)  # noqa: E731
+    laplacian = benchlib.chain_laplacian(head_dim).to(device=dev, dtype=torch.float32)
+    tau_heads = torch.full((h,), benchlib.TAU, device=dev)
+    temperature = torch.full((h,), benchlib.TEMPERATURE, device=dev)
+    k_all, q_new, v_all = rand(b, h, context, head_dim), rand(b, h, steps, head_dim), rand(b, h, context, head_dim)
+    lk_all = benchlib.lambda_torch(k_all, laplacian, tau_heads)
+    prefilled = sorted_cache.SortedCache(temperature, h, capacity=context)
+    prefilled.append(lk_all[..., :context - steps], v_all[..., :context - steps, :])
+    cache_bytes = prefilled.nbytes
+    benchmark.extra_info.update(cache_bytes=cache_bytes, cache_bytes_vs_kv=cache_bytes / (2 * v_all.nbytes),
+                                steps_per_call=steps)
+    state = {}
+
+    def fresh():
+        state["cache"] = copy.deepcopy(prefilled)
+        return (), {}
+
+    def cycle():
+        cache = state["cache"]
+        with torch.no_grad():
+            for i in range(context - steps, context):
+                t = i - (context - steps)
+                lam = benchlib.taumode_lambda(torch.cat([k_all[:, :, i:i + 1], q_new[:, :, t:t + 1]], dim=2),
+                                              laplacian, tau=benchlib.TAU, eps=benchlib.EPS)
+                cache.append(lam[:, :, :1], v_all[:, :, i:i + 1])
+                out = cache.attend(lam[:, :, 1:], temperature)
+        return out
+
+    fresh()
+    start = benchlib.time.perf_counter()
+    out = cycle()
+    benchlib.synchronize(dev)
+    first_call_s = benchlib.time.perf_counter() - start
+    # the last step's query over all `context` keys, against the float64 oracle
+    lq = benchlib.lambda_f64(q_new[:, :, -1:], laplacian, tau_heads)
+    logits = -(lq[..., :, None] - lk_all.double()[..., None, :]).abs() / benchlib.TEMPERATURE
+    err = benchlib.relative_error(out, torch.softmax(logits, -1) @ v_all.double())
+    tol = benchlib.FWD_TOL[dt]
+    benchmark.extra_info.update(rel_error=err, tolerance=tol, warm_call_s=round(first_call_s, 6))
+    assert out.shape == (b, h, 1, head_dim)
+    assert err <= tol, f"ours-sorted-cache: relative error {err:.3g} > {tol:.3g} against the float64 oracle"
+    if benchmark.disabled:
+        return
+    benchmark.extra_info["timer"] = f"pytest-benchmark pedantic (3 rounds of {steps} steps, each from a fresh copy)"
+    benchmark.pedantic(cycle, setup=fresh, rounds=3, iterations=1)

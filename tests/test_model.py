@@ -75,6 +75,30 @@ def test_decode_with_cache_matches_full_forward(attention, recency):
     assert rel_err(torch.cat(parts, dim=1), full) < 1e-5
 
 
+@pytest.mark.parametrize("recency", ["none", "learned"])
+def test_decode_with_sorted_cache_matches_full_forward(recency, monkeypatch):
+    """The sorted cache (small blocks, so decode crosses seals and merges) gives the full forward's
+    logits: prefill in one call, single-token decodes, then a 5-token chunk one query at a time."""
+    import functools
+
+    import tauformer_kernels as tk
+
+    monkeypatch.setattr(tk, "SortedCache", functools.partial(tk.SortedCache, block=8, fanout=3))
+    model = make_model(recency=recency)
+    idx = torch.randint(0, 256, (2, 164), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        full = model(idx)
+        cache = model.new_cache(2, 164, sorted=True)
+        steps = [model(idx[:, :70], cache=cache)]
+        steps += [model(idx[:, t:t + 1], cache=cache) for t in range(70, 159)]
+        steps.append(model(idx[:, 159:], cache=cache))
+    assert cache.pos == 164 and all(c.length == 164 for c in cache.sorted)
+    assert max(len(c.levels) for c in cache.sorted) == 2 and cache.nbytes > 0
+    assert rel_err(torch.cat(steps, dim=1), full) < 1e-5
+    with pytest.raises(ValueError, match="taumode"):
+        make_model(attention="dot").new_cache(1, 8, sorted=True)
+
+
 def test_cache_overflow_is_an_error():
     model = make_model()
     cache = model.new_cache(1, 8)
@@ -163,3 +187,36 @@ def test_laplacian_from_file(tmp_path):
     assert not torch.allclose(lap, TauGPT(TauGPTConfig(n_embd=64, n_head=4)).laplacian)
     with pytest.raises(ValueError):
         make_model(n_embd=128, laplacian=str(tmp_path / "lap.npz"))  # head dim 32 ≠ 16
+
+
+def test_learned_laplacian_stays_a_laplacian_and_learns():
+    model = make_model(learn_laplacian=True)
+    L0 = model.attention_laplacian()
+    assert torch.allclose(L0, model.laplacian)  # starts at the given graph
+    with torch.no_grad():
+        model.edge_log_scale.normal_()
+    L = model.attention_laplacian()
+    off = L - torch.diag(torch.diag(L))
+    assert torch.allclose(L, L.T) and torch.allclose(L.sum(-1), torch.zeros(L.shape[0]), atol=1e-6)
+    assert (off <= 0).all() and ((off != 0) == (model.laplacian - torch.diag(torch.diag(model.laplacian)) != 0)).all()
+    idx = torch.randint(0, 256, (2, 33))
+    model.train()
+    model(idx, targets=idx).backward()
+    assert model.edge_log_scale.grad is not None and model.edge_log_scale.grad.abs().sum() > 0
+
+
+def test_recency_only_control_ignores_q_and_k():
+    """lambda_term=False: λq = λk = 0, so the output does not depend on the query/key projections."""
+    model = make_model(lambda_term=False, recency="learned")
+    idx = torch.randint(0, 256, (2, 40))
+    with torch.no_grad():
+        before = model(idx)
+        for block in model.blocks:
+            block.attn.c_q.weight.normal_()
+            block.attn.c_k.weight.normal_()
+        assert rel_err(model(idx), before) < 1e-6
+        cache = model.new_cache(2, 40)
+        steps = [model(idx[:, :30], cache=cache)] + [model(idx[:, t:t + 1], cache=cache) for t in range(30, 40)]
+    assert rel_err(torch.cat(steps, dim=1), model(idx)) < 1e-5
+    with pytest.raises(ValueError, match="recency"):
+        make_model(lambda_term=False, recency="none")

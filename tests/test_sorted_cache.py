@@ -12,17 +12,16 @@ from tauformer_kernels import reference
 from tauformer_kernels.sorted_cache import SortedCache
 
 
-def _run(b, h, hkv, dv, temperature, slopes, prefill, steps, block, lam_k=None):
+def _run(b, h, hkv, dv, temperature, slopes, prefill, steps, block, lam_k=None, fanout=16, levels=2, capacity=None):
     total = prefill + steps
     lk = torch.rand(b, hkv, total) if lam_k is None else lam_k
     v = torch.randn(b, hkv, total, dv)
     lq = torch.rand(b, h, total)
     temp = torch.full((h,), float(temperature)) * torch.linspace(0.5, 2.0, h)
     sl = None if slopes is None else torch.rand(b, h) * slopes
-    cache = SortedCache(temp, hkv, sl, block=block)
+    cache = SortedCache(temp, hkv, sl, block=block, fanout=fanout, levels=levels, capacity=capacity)
     cache.append(lk[..., :prefill], v[..., :prefill, :])
     tol = temperature_tolerance(1e-5, 0.5 * temperature)
-    worst = 0.0
     for t in range(prefill, total + 1):
         if t > prefill:
             cache.append(lk[..., t - 1: t], v[..., t - 1: t, :])
@@ -35,9 +34,10 @@ def _run(b, h, hkv, dv, temperature, slopes, prefill, steps, block, lam_k=None):
         err = relative_error(out, ref)
         assert err < tol, (t, err, tol, relative_error(dense, ref))
         assert relative_error(out, dense) < tol + relative_error(dense, ref)
-        worst = max(worst, err)
     assert cache.length == total
-    return worst
+    assert sum(lev.count * lev.size for lev in cache.levels) + cache.n_tail == total
+    assert len(cache.levels) <= levels and all(lev.count < fanout for lev in cache.levels[:-1])
+    return len(cache.levels)
 
 
 @pytest.mark.parametrize("temperature", [1e-4, 1e-3, 0.05, 1.0, 10.0])
@@ -45,6 +45,17 @@ def _run(b, h, hkv, dv, temperature, slopes, prefill, steps, block, lam_k=None):
 def test_prefill_then_decode_gqa(temperature, slopes):
     """Prefill of 100, then 64 decode steps; GQA H=8, Hkv=2; small blocks so sealing happens often."""
     _run(2, 8, 2, 16, temperature, slopes, 100, 64, block=16)
+
+
+@pytest.mark.parametrize("slopes", [None, 1.0])
+@pytest.mark.parametrize("fanout, levels", [(2, 5), (3, 3), (3, 1)])
+def test_merges_across_levels(fanout, levels, slopes):
+    """Blocks of 4 merged by 2 or 3: the prefill lands on several levels and decode steps cross merges
+    (with fanout 2, step 64 cascades through four levels at once); one level: never merged."""
+    assert _run(1, 4, 2, 8, 1e-3, slopes, 37, 60, block=4, fanout=fanout, levels=levels) == levels
+    # storage reserved up front (and a capacity too small for the run: the tables still grow)
+    assert _run(1, 4, 2, 8, 0.05, slopes, 37, 60, block=4, fanout=fanout, levels=levels, capacity=97) == levels
+    assert _run(1, 4, 2, 8, 0.05, slopes, 37, 60, block=4, fanout=fanout, levels=levels, capacity=40) == levels
 
 
 @pytest.mark.parametrize("slopes", [None, 0.05])
@@ -83,3 +94,14 @@ def test_rejects_other_temperatures_and_slopes():
         cache.attend(torch.rand(1, 3, 1), temp, None)
     with pytest.raises(ValueError, match="empty"):
         SortedCache(temp, 1).attend(q)
+
+
+def test_capacity_reserves_the_tables():
+    """With capacity = the keys to come, decoding never reallocates a level's table (no regrowth spike)."""
+    temp = torch.full((2,), 0.05)
+    cache = SortedCache(temp, 1, block=4, fanout=3, capacity=200)
+    cache.append(torch.rand(1, 1, 120), torch.randn(1, 1, 120, 4))
+    tables = [lev.table.data_ptr() for lev in cache.levels]
+    for _ in range(80):
+        cache.append(torch.rand(1, 1, 1), torch.randn(1, 1, 1, 4))
+    assert [lev.table.data_ptr() for lev in cache.levels] == tables

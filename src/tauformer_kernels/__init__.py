@@ -3,14 +3,17 @@
 Public API:
     taumode_lambda, taumode_attention, taumode_attention_from_lambda   (also torch.ops.tauformer.*)
     chain_laplacian, knn_laplacian, save_laplacian, load_laplacian, validate_laplacian
+    SortedCache   (exact decode in O(log T)-ish blocks per step)
     BACKENDS
 """
 from .api import taumode_attention, taumode_attention_from_lambda, taumode_lambda
 from .backends import BACKENDS
 from .laplacian import chain_laplacian, knn_laplacian, load_laplacian, save_laplacian, validate_laplacian
+from .sorted_cache import SortedCache
 
 __all__ = [
     "BACKENDS",
+    "SortedCache",
     "chain_laplacian",
     "knn_laplacian",
     "load_laplacian",

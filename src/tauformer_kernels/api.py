@@ -1,7 +1,9 @@
 """The public functions: taumode_lambda, taumode_attention, taumode_attention_from_lambda.
 
 Each turns float arguments into tensors, checks values (positivity, finiteness on request) and calls the
-matching `torch.ops.tauformer.*` op, which checks shapes and runs the chosen backend.
+matching `torch.ops.tauformer.*` op, which checks shapes and runs the chosen backend. In eager inference
+(no gradient needed, nothing tracing) they call the op's implementation directly: the same checks and
+code, without the dispatch cost (ops.eager_inference).
 """
 from __future__ import annotations
 
@@ -38,6 +40,8 @@ def taumode_lambda(x, laplacian, *, tau=1.0, eps=1e-6, backend="auto", check_fin
     tau = _as_tensor("tau", tau, x)
     if check_finite:
         validation.check_finite(x=x, laplacian=laplacian, tau=tau)
+    if ops.eager_inference(x, laplacian, tau):
+        return ops.taumode_lambda_composite(x, laplacian, tau, float(eps), backend)
     return torch.ops.tauformer.taumode_lambda(x, laplacian, tau, float(eps), backend)
 
 
@@ -59,9 +63,10 @@ def taumode_attention(q, k, v, laplacian, *, tau=1.0, temperature=1.0, eps=1e-6,
     temperature = _as_tensor("temperature", temperature, q)
     if check_finite:
         validation.check_finite(q=q, k=k, v=v, laplacian=laplacian, tau=tau, temperature=temperature, alibi_slopes=alibi_slopes)
-    return torch.ops.tauformer.taumode_attention(
-        q, k, v, laplacian, tau, temperature, float(eps), bool(is_causal), alibi_slopes, backend
-    )
+    args = (q, k, v, laplacian, tau, temperature, float(eps), bool(is_causal), alibi_slopes, backend)
+    if ops.eager_inference(q, k, v, laplacian, tau, temperature, alibi_slopes):
+        return ops.taumode_attention_composite(*args)
+    return torch.ops.tauformer.taumode_attention(*args)
 
 
 def taumode_attention_from_lambda(lq, lk, v, *, temperature=1.0, is_causal=True, alibi_slopes=None,
@@ -76,6 +81,7 @@ def taumode_attention_from_lambda(lq, lk, v, *, temperature=1.0, is_causal=True,
     temperature = _as_tensor("temperature", temperature, lq)
     if check_finite:
         validation.check_finite(lq=lq, lk=lk, v=v, temperature=temperature, alibi_slopes=alibi_slopes)
-    return torch.ops.tauformer.taumode_attention_from_lambda(
-        lq, lk, v, temperature, bool(is_causal), alibi_slopes, backend
-    )
+    args = (lq, lk, v, temperature, bool(is_causal), alibi_slopes, backend)
+    if ops.eager_inference(lq, lk, v, temperature, alibi_slopes):
+        return ops.taumode_attention_from_lambda_composite(*args)
+    return torch.ops.tauformer.taumode_attention_from_lambda(*args)

@@ -26,6 +26,14 @@ VARIANTS = {
     "taumode+fixed-recency": ["--attention", "taumode", "--recency", "fixed"],
     "taumode+recency+lambda-before-rope": ["--attention", "taumode", "--recency", "learned", "--lambda-before-rope"],
     "taumode+recency+learn-tau": ["--attention", "taumode", "--recency", "learned", "--learn-tau"],
+    # the control: λ term removed, the recency term alone (what the λ term adds is the difference)
+    "recency-only": ["--attention", "taumode", "--recency", "learned", "--no-lambda-term"],
+    "taumode+recency+learn-laplacian": ["--attention", "taumode", "--recency", "learned", "--learn-laplacian"],
+    # more heads of smaller F at the same width (8 heads of 16 at the tiny preset's width 128)
+    "taumode+recency-8x16": ["--attention", "taumode", "--recency", "learned", "--n-head", "8", "--n-kv-head", "8"],
+    "taumode+recency+learn-laplacian-8x16": ["--attention", "taumode", "--recency", "learned", "--learn-laplacian",
+                                             "--n-head", "8", "--n-kv-head", "8"],
+    "dot-8x16": ["--attention", "dot", "--recency", "none", "--n-head", "8", "--n-kv-head", "8"],
 }
 
 

@@ -41,6 +41,12 @@ class TauGPTConfig:
     # taumode only: compute λ from the un-rotated (RMS-normed) q and k, i.e. skip RoPE (the reference
     # applies RoPE first). λ then carries no position; order comes from the causal mask and recency.
     lambda_before_rope: bool = False
+    # taumode only: learn the edge weights of the given graph (in log space, from the given weights), so
+    # L = D − W stays a graph Laplacian (W ≥ 0 on the given edges only), shared by all heads and layers.
+    learn_laplacian: bool = False
+    # taumode only, a control (issue 10): False drops the λ term (λq = λk = 0), leaving causal attention
+    # weighted by the recency term alone, to tell the λ term's contribution from the recency term's.
+    lambda_term: bool = True
     rope_base: float = 10000.0
     logit_softcap: float = 15.0
     # Kernel backend passed to tauformer_kernels ("auto", "reference", "triton", ...).

@@ -40,12 +40,15 @@ def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None, gen
 
 @torch.no_grad()
 def generate(model: TauGPT, prompt_ids: torch.Tensor, max_new_tokens: int, temperature: float = 0.8,
-             top_k: int | None = 50, generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict]:
-    """Continue prompt_ids (B, T0) by max_new_tokens tokens with the cache; returns (B, T0 + new), stats."""
+             top_k: int | None = 50, generator: torch.Generator | None = None,
+             sorted_cache: bool = False) -> tuple[torch.Tensor, dict]:
+    """Continue prompt_ids (B, T0) by max_new_tokens tokens with the cache; returns (B, T0 + new), stats.
+
+    sorted_cache: decode with the sorted (V, λk) cache (taumode; O(log T)-ish blocks per step)."""
     model.eval()
     B, T0 = prompt_ids.shape
-    model(prompt_ids[:, :1], cache=model.new_cache(B, 1))  # one-time setup of the ops, outside the timings
-    cache = model.new_cache(B, T0 + max_new_tokens)
+    model(prompt_ids[:, :1], cache=model.new_cache(B, 1, sorted=sorted_cache))  # one-time op setup, untimed
+    cache = model.new_cache(B, T0 + max_new_tokens, sorted=sorted_cache)
     t0 = time.perf_counter()
     logits = model(prompt_ids, cache=cache)[:, -1]
     t1 = time.perf_counter()
@@ -77,6 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None,
                    help="torch.set_num_threads (on a busy CPU, 1 thread decodes faster than 2)")
     p.add_argument("--backend", default=None, help="override the checkpoint's tauformer_kernels backend")
+    p.add_argument("--sorted-cache", action="store_true",
+                   help="taumode: decode with the sorted cache (exact; per step O(log T)-ish blocks instead of "
+                        "O(T) keys, for long contexts; about 3x the cache bytes)")
     return p
 
 
@@ -93,7 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     ids = tok.encode(args.prompt) or tok.encode("\n")
     prompt = torch.tensor([ids] * args.num_samples, dtype=torch.long, device=device)
     gen = torch.Generator(device=device).manual_seed(args.seed)
-    out, stats = generate(model, prompt, args.max_new_tokens, args.temperature, args.top_k or None, gen)
+    out, stats = generate(model, prompt, args.max_new_tokens, args.temperature, args.top_k or None, gen,
+                          sorted_cache=args.sorted_cache)
     cfg = model.config
     for i, row in enumerate(out.tolist()):
         print0(f"--- sample {i} (step {meta.get('step')}, {cfg.attention} recency={cfg.recency}) ---")

@@ -57,20 +57,31 @@ def key_energy(x: torch.Tensor, laplacian: torch.Tensor, eps: float) -> torch.Te
 
 
 class KVCache:
-    """Preallocated per-layer cache (SPEC §4); ``model(idx, cache=c)`` writes at ``c.pos`` and advances it.
+    """Per-layer cache (SPEC §4); ``model(idx, cache=c)`` writes at ``c.pos`` and advances it.
 
     taumode: ``v[l]`` (B, Hkv, max_len, F) in the model's dtype and ``lam_k[l]`` (B, Hkv, max_len) fp32.
     dot:     ``k[l]`` and ``v[l]``, both (B, Hkv, max_len, F).
     Attention reads the slices [:pos + T] (views, no copies); nothing is reallocated while decoding.
+
+    taumode with ``sorted=True``: ``sorted[l]`` is a tauformer_kernels.SortedCache per layer instead, made
+    on the first call with the layer's temperatures and slopes (fixed at inference): a decode step costs
+    O(log T)-ish blocks instead of O(T) keys, for about 3× the bytes (see sorted_cache.py).
     """
 
-    def __init__(self, config: TauGPTConfig, batch_size: int, max_len: int, device, dtype: torch.dtype):
+    def __init__(self, config: TauGPTConfig, batch_size: int, max_len: int, device, dtype: torch.dtype,
+                 sorted: bool = False):
+        if sorted and config.attention != "taumode":
+            raise ValueError("sorted=True: the sorted cache is for taumode attention only")
         shape = (batch_size, config.n_kv_head, max_len, config.head_dim)
         self.attention = config.attention
         self.batch_size = batch_size
         self.max_len = max_len
         self.n_layer = config.n_layer
         self.pos = 0
+        self.sorted = [None] * config.n_layer if sorted else None
+        if sorted:  # the sorted caches hold the keys and values themselves
+            self.v, self.k, self.lam_k = [], None, []
+            return
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
         if config.attention == "taumode":
             self.k = None
@@ -84,7 +95,9 @@ class KVCache:
 
     @property
     def nbytes(self) -> int:
-        """Bytes held by the cache's tensors (all layers, the whole max_len)."""
+        """Bytes held by the cache's tensors (all layers, the whole max_len; sorted: what is held now)."""
+        if self.sorted is not None:
+            return sum(c.nbytes for c in self.sorted if c is not None)
         return sum(t.nbytes for t in self.tensors())
 
     @property
@@ -94,6 +107,8 @@ class KVCache:
 
     def reset(self) -> None:
         self.pos = 0
+        if self.sorted is not None:
+            self.sorted = [None] * self.n_layer
 
 
 class CausalSelfAttention(nn.Module):
@@ -115,6 +130,8 @@ class CausalSelfAttention(nn.Module):
                 self.log_tau = nn.Parameter(log_tau)
             else:
                 self.register_buffer("log_tau", log_tau)
+        if config.recency == "none" and not (config.lambda_term or config.attention == "dot"):
+            raise ValueError("lambda_term=False (the recency-only control) needs recency 'fixed' or 'learned'")
         if config.recency == "learned":
             self.log_slopes = nn.Parameter(alibi_slopes(H).log())
         elif config.recency == "fixed":
@@ -152,17 +169,47 @@ class CausalSelfAttention(nn.Module):
         tau = self.log_tau.float().exp()  # (Hkv,)
         temperature = self.log_temperature.float().exp()  # (H,)
         slopes = self.slopes()
+        if not cfg.lambda_term:  # the recency-only control: λq = λk = 0
+            return self._taumode_from_lambda(q.new_zeros(q.shape[:3], dtype=torch.float32),
+                                             k.new_zeros(k.shape[:3], dtype=torch.float32), v, temperature,
+                                             slopes, cache, layer, start)
         if cache is None:  # training / full forward: one fused call over the whole sequence
             return tk.taumode_attention(q, k, v, laplacian, tau=tau, temperature=temperature, eps=cfg.eps,
                                         is_causal=True, alibi_slopes=slopes, backend=cfg.backend)
-        end = start + q.size(2)
         group = self.n_head // self.n_kv_head
         lam_q = tk.taumode_lambda(q, laplacian, tau=tau.repeat_interleave(group), eps=cfg.eps, backend=cfg.backend)
-        cache.lam_k[layer][:, :, start:end] = tk.taumode_lambda(k, laplacian, tau=tau, eps=cfg.eps, backend=cfg.backend)
+        lam_k = tk.taumode_lambda(k, laplacian, tau=tau, eps=cfg.eps, backend=cfg.backend)
+        return self._taumode_from_lambda(lam_q, lam_k, v, temperature, slopes, cache, layer, start)
+
+    def _taumode_from_lambda(self, lam_q, lam_k, v, temperature, slopes, cache, layer, start):
+        if cache is None:
+            return tk.taumode_attention_from_lambda(lam_q, lam_k, v, temperature=temperature, is_causal=True,
+                                                    alibi_slopes=slopes, backend=self.config.backend)
+        end = start + lam_q.size(2)
+        if cache.sorted is not None:
+            return self._taumode_sorted(lam_q, lam_k, v, temperature, slopes, cache, layer)
+        cache.lam_k[layer][:, :, start:end] = lam_k
         cache.v[layer][:, :, start:end] = v
         return tk.taumode_attention_from_lambda(
             lam_q, cache.lam_k[layer][:, :, :end], cache.v[layer][:, :, :end], temperature=temperature,
-            is_causal=True, alibi_slopes=slopes, backend=cfg.backend)
+            is_causal=True, alibi_slopes=slopes, backend=self.config.backend)
+
+    def _taumode_sorted(self, lam_q, lam_k, v, temperature, slopes, cache, layer):
+        B, _, T = lam_q.shape
+        slopes_bh = None if slopes is None else slopes.expand(B, self.n_head)
+        sc = cache.sorted[layer]
+        if sc is None:
+            sc = cache.sorted[layer] = tk.SortedCache(temperature, self.n_kv_head, slopes_bh, capacity=cache.max_len)
+        if sc.length == 0 and T > 1:  # a prefill: the full forward over the prompt, then its keys in bulk
+            y = tk.taumode_attention_from_lambda(lam_q, lam_k, v, temperature=temperature, is_causal=True,
+                                                 alibi_slopes=slopes, backend=self.config.backend)
+            sc.append(lam_k, v)
+            return y
+        steps = []  # decode, or a chunk after a prefill: one query at a time
+        for t in range(T):
+            sc.append(lam_k[:, :, t:t + 1], v[:, :, t:t + 1])
+            steps.append(sc.attend(lam_q[:, :, t:t + 1], temperature, slopes_bh))
+        return torch.cat(steps, dim=2)
 
     def _dot(self, q, k, v, cache, layer, start):
         if cache is not None:
@@ -220,6 +267,12 @@ class TauGPT(nn.Module):
                              f"({config.head_dim}, {config.head_dim})")
         # Shared by every head and layer (SPEC §5); saved with the weights so a checkpoint is self-contained.
         self.register_buffer("laplacian", laplacian.detach().to(torch.float32).clone())
+        if config.learn_laplacian:
+            # the given graph's edges (i < j) and weights; attention uses L(s) = D − W with W_ij = w_ij·e^{s_ij}
+            i, j = torch.triu_indices(config.head_dim, config.head_dim, offset=1)
+            keep = self.laplacian[i, j] < 0
+            self.register_buffer("edge_index", torch.stack([i[keep], j[keep]]))
+            self.edge_log_scale = nn.Parameter(torch.zeros(int(keep.sum())))
         self.reset_parameters()
 
     @torch.no_grad()
@@ -252,8 +305,9 @@ class TauGPT(nn.Module):
                 raise ValueError(f"cache holds batch {cache.batch_size} × {cache.max_len} positions at pos "
                                  f"{cache.pos}; cannot take idx of shape {(B, T)}")
         x = self.wte(idx)
+        laplacian = self.attention_laplacian()
         for layer, block in enumerate(self.blocks):
-            x = block(x, self.laplacian, cache, layer)
+            x = block(x, laplacian, cache, layer)
         logits = self.lm_head(rms_norm(x)).float()
         cap = self.config.logit_softcap
         logits = cap * torch.tanh(logits / cap)
@@ -263,15 +317,16 @@ class TauGPT(nn.Module):
             return logits
         return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
 
-    def new_cache(self, batch_size: int, max_len: int, dtype: torch.dtype | None = None) -> KVCache:
+    def new_cache(self, batch_size: int, max_len: int, dtype: torch.dtype | None = None,
+                  sorted: bool = False) -> KVCache:
         dtype = dtype or self.lm_head.weight.dtype
-        return KVCache(self.config, batch_size, max_len, self.lm_head.weight.device, dtype)
+        return KVCache(self.config, batch_size, max_len, self.lm_head.weight.device, dtype, sorted=sorted)
 
     @torch.no_grad()
     def first_layer_key_energy(self, idx: torch.Tensor) -> torch.Tensor:
         """E of the first layer's keys (RoPE'd, RMS-normed) for a batch of tokens, fp32 (B, Hkv, T)."""
         k = self.blocks[0].attn.project(rms_norm(self.wte(idx)), 0)[1]
-        return key_energy(k, self.laplacian, self.config.eps)
+        return key_energy(k, self.attention_laplacian(), self.config.eps)
 
     @torch.no_grad()
     def calibrate_tau(self, idx: torch.Tensor) -> float:
@@ -282,6 +337,16 @@ class TauGPT(nn.Module):
         for block in self.blocks:
             block.attn.log_tau.fill_(math.log(tau))
         return tau
+
+    def attention_laplacian(self) -> torch.Tensor:
+        """The (F, F) Laplacian the heads use: the given one, or with learned edge weights."""
+        if not self.config.learn_laplacian:
+            return self.laplacian
+        i, j = self.edge_index
+        w = -self.laplacian[i, j] * self.edge_log_scale.exp()
+        f = self.config.head_dim
+        adjacency = torch.zeros(f, f, device=w.device, dtype=w.dtype).index_put((i, j), w).index_put((j, i), w)
+        return torch.diag(adjacency.sum(-1)) - adjacency
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())

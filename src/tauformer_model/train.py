@@ -411,6 +411,8 @@ MODEL_FLAGS = {
     "temperature_init": (float, "initial per-head taumode temperature (learned in log space)"),
     "lambda_before_rope": (bool, "taumode: λ from the un-rotated q, k (no RoPE; position only via mask and recency)"),
     "learn_tau": (bool, "learn tau per kv head (after calibration) instead of keeping it fixed"),
+    "learn_laplacian": (bool, "taumode: learn the Laplacian's edge weights (kept >= 0: L stays a Laplacian)"),
+    "lambda_term": (bool, "taumode: --no-lambda-term is the recency-only control (λq = λk = 0)"),
     "laplacian": (str, "'chain' or a Laplacian file (python -m tauformer_model.laplacian_cli)"),
     "backend": (str, "tauformer_kernels backend: auto | reference | triton | ..."),
 }
