@@ -94,7 +94,7 @@ class BenchSession:
         # caps and growth are those of the backend that actually runs (for ours-auto: what auto picks)
         runs_as = contender.removeprefix("ours-")
         if runs_as == "auto":
-            runs_as = benchlib.auto_resolves_to(s.device, s.dtype, length)
+            runs_as = benchlib.auto_resolves_to(s.device, s.dtype, length, needs_grad=kind == "attn-fwdbwd")
         for key in (f"{runs_as}/{kind}", runs_as):
             cap = s.max_len.get(key)
             if cap is not None:

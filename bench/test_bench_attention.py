@@ -17,7 +17,8 @@ def _start(benchmark, bench, kind, attn_case):
     backend = contender.removeprefix("ours-") if contender.startswith("ours-") else None
     benchmark.extra_info.update(
         kind=kind, contender=contender, backend=backend,
-        auto_backend=benchlib.auto_resolves_to(s.device, s.dtype, length) if backend == "auto" else None,
+        auto_backend=(benchlib.auto_resolves_to(s.device, s.dtype, length, needs_grad=kind == "attn-fwdbwd")
+                      if backend == "auto" else None),
         shape=[s.batch, s.heads, length, head_dim], dtype=str(s.dtype).removeprefix("torch."), device=s.device,
         temperature=benchlib.TEMPERATURE, tau=benchlib.TAU,
     )

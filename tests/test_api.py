@@ -208,11 +208,15 @@ def test_triton_backend_on_cpu_without_interpreter_is_a_clear_error(monkeypatch)
 
 
 def test_auto_backend_choice_on_cpu():
-    from tauformer_kernels.backends import CPU_LOGLINEAR_MIN_KEYS, resolve_attention_backend
+    from tauformer_kernels.backends import (CPU_LOGLINEAR_MIN_KEYS, CPU_LOGLINEAR_MIN_KEYS_INFERENCE,
+                                            resolve_attention_backend)
 
     cpu = torch.device("cpu")
     assert resolve_attention_backend("auto", cpu, torch.float32, CPU_LOGLINEAR_MIN_KEYS - 1) == "reference"
     assert resolve_attention_backend("auto", cpu, torch.float32, CPU_LOGLINEAR_MIN_KEYS) == "loglinear"
+    assert CPU_LOGLINEAR_MIN_KEYS_INFERENCE < CPU_LOGLINEAR_MIN_KEYS
+    for keys, expected in ((CPU_LOGLINEAR_MIN_KEYS_INFERENCE - 1, "reference"), (CPU_LOGLINEAR_MIN_KEYS_INFERENCE, "loglinear")):
+        assert resolve_attention_backend("auto", cpu, torch.float32, keys, needs_grad=False) == expected
     assert resolve_attention_backend("reference", cpu, torch.float32, 10**6) == "reference"
 
 

@@ -124,9 +124,11 @@ def test_ties_carry_no_gradient():
     _check(_run(*args, True), _oracle(*args, True), _tolerance(torch.float32, 2e-3), 2e-3)
 
 
-def test_non_contiguous_cache_and_large_head():
-    """λk and V as slices of a preallocated cache (decode's layout); Dv = 512, the largest head."""
-    b, h, hkv, tq, tk, dv = 1, 2, 2, 5, 40, 512
+@pytest.mark.parametrize("dv", [256, 512])
+def test_non_contiguous_cache_and_large_head(dv):
+    """λk and V as slices of a preallocated cache (decode's layout); Dv = 256 and 512, the fp32 builds
+    with "ieee" products and DT_TILE off (backward_config)."""
+    b, h, hkv, tq, tk = 1, 2, 2, 5, 40
     lq, _, _, temp, _, dout = _inputs(b, h, hkv, tq, tk, dv, 0.05, dtype=torch.float32)
     lk_cache = torch.rand(b, hkv, 64, device=DEVICE)
     v_cache = torch.randn(b, 64, hkv, dv, device=DEVICE).transpose(1, 2)  # (B, Hkv, 64, Dv), strided

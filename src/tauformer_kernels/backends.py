@@ -14,10 +14,12 @@ import torch
 
 BACKENDS = ("auto", "reference", "triton", "loglinear")
 
-# Key length from which `auto` takes the O(T log T) path on CPU: forward+backward crossed over between
-# 1024 and 2048 keys on the 2-core development machine (B=1, H=8, Dv=64, fp32; kernels/NOTES.md).
+# Key length from which `auto` takes the O(T log T) path on CPU, measured on the 2-core development
+# machine (B=1, H=8, Dv=64, fp32; kernels/NOTES.md): forward+backward crossed over between 1024 and 2048
+# keys, the forward alone between 512 and 1024 (at 1024: 13.8 ms vs the chunked reference's 44.5).
 # On CUDA the dense Triton kernels stay the choice until the crossover is measured on a GPU.
 CPU_LOGLINEAR_MIN_KEYS = 2048
+CPU_LOGLINEAR_MIN_KEYS_INFERENCE = 1024
 
 
 def triton_available() -> bool:
@@ -46,8 +48,10 @@ def _require_triton(device: torch.device, dtype: torch.dtype) -> None:
         raise TypeError("backend='triton' runs float16, bfloat16 and float32; use backend='reference' for float64")
 
 
-def resolve_attention_backend(backend: str, device: torch.device, dtype: torch.dtype, keys: int = 0) -> str:
-    """The concrete attention backend for `backend` on tensors of this device and dtype, `keys` long."""
+def resolve_attention_backend(backend: str, device: torch.device, dtype: torch.dtype, keys: int = 0,
+                              needs_grad: bool = True) -> str:
+    """The concrete attention backend for `backend` on tensors of this device and dtype, `keys` long;
+    `needs_grad`: whether the call records a backward (the CPU crossover is lower without one)."""
     check_backend_name(backend)
     if backend == "triton":
         _require_triton(device, dtype)
@@ -55,7 +59,7 @@ def resolve_attention_backend(backend: str, device: torch.device, dtype: torch.d
         return backend
     if device.type == "cuda" and triton_available() and dtype != torch.float64:
         return "triton"
-    if device.type == "cpu" and keys >= CPU_LOGLINEAR_MIN_KEYS:
+    if device.type == "cpu" and keys >= (CPU_LOGLINEAR_MIN_KEYS if needs_grad else CPU_LOGLINEAR_MIN_KEYS_INFERENCE):
         return "loglinear"
     return "reference"
 

@@ -133,6 +133,9 @@ def entries() -> list[Entry]:
     out.append(_attention_bwd_entry("bf16", 512, True, True, 2, even=False))
     out.append(_attention_bwd_entry("fp32", 128, True, True, 1, even=False))
     out.append(_attention_bwd_entry("fp32", 512, True, True, 1, even=False))
+    out.append(_attention_bwd_entry("fp32", 512, True, False, 1))
+    out.append(_attention_bwd_entry("fp32", 256, True, False, 1))
+    out.append(_attention_bwd_entry("fp32", 256, False, False, 1, even=False))
     out.append(_attention_bwd_entry("fp32", 64, True, True, 2, even=False))
     for dtype in ("bf16", "fp32"):
         out.append(_preprocess_entry(dtype, 64))

@@ -227,7 +227,9 @@ def taumode_attention_from_lambda_composite(lq, lk, v, temperature, is_causal=Tr
     validation.check_alibi(alibi_slopes, b, h)
     validation.check_same_device(lq=lq, temperature=temperature, alibi_slopes=alibi_slopes)
     dt = reference.compute_dtype(lq)
-    attn_backend = backends.resolve_attention_backend(backend, v.device, v.dtype, lk.shape[-1])
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (lq, lk, v, temperature, alibi_slopes))
+    attn_backend = backends.resolve_attention_backend(backend, v.device, v.dtype, lk.shape[-1], needs_grad)
     slopes = None if alibi_slopes is None else alibi_slopes.to(dt).expand(b, h).contiguous()
     args = (lq.to(dt), lk.to(dt), v, per_head(temperature, h, dt), slopes, is_causal)
     if eager_inference(*args[:5]):
