@@ -112,6 +112,27 @@ def test_torch_ops_are_registered():
     assert torch.ops.tauformer.taumode_attention_from_lambda(lq, lq[:, :1], v, torch.tensor(0.1), True, None, "auto").shape == (1, 2, 5, 4)
 
 
+@pytest.mark.parametrize("length", [40, 1100])
+def test_eager_inference_skips_dispatch_with_the_same_results(length, monkeypatch):
+    """No grad: the public functions call the ops' implementations directly (ops.eager_inference), with
+    bitwise the results of the torch.ops path; with grad they go through the ops. 1100 keys: loglinear."""
+    from tauformer_kernels import ops
+
+    q, k, v = random_heads(1, 4, 2, length, length, 16, 8, dtype=torch.float32)
+    lap, temp = chain_laplacian(16), torch.full((4,), 0.1)
+    slopes = torch.rand(4) * 0.1
+    with torch.no_grad():
+        direct = taumode_attention(q, k, v, lap, tau=torch.ones(2), temperature=temp, alibi_slopes=slopes)
+        lam = taumode_lambda(q, lap, tau=torch.ones(4))
+        monkeypatch.setattr(ops, "eager_inference", lambda *tensors: False)
+        via_ops = taumode_attention(q, k, v, lap, tau=torch.ones(2), temperature=temp, alibi_slopes=slopes)
+        assert torch.equal(direct, via_ops)
+        assert torch.equal(lam, taumode_lambda(q, lap, tau=torch.ones(4)))
+    monkeypatch.undo()
+    assert ops.eager_inference(q, None) and not ops.eager_inference(q.requires_grad_())
+    assert not ops.eager_inference(torch.nn.Parameter(torch.ones(2)))
+
+
 def test_torch_compile_fullgraph_matches_eager():
     class Attention(torch.nn.Module):
         def __init__(self):

@@ -126,6 +126,13 @@ def test_cli_flags_all_have_help_and_reach_the_config(tmp_path):
     assert tc.model.attention == "dot" and tc.model.recency == "fixed" and tc.model.n_kv_head == 2
     assert tc.model.learn_tau and tc.max_steps == 5 and tc.lr == 1e-3
     assert tc.model.n_embd == 128 and tc.batch_size == 32  # the rest from the preset
+    assert tc.model.n_head == 4  # dot keeps the preset's heads
+    # the preset's taumode shape (model_taumode), unless a flag says otherwise
+    tau = train_mod.config_from_args(parser.parse_args(["--preset", "tiny", "--out", str(tmp_path)]))
+    assert tau.model.attention == "taumode" and (tau.model.n_head, tau.model.n_kv_head) == (8, 8)
+    tau4 = train_mod.config_from_args(parser.parse_args(["--preset", "tiny", "--n-head", "4", "--n-kv-head", "4",
+                                                         "--out", str(tmp_path)]))
+    assert (tau4.model.n_head, tau4.model.n_kv_head, tau4.model.n_embd) == (4, 4, 128)
     tc30 = train_mod.config_from_args(parser.parse_args(["--preset", "30m", "--out", str(tmp_path)]))
     assert (tc30.model.n_layer, tc30.model.n_head, tc30.model.n_embd, tc30.model.block_size) == (6, 6, 384, 1024)
 

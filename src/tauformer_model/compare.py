@@ -1,5 +1,6 @@
-"""The side-by-side: dot-product vs taumode (as the reference crate defines it) vs taumode + recency,
-trained with the same preset, seed, data and steps, one after another:
+"""The side-by-side: dot-product vs taumode (as the reference crate defines it) vs the recency-only
+control vs taumode + recency (at dot's head shape and at its own), trained with the same preset, seed,
+data and steps, one after another:
 ``python -m tauformer_model.compare --preset tiny --out runs/compare``
 
 Other flags (``--data``, ``--batch-size``, ...) are passed to every training run. Writes ``<out>/table.md``: val loss at equal steps and at equal training wall-clock, tokens/s, and the
@@ -18,22 +19,24 @@ from .checkpoint import load_model
 from .train import build_parser as train_parser
 from .train import config_from_args, print0, train
 
+# Flags per variant on top of the preset. The tiny preset gives taumode 8 heads of 16 and dot product 4 of
+# 32 (its "model_taumode"); "-4x32" / "-8x16" pin the other shape, for the same-shape comparisons.
+FOUR = ["--n-head", "4", "--n-kv-head", "4"]
+EIGHT = ["--n-head", "8", "--n-kv-head", "8"]
 VARIANTS = {
     "dot": ["--attention", "dot", "--recency", "none"],
-    "taumode": ["--attention", "taumode", "--recency", "none"],
-    "taumode+recency": ["--attention", "taumode", "--recency", "learned"],
+    "dot-8x16": ["--attention", "dot", "--recency", "none", *EIGHT],
     "dot+recency": ["--attention", "dot", "--recency", "learned"],
+    # taumode as the reference crate defines it (no recency term), at the dot baseline's shape
+    "taumode": ["--attention", "taumode", "--recency", "none", *FOUR],
+    # the control: λ term removed, the recency term alone (what the λ term adds is the difference)
+    "recency-only": ["--attention", "taumode", "--recency", "learned", "--no-lambda-term", *FOUR],
+    "taumode+recency-4x32": ["--attention", "taumode", "--recency", "learned", *FOUR],
+    "taumode+recency": ["--attention", "taumode", "--recency", "learned"],
     "taumode+fixed-recency": ["--attention", "taumode", "--recency", "fixed"],
     "taumode+recency+lambda-before-rope": ["--attention", "taumode", "--recency", "learned", "--lambda-before-rope"],
     "taumode+recency+learn-tau": ["--attention", "taumode", "--recency", "learned", "--learn-tau"],
-    # the control: λ term removed, the recency term alone (what the λ term adds is the difference)
-    "recency-only": ["--attention", "taumode", "--recency", "learned", "--no-lambda-term"],
     "taumode+recency+learn-laplacian": ["--attention", "taumode", "--recency", "learned", "--learn-laplacian"],
-    # more heads of smaller F at the same width (8 heads of 16 at the tiny preset's width 128)
-    "taumode+recency-8x16": ["--attention", "taumode", "--recency", "learned", "--n-head", "8", "--n-kv-head", "8"],
-    "taumode+recency+learn-laplacian-8x16": ["--attention", "taumode", "--recency", "learned", "--learn-laplacian",
-                                             "--n-head", "8", "--n-kv-head", "8"],
-    "dot-8x16": ["--attention", "dot", "--recency", "none", "--n-head", "8", "--n-kv-head", "8"],
 }
 
 
@@ -73,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="tiny", help="the training preset every variant uses")
     p.add_argument("--out", default="runs/compare", help="one sub-folder per variant, and table.md")
-    p.add_argument("--variants", default="dot,taumode,taumode+recency",
+    p.add_argument("--variants", default="dot,taumode,recency-only,taumode+recency-4x32,taumode+recency",
                    help=f"comma-separated, from {', '.join(VARIANTS)}")
     p.add_argument("--max-steps", type=int, default=None, help="override the preset's number of steps")
     p.add_argument("--seed", type=int, default=None, help="seed shared by all variants")

@@ -28,8 +28,9 @@ class TauGPTConfig:
     # "auto": "learned" for taumode (what measures best, see docs), "none" for dot (plain SDPA).
     recency: str = "auto"
     # Initial per-head attention temperature of taumode (learned in log space). λ lies in [0, 1), so
-    # temperature 1 would make attention nearly uniform; 0.02 gives logits of order -10 at the start.
-    temperature_init: float = 0.02
+    # temperature 1 would make attention nearly uniform. Measured on the tiny preset (8 heads of 16,
+    # learned recency and Laplacian, val @600): 0.01 → 1.717, 0.02 → 1.654, 0.05 → 1.633, 0.1 → 1.621.
+    temperature_init: float = 0.1
     # Initial tau of λ = E / (E + tau); the trainer replaces it by the median E of the first layer's
     # keys over a batch (calibrate_tau). One tau per kv head, shared by all layers.
     tau_init: float = 1.0
@@ -79,11 +80,16 @@ class TauGPTConfig:
         return cls(**{k: v for k, v in d.items() if k in names})
 
 
-# Presets: model fields (TauGPTConfig) and training fields (train.TrainConfig), as plain data.
+# Presets: model fields (TauGPTConfig) and training fields (train.TrainConfig), as plain data;
+# "model_<attention>" overrides "model" for that attention (flags given on the command line win).
 PRESETS: dict[str, dict[str, dict]] = {
-    # About 5 minutes on 2 CPU cores; see docs/model-readme-section.md for what it reaches.
+    # About 5 minutes on 2 CPU cores; the README's model section has what it reaches.
     "tiny": {
         "model": dict(n_layer=4, n_head=4, n_kv_head=4, n_embd=128, block_size=128),
+        # Same width and parameter count, more heads of smaller F: one λ scalar per head carries more
+        # with more heads (val @600, learned recency: 8 heads of 16 beat 4 of 32 and 16 of 8), while
+        # dot product does better with 4 heads of 32 (bench/results/model-comparison-tiny-cpu.md).
+        "model_taumode": dict(n_head=8, n_kv_head=8),
         "train": dict(batch_size=32, max_steps=600, lr=3e-3, warmup_steps=30, eval_every=100,
                       eval_batches=8, checkpoint_every=200),
     },

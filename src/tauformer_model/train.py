@@ -470,6 +470,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         train_fields = dict(saved, stop_at=None)  # a stop point applies to the run that set it
     else:
         model_fields = dict(PRESETS[preset]["model"])
+        attention = given.get("attention", model_fields.get("attention", "taumode"))
+        model_fields.update(PRESETS[preset].get(f"model_{attention}", {}))
         train_fields = dict(PRESETS[preset]["train"], preset=preset)
     for name in MODEL_FLAGS:
         if name in given:
