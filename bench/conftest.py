@@ -1,6 +1,6 @@
 """pytest-benchmark setup for `pytest bench/`: options, the session's grid, skip rules, and the record.
 
-    pytest bench/                                   the full grid on this device (CPU: < 10 min)
+    pytest bench/                                   the full grid on this device (CPU: ~14 min)
     pytest bench/ --benchmark-disable               smoke test: tiny shapes, correctness checks only
     pytest bench/ --benchmark-json out.json         save the numbers; then python -m bench.summarize out.json
 
