@@ -33,8 +33,8 @@ def _rayleigh(x: torch.Tensor, laplacian: torch.Tensor, eps: float):
     """(x in the compute dtype, L x, s = xᵀx + eps, E_raw = xᵀLx / s) for x (..., F)."""
     xc = x.to(compute_dtype(x))
     lx = xc @ laplacian.to(xc.dtype).T
-    s = (xc * xc).sum(-1) + eps
-    return xc, lx, s, (xc * lx).sum(-1) / s
+    s = torch.linalg.vecdot(xc, xc) + eps
+    return xc, lx, s, torch.linalg.vecdot(xc, lx) / s
 
 
 def _tau_rows(tau: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -14,17 +14,19 @@ def _shape(t: torch.Tensor) -> str:
     return "(" + ", ".join(str(s) for s in t.shape) + ")"
 
 
-def require(condition: bool, message: str, error=ValueError) -> None:
+def require(condition: bool, message, error=ValueError) -> None:
+    """Raise `error` unless `condition`; `message` is a string, or a callable that builds it only on failure
+    (the checks run on every call, and formatting shapes or reading a min would cost more than the check)."""
     if not condition:
-        raise error(message)
+        raise error(message() if callable(message) else message)
 
 
 def check_tensor(name: str, t, *, ndim: int | None = None, floating: bool = True) -> None:
-    require(isinstance(t, torch.Tensor), f"{name} must be a torch.Tensor, got {type(t).__name__}", TypeError)
+    require(isinstance(t, torch.Tensor), lambda: f"{name} must be a torch.Tensor, got {type(t).__name__}", TypeError)
     if ndim is not None:
-        require(t.dim() == ndim, f"{name} must have {ndim} dimensions, got shape {_shape(t)}")
+        require(t.dim() == ndim, lambda: f"{name} must have {ndim} dimensions, got shape {_shape(t)}")
     if floating:
-        require(t.dtype in FLOAT_DTYPES, f"{name} must be a floating tensor (float16, bfloat16, float32 or float64), got {t.dtype}", TypeError)
+        require(t.dtype in FLOAT_DTYPES, lambda: f"{name} must be a floating tensor (float16, bfloat16, float32 or float64), got {t.dtype}", TypeError)
 
 
 def check_same_device(**tensors) -> None:
@@ -38,31 +40,31 @@ def check_laplacian(laplacian, features: int) -> None:
     check_tensor("laplacian", laplacian, ndim=2)
     require(
         laplacian.shape[0] == laplacian.shape[1] == features,
-        f"laplacian must be F×F with F = {features} (the head dim of the inputs), got shape {_shape(laplacian)}",
+        lambda: f"laplacian must be F×F with F = {features} (the head dim of the inputs), got shape {_shape(laplacian)}",
     )
 
 
 def check_per_head(name: str, value, heads: int, what: str) -> None:
     """A float, a 0-dim tensor, or a tensor of shape (heads,)."""
     if isinstance(value, (int, float)):
-        require(value > 0, f"{name} must be > 0, got {value}")
+        require(value > 0, lambda: f"{name} must be > 0, got {value}")
         return
     check_tensor(name, value)
     require(
         value.dim() == 0 or tuple(value.shape) == (heads,),
-        f"{name} must be a float or a tensor of shape ({heads},) ({what}), got shape {_shape(value)}",
+        lambda: f"{name} must be a float or a tensor of shape ({heads},) ({what}), got shape {_shape(value)}",
     )
 
 
 def check_positive_values(name: str, value) -> None:
     if isinstance(value, torch.Tensor) and not torch.compiler.is_compiling():
-        require(bool((value > 0).all()), f"{name} must be > 0 everywhere, got min {value.min().item():.3g}")
+        require(bool((value > 0).all()), lambda: f"{name} must be > 0 everywhere, got min {value.min().item():.3g}")
 
 
 def check_finite(**tensors) -> None:
     for name, t in tensors.items():
         if isinstance(t, torch.Tensor):
-            require(bool(torch.isfinite(t).all()), f"{name} contains non-finite values (inf or nan)")
+            require(bool(torch.isfinite(t).all()), lambda: f"{name} contains non-finite values (inf or nan)")
 
 
 def check_alibi(alibi_slopes, batch: int, heads: int) -> None:
@@ -71,7 +73,7 @@ def check_alibi(alibi_slopes, batch: int, heads: int) -> None:
     check_tensor("alibi_slopes", alibi_slopes)
     require(
         tuple(alibi_slopes.shape) in ((heads,), (batch, heads)),
-        f"alibi_slopes must have shape ({heads},) or ({batch}, {heads}), got {_shape(alibi_slopes)}",
+        lambda: f"alibi_slopes must have shape ({heads},) or ({batch}, {heads}), got {_shape(alibi_slopes)}",
     )
 
 
@@ -84,31 +86,31 @@ def check_attention_shapes(lq_or_q, lk_or_k, v, *, names, is_causal: bool, head_
     check_tensor("v", v, ndim=4)
     b, h, tq = lq_or_q.shape[:3]
     bk, hkv, tk = lk_or_k.shape[:3]
-    require(bk == b and v.shape[0] == b, f"batch sizes differ: {qn} {_shape(lq_or_q)}, {kn} {_shape(lk_or_k)}, v {_shape(v)}")
+    require(bk == b and v.shape[0] == b, lambda: f"batch sizes differ: {qn} {_shape(lq_or_q)}, {kn} {_shape(lk_or_k)}, v {_shape(v)}")
     require(
         v.shape[1] == hkv and v.shape[2] == tk,
-        f"v must have the kv heads and length of {kn}: {kn} {_shape(lk_or_k)}, v {_shape(v)}",
+        lambda: f"v must have the kv heads and length of {kn}: {kn} {_shape(lk_or_k)}, v {_shape(v)}",
     )
-    require(hkv > 0 and h % hkv == 0, f"the heads of {qn} ({h}) must be a multiple of the kv heads of {kn} ({hkv})")
-    require(tq > 0 and tk > 0, f"sequence lengths must be positive: {qn} {_shape(lq_or_q)}, {kn} {_shape(lk_or_k)}")
+    require(hkv > 0 and h % hkv == 0, lambda: f"the heads of {qn} ({h}) must be a multiple of the kv heads of {kn} ({hkv})")
+    require(tq > 0 and tk > 0, lambda: f"sequence lengths must be positive: {qn} {_shape(lq_or_q)}, {kn} {_shape(lk_or_k)}")
     if is_causal:
         require(
             tq <= tk,
-            f"is_causal=True needs Tq <= Tk (bottom-right aligned, as in decode): {qn} has Tq={tq}, {kn} has Tk={tk}",
+            lambda: f"is_causal=True needs Tq <= Tk (bottom-right aligned, as in decode): {qn} has Tq={tq}, {kn} has Tk={tk}",
         )
     require(
         lq_or_q.dtype == lk_or_k.dtype,
-        f"{qn} and {kn} must share a dtype, got {qn} {lq_or_q.dtype} and {kn} {lk_or_k.dtype}",
+        lambda: f"{qn} and {kn} must share a dtype, got {qn} {lq_or_q.dtype} and {kn} {lk_or_k.dtype}",
         TypeError,
     )
     if head_dim:
         require(
             v.dtype == lq_or_q.dtype,
-            f"q, k and v must share a dtype (as in scaled_dot_product_attention), got q {lq_or_q.dtype}, v {v.dtype}",
+            lambda: f"q, k and v must share a dtype (as in scaled_dot_product_attention), got q {lq_or_q.dtype}, v {v.dtype}",
             TypeError,
         )
         require(
             lq_or_q.shape[3] == lk_or_k.shape[3],
-            f"{qn} and {kn} must share the head dim F: {qn} {_shape(lq_or_q)}, {kn} {_shape(lk_or_k)}",
+            lambda: f"{qn} and {kn} must share the head dim F: {qn} {_shape(lq_or_q)}, {kn} {_shape(lk_or_k)}",
         )
     check_same_device(**{qn: lq_or_q, kn: lk_or_k, "v": v})
