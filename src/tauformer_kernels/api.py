@@ -7,6 +7,8 @@ code, without the dispatch cost (ops.eager_inference).
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from . import backends, ops, reference, validation  # noqa: F401  (ops registers torch.ops.tauformer.*)
@@ -20,7 +22,17 @@ def _as_tensor(name: str, value, like: torch.Tensor) -> torch.Tensor:
     if not isinstance(value, (int, float)) or isinstance(value, bool):
         raise TypeError(f"{name} must be a float or a tensor, got {type(value).__name__}")
     validation.require(value > 0, f"{name} must be > 0, got {value}")
-    return torch.tensor(float(value), dtype=reference.compute_dtype(like), device=like.device)
+    dtype = reference.compute_dtype(like)
+    if type(like) is not torch.Tensor or torch.compiler.is_compiling():  # no real tensor to keep
+        return torch.tensor(float(value), dtype=dtype, device=like.device)
+    return _scalar(float(value), dtype, like.device)
+
+
+@functools.lru_cache(maxsize=256)
+def _scalar(value: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """One 0-dim tensor per float argument, dtype and device: a decode step is launch-bound, and the
+    ops never write to their arguments."""
+    return torch.tensor(value, dtype=dtype, device=device)
 
 
 def _check_eps(eps) -> None:

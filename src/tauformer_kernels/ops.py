@@ -196,7 +196,9 @@ def per_head(value: Tensor, heads: int, dtype: torch.dtype) -> Tensor:
 def _lambda_of_heads(x: Tensor, laplacian: Tensor, tau_heads: Tensor, eps: float, backend: str) -> Tensor:
     """λ of x (B, Hx, T, F) with one tau per head of x."""
     lam_backend = backends.resolve_lambda_backend(backend, x.device, x.dtype)
-    laplacian = laplacian.to(reference.compute_dtype(x))
+    dt = reference.compute_dtype(x)
+    if laplacian.dtype != dt:
+        laplacian = laplacian.to(dt)
     if eager_inference(x, laplacian, tau_heads):
         return _lambda_forward(lam_backend)(x, laplacian, tau_heads, eps)
     return lambda_fwd(x, laplacian, tau_heads, eps, lam_backend)
@@ -211,13 +213,15 @@ def taumode_lambda_composite(x, laplacian, tau, eps=1e-6, backend="auto"):
     if x.dim() >= 3:  # (..., H, T, F): tau is a scalar or one per head
         heads = x.shape[-3]
         validation.check_per_head("tau", tau, heads, "one per head of x")
-        x4 = x.reshape(-1, heads, x.shape[-2], x.shape[-1])
-        tau_heads = per_head(tau, heads, dt)
+        x4 = x if x.dim() == 4 else x.reshape(-1, heads, x.shape[-2], x.shape[-1])
     else:
         validation.check_per_head("tau", tau, 1, "a scalar for x with fewer than 3 dimensions")
         x4 = x.reshape(1, 1, -1, x.shape[-1])
-        tau_heads = per_head(tau, 1, dt)
-    return _lambda_of_heads(x4, laplacian, tau_heads, eps, backend).reshape(x.shape[:-1])
+        heads = 1
+    # expanded, not copied: the references broadcast it, the Triton launcher makes it contiguous
+    tau_heads = (tau if tau.dtype == dt else tau.to(dt)).expand(heads)
+    lam = _lambda_of_heads(x4, laplacian, tau_heads, eps, backend)
+    return lam if x4 is x else lam.reshape(x.shape[:-1])
 
 
 def taumode_attention_from_lambda_composite(lq, lk, v, temperature, is_causal=True, alibi_slopes=None, backend="auto"):

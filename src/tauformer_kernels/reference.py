@@ -52,9 +52,13 @@ def lambda_naive(x: torch.Tensor, laplacian: torch.Tensor, tau: torch.Tensor, ep
 
 
 def lambda_fwd_reference(x, laplacian, tau, eps):
-    _, _, _, e_raw = _rayleigh(x, laplacian, eps)
-    energy = e_raw.clamp_min(0)
-    return energy / (energy + _tau_rows(tau, e_raw.dtype))
+    # xᵀLx = xᵀ(x L): no transpose of L, and as few ops as _rayleigh allows (a decode step's λ is
+    # launch-bound); the backward needs _rayleigh's L x and s, the forward only E
+    dt = compute_dtype(x)
+    xc = x if x.dtype == dt else x.to(dt)
+    lap = laplacian if laplacian.dtype == dt else laplacian.to(dt)
+    energy = (torch.linalg.vecdot(xc, xc @ lap) / (torch.linalg.vecdot(xc, xc) + eps)).clamp_min_(0)
+    return energy / (energy + _tau_rows(tau, dt))
 
 
 def _lambda_energy_grad(dlam, e_raw, tau):
