@@ -6,9 +6,9 @@ and runs SDPA with one query over the cache (is_causal=False: a single query see
 SDPA's causal mask is top-left aligned). Cache bytes are recorded in extra_info.
 
 ours-sorted-cache (tauformer_kernels.SortedCache) appends every key for good, so one timed call is a
-whole period of its structure: BLOCK·FANOUT steps (λ projection, append, attend) from N − BLOCK·FANOUT
-cached keys to N (fewer below that), which include FANOUT seals of the tail and one merge of the
-level-0 blocks, the periodic costs at their true weight. Every round starts from a copy of the same
+whole period of its structure: as many steps (λ projection, append, attend) as the largest block holds,
+BLOCK·FANOUT^(LEVELS−1), from N minus that many cached keys to N (fewer below that), which include every
+seal and merge of the period, the periodic costs at their true weight. Every round starts from a copy of the same
 prefilled cache (untimed); summarize.py divides by steps_per_call, so the tables show time per step.
 """
 import copy
@@ -96,7 +96,7 @@ def _sorted_cache_cycle(benchmark, bench, head_dim, context):
 
     s = bench.settings
     b, h, dev, dt = s.batch, s.heads, s.device, s.dtype
-    steps = min(sorted_cache.BLOCK * sorted_cache.FANOUT, context - 1)
+    steps = min(sorted_cache.BLOCK * sorted_cache.FANOUT ** (sorted_cache.LEVELS - 1), context - 1)
     gen = torch.Generator(device=dev).manual_seed(3)
     rand = lambda *shape: torch.randn(*shape, generator=gen, device=dev).to(dt)  # noqa: E731
     laplacian = benchlib.chain_laplacian(head_dim).to(device=dev, dtype=torch.float32)

@@ -22,9 +22,12 @@ def _run(b, h, hkv, dv, temperature, slopes, prefill, steps, block, lam_k=None, 
     cache = SortedCache(temp, hkv, sl, block=block, fanout=fanout, levels=levels, capacity=capacity)
     cache.append(lk[..., :prefill], v[..., :prefill, :])
     tol = temperature_tolerance(1e-5, 0.5 * temperature)
+    deepest = 0  # the deepest level any block reached
     for t in range(prefill, total + 1):
         if t > prefill:
             cache.append(lk[..., t - 1: t], v[..., t - 1: t, :])
+        _check_structure(cache, t, block, fanout, levels)
+        deepest = max([deepest] + [level + 1 for level, _ in cache.blocks])
         q = lq[..., t - 1: t]
         out = cache.attend(q, temp, sl)
         assert out.shape == (b, h, 1, dv) and out.dtype == v.dtype
@@ -35,9 +38,17 @@ def _run(b, h, hkv, dv, temperature, slopes, prefill, steps, block, lam_k=None, 
         assert err < tol, (t, err, tol, relative_error(dense, ref))
         assert relative_error(out, dense) < tol + relative_error(dense, ref)
     assert cache.length == total
-    assert sum(lev.count * lev.size for lev in cache.levels) + cache.n_tail == total
-    assert len(cache.levels) <= levels and all(lev.count < fanout for lev in cache.levels[:-1])
-    return len(cache.levels)
+    return deepest
+
+
+def _check_structure(cache, length, block, fanout, levels):
+    """Every key is in exactly one block or the tail; the stack holds deeper blocks below shallower
+    ones, fewer than `fanout` of each merged level, and a tail shorter than a block."""
+    stack = [level for level, _ in cache.blocks]
+    assert cache.length == length
+    assert sum(cache.block_sizes()) + cache.n_tail == length
+    assert stack == sorted(stack, reverse=True) and cache.n_tail < block
+    assert all(stack.count(d) < fanout for d in range(levels - 1)) and max(stack, default=0) < levels
 
 
 @pytest.mark.parametrize("temperature", [1e-4, 1e-3, 0.05, 1.0, 10.0])
@@ -97,11 +108,24 @@ def test_rejects_other_temperatures_and_slopes():
 
 
 def test_capacity_reserves_the_tables():
-    """With capacity = the keys to come, decoding never reallocates a level's table (no regrowth spike)."""
+    """With capacity = the keys to come, decoding never reallocates the stack (no regrowth spike)."""
     temp = torch.full((2,), 0.05)
     cache = SortedCache(temp, 1, block=4, fanout=3, capacity=200)
     cache.append(torch.rand(1, 1, 120), torch.randn(1, 1, 120, 4))
-    tables = [lev.table.data_ptr() for lev in cache.levels]
+    storage = [t.data_ptr() for t in (cache.keys, cache.table, cache.base)]
     for _ in range(80):
         cache.append(torch.rand(1, 1, 1), torch.randn(1, 1, 1, 4))
-    assert [lev.table.data_ptr() for lev in cache.levels] == tables
+        cache.attend(torch.rand(1, 2, 1), temp)
+    assert [t.data_ptr() for t in (cache.keys, cache.table, cache.base)] == storage
+
+
+@pytest.mark.parametrize("bad", [float("inf"), float("-inf"), float("nan")])
+def test_non_finite_query_gives_nan_like_the_dense_softmax(bad):
+    """A λq of ±inf or NaN counts keys past a block's end (the keys are +inf-padded): the answer must be
+    NaN, as softmax over all −inf logits is, never rows of another block."""
+    temp = torch.full((2,), 0.05)
+    cache = SortedCache(temp, 1, block=4, fanout=3)
+    cache.append(torch.rand(1, 1, 50), torch.randn(1, 1, 50, 4))
+    q = torch.tensor([[[bad], [0.5]]])
+    out = cache.attend(q, temp)
+    assert out[0, 0].isnan().all() and out[0, 1].isfinite().all()

@@ -5,110 +5,80 @@ the cache at a time (decode, SPEC §4). Its logit (SPEC §2, issue 10's slopes, 
 
     s_j = −|λq − λk_j| / T_h − m_{b,h}·(pos − j),     pos = length − 1 (the query sees every cached key)
 
-Structure (a log-structured merge of sorted blocks). Keys are written into a preallocated tail of
-`block` = C slots; a full tail is sealed into a level-0 block, and when a level holds F = `fanout`
-blocks they are merged into one block of the next level (sizes C, C·F, …, C·F^(levels−1)); the last
-level is never merged and just grows. A block keeps its
-keys sorted by λk and, for every query head h of the group, two scans over them, ascending in λk (the
-keys at or below a query) and descending (the keys above). Entry k of a side holds the sum over its
-first k keys of e^{φ_j − φ_ref}·[v_j, 1], where φ is the side's partial logit and ref the key with the
-largest φ among those summed (`loglinear._scan`), so every exponent is ≤ 0; entry 0 is the empty sum,
-whose reference is so low that it weighs exactly 0. A step costs, per block, one binary search and one
-row gather per side, plus dense attention over the tail:
+Structure (a log-structured merge of sorted blocks). Keys are written into a `recent` buffer of
+C·F^(levels−1) slots (C = `block`, F = `fanout`). Every C keys the last C are sealed into a level-0
+block; every C·F keys the level-0 blocks are dropped and the last C·F keys form one level-1 block; and so
+on, until the buffer is full: its keys form one block of the last level, which is never merged, and the
+buffer starts over. A block is always formed from a contiguous run of the buffer, so a merge is a sort
+and scan of that run, never a combination of tables. A block keeps its keys sorted by λk and, for every
+query head h of the group, two scans over them, ascending in λk (the keys at or below a query) and
+descending (the keys above). Entry k of a side holds the sum over its first k keys of e^{φ_j −
+φ_ref}·[v_j, 1], where φ is the side's partial logit and ref the key with the largest φ among those
+summed (`loglinear._scan`), so every exponent is ≤ 0; entry 0 is the empty sum, whose reference is so
+far away that it weighs exactly 0.
+
+One table holds everything a step reads, as rows [Σ e^{φ−φ_ref}·v, Σ e^{φ−φ_ref}, λ_ref, (j_ref)]: for a
+query with k keys of a block at or below it, the block contributes e^{−|λ_ref − λq|/T − m·(pos − j_ref)}
+times two rows, the ascending entry k and the descending entry C − k, stored side by side. A key of the
+tail (the keys not yet in a block, < C) is a row of its own, [v_j, 1, λ_j, j] with the same factor, so
+the recent buffer lives in the table too, two keys to a pair of rows. A step is then a fixed handful of
+tensor ops whatever the levels: one `searchsorted` over all blocks' keys (each block's padded with +inf
+to the largest size), one row gather for all blocks and the tail, one exp, one matmul:
 
     per decode step  O((F·(levels − 1) + T/(C·F^(levels−1)))·(log T + D) + C·D)   per head, D = Dv + 1
-    append           O(D) per key, plus a merge of F·size keys every F·size keys (amortised O(D·log T))
+    append           O(D) per key, plus a sort and scan of C·F^d keys every C·F^d keys (amortised O(D·log T))
 
-With the defaults (C = 512, F = 16, two levels) a step at T = 65536 reads at most 23 blocks (< 16 of 512
-keys, 8 of 8192) and a tail of < 512 keys: a few hundred rows instead of 65536; at 128k, 31 blocks. Rows
-gathered at random from tables of tens of MB cost a cache miss each, which is why blocks are merged
-rather than left at C keys (256 blocks of 256 at 64k: 2–4× slower). Merging is bounded at two levels
-because a merge is a latency spike on the step that triggers it, the re-sort and re-scan of F·size
-keys: ~0.05 s for 4096 keys, ~0.1 s for 8192, but seconds for 65536. A level's step is a fixed number of tensor ops (one
-searchsorted and one gather for all its blocks), since at these sizes a CPU step costs more in op
-launches than in arithmetic.
+With the defaults (C = 32, F = 16, three levels) a step at T = 65536 reads at most 38 pairs of rows per
+head for the blocks (8 of 8192 keys, < 16 of 512, < 16 of 32) and 16 for the tail, instead of 65536 keys.
 
-Nothing exponentiates an absolute quantity: a query's factor for a block side is e^{(x_ref − x_q)/T +
-m·(j_ref − pos)} (x = λ on the ascending side, −λ on the descending one), and the blocks, both sides and
-the tail are combined with their max subtracted, so temperatures down to 1e-4 and slopes up to 1 at any
-length stay finite and exact.
+The blocks form a stack: a block of level d only ever appears when every level below d is empty (their
+keys have just been merged into it), so the deepest blocks sit at the bottom and a step reads a prefix of
+every buffer. At these sizes a CPU step costs more in op launches and cache misses than in arithmetic:
+rows gathered from tables of tens of MB cost a miss each, which is why blocks are merged rather than
+left at C keys. Merging is bounded (the default is three levels) because a merge is a latency spike on
+the step that triggers it: the sort and scan of C·F^(levels−1) keys, ~0.1 s for 8192.
+
+Nothing exponentiates an absolute quantity: every factor is e^{−|λ_ref − λq|/T − m·(pos − j_ref)} ≤ 1
+relative to the step's largest, so temperatures down to 1e-4 and slopes up to 1 at any length stay
+finite and exact.
 
 The scans depend on the temperatures and slopes: the cache is built for the ones given at creation
-(one scan per query head, so its tables take about 2·H/Hkv + 1 times the bytes of the plain (V, λk)
-cache, which the merged levels also hold, sorted, for their next merge)
-and must be rebuilt if they change; `attend` checks that it is called with the same ones.
+(one scan per query head, so its tables take about 2·H/Hkv times the bytes of the plain (V, λk) cache,
+plus the recent buffer) and must be rebuilt if they change; `attend` checks that it is called with the
+same ones.
 """
 from __future__ import annotations
+
+from types import SimpleNamespace
 
 import torch
 
 from .loglinear import _scan
 
-# Keys per level-0 block (the tail's length), blocks per merge, and block sizes. Measured at 64k (1 and 2
-# threads, append + attend per step over a full merge period): C = 256, F = 16 0.44–0.50 ms; 512, 8
-# 0.39–0.45; 512, 16 0.35–0.37; 1024, 8 0.36–0.38. A sequential tail is cheaper per key than the random
-# rows of the blocks, so the tail may be long; a merge of C·F = 8192 keys costs ~0.1 s once per 8192 steps.
-BLOCK = 512
+# Keys per level-0 block (the longest tail; even, two tail keys share a gathered pair of rows), blocks
+# per merge, and levels: blocks of 32, 512 and 8192 keys. Measured at 64k, per step with λ over a whole
+# period, interleaved (kernels/NOTES.md, "Sorted-cache decode"): 32/16/3 0.33–0.41 ms, 64/16/3 0.32–0.43,
+# 64/8/3 0.33–0.43, 128/8/3 0.33–0.35, 256/8/3 0.36–0.41, 512/16/2 0.45–0.47, 64/8/4 0.40–0.50; the
+# largest block's formation is the worst step's spike (8192 keys ~0.1 s, 16384 ~0.2 s).
+BLOCK = 32
 FANOUT = 16
-LEVELS = 2
+LEVELS = 3
 
-# x_ref of an empty prefix (entry 0 of a side): its scale is about −1e30/T, so it weighs exactly 0, and
-# being finite it multiplies that zero weight to 0 when the whole table row goes through one matmul.
+# λ_ref of an empty prefix (entry 0 of a side) and of a tail slot not yet written: its factor is about
+# e^{−1e30/T} = 0 exactly, and being finite it multiplies that zero weight to 0 in the matmul.
 _EMPTY_REF = -1e30
-
-
-class _Level:
-    """Up to `fanout` blocks of `size` keys (block-major, so the filled prefix is contiguous): the sorted
-    λk (n, B, Hkv, S), the sorted [v, 1] and positions (kept for the next merge), and the scan tables
-    (n, 2, B, Hkv, G, S + 1, width) with `base` (B, Hkv, G, n, 2), the flat row of each block side's entry 0."""
-
-    def __init__(self, size: int, like: torch.Tensor, b: int, hkv: int, g: int, dv: int, width: int,
-                 merged: bool, with_pos: bool):
-        self.size, self.count, self.merged = size, 0, merged
-        self.keys = like.new_empty(0, b, hkv, size)
-        self.w = like.new_empty(0, b, hkv, size, dv + 1) if merged else None
-        self.pos = like.new_empty(0, b, hkv, size) if merged and with_pos else None
-        self.table = like.new_empty(0, 2, b, hkv, g, size + 1, width)
-        self.base = like.new_empty(b, hkv, g, 0, 2, dtype=torch.long)
-
-    def reserve(self, blocks: int) -> None:
-        cap = self.keys.shape[0]
-        if blocks <= cap:
-            return
-        new = max(blocks, 2 * cap)
-
-        def grown(t):
-            if t is None:
-                return None
-            out = t.new_empty(new, *t.shape[1:])
-            out[:cap] = t
-            return out
-
-        self.keys, self.w, self.pos, self.table = map(grown, (self.keys, self.w, self.pos, self.table))
-        # the descending side's entry index is S − (keys ≤ λq), so its base includes + S: a step's
-        # rows are base + sign·count
-        _, _, b, hkv, g, s1, _ = self.table.shape
-        lanes = torch.arange(new * 2 * b * hkv * g, device=self.keys.device).view(new, 2, b, hkv, g)
-        self.base = (lanes.permute(2, 3, 4, 0, 1) * s1 + torch.tensor([0, self.size], device=self.keys.device)).contiguous()
-
-    def take_all(self):
-        """The keys, [v, 1] and positions of all blocks as one unsorted run (B, Hkv, 1, count·S)."""
-        n = self.count
-        run = lambda t: None if t is None else t[:n].movedim(0, 2).reshape(*t.shape[1:3], 1, n * self.size, *t.shape[4:])  # noqa: E731
-        out = run(self.keys), run(self.w), run(self.pos)
-        self.count = 0
-        return out
 
 
 class SortedCache:
     """One layer's cache of (λk, v), in merged blocks sorted by λk, for exact decode in O(log T) blocks.
 
     temperature (H,) > 0 and alibi_slopes (B, H) or None are fixed for the life of the cache (see the
-    module docstring; `block`, `fanout` and `levels` shape its structure, not its results; `capacity`,
-    the number of keys expected, reserves the storage up front so that no step pays for a regrowth of the
-    last level's tables). Keys arrive with `append(lk (B, Hkv, n), v (B, Hkv, n, Dv))`, n ≥ 1 (a prefill
-    in one call, then one key per step); `attend(lq (B, H, 1), temperature, alibi_slopes)` returns
-    out (B, H, 1, Dv) in v's dtype for a query at the end of the cache.
+    module docstring; `block` (even), `fanout` and `levels` shape its structure, not its results;
+    `capacity`, the number of keys expected, reserves the storage up front so that no step pays for a
+    regrowth). Keys arrive with `append(lk (B, Hkv, n), v (B, Hkv, n, Dv))`, n ≥ 1 (a prefill in one
+    call, then one key per step); `attend(lq (B, H, 1), temperature, alibi_slopes)` returns out
+    (B, H, 1, Dv) in v's dtype for a query at the end of the cache. A non-finite λq gives NaN, as the
+    dense softmax does.
     """
 
     def __init__(self, temperature: torch.Tensor, num_kv_heads: int, alibi_slopes: torch.Tensor | None = None,
@@ -122,18 +92,29 @@ class SortedCache:
         if alibi_slopes is not None and (alibi_slopes.dim() != 2 or alibi_slopes.shape[1] != temperature.numel()):
             raise ValueError(f"alibi_slopes must have shape (B, H={temperature.numel()}), "
                              f"got {tuple(alibi_slopes.shape)}")
-        if block < 2 or fanout < 2 or levels < 1:
-            raise ValueError(f"block and fanout must be ≥ 2 and levels ≥ 1, got block={block}, fanout={fanout}, "
-                             f"levels={levels}")
-        self.heads, self.kv_heads, self.block, self.fanout = temperature.numel(), num_kv_heads, block, fanout
-        self.max_levels, self.capacity = levels, capacity
-        self.group = self.heads // num_kv_heads
+        if block < 2 or block % 2 or fanout < 2 or levels < 1:
+            raise ValueError(f"block must be even and ≥ 2, fanout ≥ 2 and levels ≥ 1, got block={block}, "
+                             f"fanout={fanout}, levels={levels}")
+        self.heads, self.kv_heads, self.group = temperature.numel(), num_kv_heads, temperature.numel() // num_kv_heads
+        self.block, self.fanout, self.levels, self.capacity = block, fanout, levels, capacity
+        self.sizes = [block * fanout ** d for d in range(levels)]  # keys per block of each level
         self.temperature = temperature.detach().float().clone()
+        # attend skips comparing the temperature it is given when it is this very tensor, unmodified
+        self._given_temperature, self._given_version = temperature, temperature._version
         self.alibi_slopes = None if alibi_slopes is None else alibi_slopes.detach().float().clone()
         self.length = 0
-        self.n_tail = 0  # keys in the tail
-        self.levels: list[_Level] = []
+        self.n_recent = 0  # keys in the recent buffer
+        self.blocks: list[tuple[int, int]] = []  # the stack, bottom first: (level, first table row)
         self._batch = self._dv = self._dtype = None
+
+    @property
+    def n_tail(self) -> int:
+        """Keys attended one by one: those of the recent buffer not yet sealed into a block."""
+        return self.n_recent % self.block
+
+    def block_sizes(self) -> list[int]:
+        """Keys per block, bottom of the stack first."""
+        return [self.sizes[level] for level, _ in self.blocks]
 
     # ------------------------------------------------------------------------------------------------
     def _init_storage(self, lk: torch.Tensor, v: torch.Tensor):
@@ -141,26 +122,110 @@ class SortedCache:
         if self.alibi_slopes is not None and self.alibi_slopes.shape[0] != b:
             raise ValueError(f"alibi_slopes has batch {self.alibi_slopes.shape[0]}, keys have batch {b}")
         self._batch, self._dv, self._dtype, dev = b, v.shape[-1], v.dtype, lk.device
-        g, c = self.group, self.block
+        g, top = self.group, self.sizes[-1]
         self.temperature = self.temperature.to(dev)
-        self.inv_t = (1.0 / self.temperature).view(1, hkv, g)  # (1, Hkv, G)
+        inv_t = (1.0 / self.temperature).view(1, hkv, g)
         self.slope = None if self.alibi_slopes is None else self.alibi_slopes.to(dev).view(b, hkv, g)
-        # a table row: [Σ e^{φ−φ_ref} v, Σ e^{φ−φ_ref}, x_ref, (y_ref with slopes)]
+        # broadcast over a step's gathered (B, Hkv, G, items, pair): the factor's −1/T and slope
+        self.neg_inv_t = -inv_t[..., None, None]
+        self.slope_pair = None if self.slope is None else self.slope[..., None, None]
+        self.inv_t = inv_t
+        # a row: [Σ e^{φ−φ_ref} v, Σ e^{φ−φ_ref}, λ_ref, (j_ref with slopes)]
         self._width = self._dv + 2 + (self.slope is not None)
-        self.tail_lk = torch.empty(b, hkv, c, device=dev)
-        self.tail_v1 = torch.ones(b, hkv, c, self._dv + 1, device=dev)  # [v, 1]: the tail's denominator column
-        # positions of the tail slots (with slopes) and pos − j of its last slots
-        self.tail_pos = torch.arange(c, device=dev, dtype=torch.float32)
-        self.tail_dist = torch.arange(c - 1, -1, -1, device=dev, dtype=torch.float32)
-        self.side_sign = torch.tensor([1, -1], device=dev)
-        self.inv_t_side = self.inv_t[..., None, None]  # (1, Hkv, G, 1, 1): broadcasts over (B, Hkv, G, nb, side)
-        self.slope_side = None if self.slope is None else self.slope[..., None, None]
+        self._lanes = b * hkv * g
+        # the table (pairs, 2, W): first the recent buffer, (B, Hkv, top/2) pairs of tail keys; then the
+        # blocks, a stack of rows, a block of level d taking lanes·(size_d + 1) pairs (see _push); then
+        # spare pairs, since a non-finite λq may count up to `top` keys in any block.
+        self._recent_pairs = b * hkv * top // 2
+        self._spare_rows = top + 1
+        self.table = lk.new_zeros(self._recent_pairs + self._spare_rows, 2, self._width, dtype=torch.float32)
+        self._rows_used = self._recent_pairs
+        # the stack's keys (slots, B, Hkv, top) sorted and +inf-padded; base (B, Hkv, G, slots), the pair
+        # of count 0 of each block and lane, so a block's pair is base + count
+        self.keys = lk.new_empty(0, b, hkv, top, dtype=torch.float32)
+        self.base = lk.new_empty(b, hkv, g, 0, dtype=torch.long)
+        kv_lane = torch.arange(b * hkv, device=dev).view(b, hkv, 1, 1).expand(b, hkv, g, 1)
+        self._tail_pairs = kv_lane * (top // 2) + torch.arange(self.block // 2, device=dev)
+        self._step = None  # the buffers and views of a step, for the current stack (see _plan_step)
+        self._recent_views()
+        self.recent_v1[..., -1] = 1.0  # [v, 1]: the denominator column
+        self._reset_recent(0)
+        if self.capacity:
+            merged = [(self.fanout - 1) * self._rows(d) for d in range(self.levels - 1)]
+            last = -(-self.capacity // top)
+            self._reserve(last + (self.fanout - 1) * (self.levels - 1),
+                          self._recent_pairs + last * self._rows(self.levels - 1) + sum(merged))
 
-    def _store(self, level: _Level, lk: torch.Tensor, w: torch.Tensor, pos: torch.Tensor | None):
-        """Sort and scan nb blocks into `level`: lk (B, Hkv, nb, S), w = [v, 1] (B, Hkv, nb, S, D + 1) fp32,
-        pos (B, Hkv, nb, S) float positions (None without slopes)."""
+    def _recent_views(self) -> None:
+        """The recent buffer's columns as (B, Hkv, top) views into the table (after it moves)."""
+        rows = self.table[:self._recent_pairs].view(self._batch, self.kv_heads, self.sizes[-1], self._width)
+        self.recent_v1, self.recent_lk = rows[..., :self._dv + 1], rows[..., self._dv + 1]
+        self.recent_pos = rows[..., self._dv + 2] if self.slope is not None else None
+
+    def _reset_recent(self, first: int) -> None:
+        """An empty recent buffer whose slot i will hold position first + i: unwritten slots weigh 0."""
+        self.recent_lk.fill_(_EMPTY_REF)
+        if self.recent_pos is not None:
+            torch.arange(first, first + self.sizes[-1], out=self.recent_pos[0, 0])
+            self.recent_pos.copy_(self.recent_pos[:1, :1].clone())
+
+    def _rows(self, level: int) -> int:
+        return self._lanes * (self.sizes[level] + 1)
+
+    def _reserve(self, slots: int, rows: int) -> None:
+        """Grow the stack (doubling) to hold `slots` blocks and `rows` table pairs."""
+        have = self.keys.shape[0]
+        if slots > have:
+            new = max(slots, 2 * have)
+            keys = self.keys.new_empty(new, *self.keys.shape[1:])
+            keys[:have] = self.keys
+            base = self.base.new_empty(*self.base.shape[:3], new)
+            base[..., :have] = self.base
+            self.keys, self.base = keys, base
+        have = self.table.shape[0] - self._spare_rows
+        if rows > have:
+            table = self.table.new_zeros(max(rows, 2 * have) + self._spare_rows, *self.table.shape[1:])
+            table[:self._rows_used] = self.table[:self._rows_used]
+            self.table = table
+            self._recent_views()
+        self._step = None
+
+    def _plan_step(self) -> SimpleNamespace:
+        """A step's index, buffers and views for the current stack: with them, `attend` is a dozen ops
+        (at these sizes a CPU step costs more in op launches than in arithmetic).
+
+        The step gathers, per lane, one pair of rows per block (its `items`, base + count, written by the
+        step) and the C/2 pairs of the recent buffer from the tail's start: slots not yet written weigh 0."""
+        b, hkv, g, dv = self._batch, self.kv_heads, self.group, self._dv
+        nb = len(self.blocks)
+        n = nb + self.block // 2
+        items = self.base.new_empty(b, hkv, g, n)
+        items[..., nb:] = self._tail_pairs + (self.n_recent - self.n_tail) // 2
+        got = self.table.new_empty(b * hkv * g * n, 2, self._width)
+        got6 = got.view(b, hkv, g, n, 2, self._width)
+        scale = self.table.new_empty(b, hkv, g, n, 2)
+        total = self.table.new_empty(b * hkv * g, 1, self._width)
+        cnt = self.base.new_empty(nb, b, hkv, g)
+        return SimpleNamespace(
+            keys=self.keys[:nb], queries=self.keys.new_empty(nb, b, hkv, g), cnt=cnt,
+            base=self.base[..., :nb], cnt_lane=cnt.permute(1, 2, 3, 0), items_blocks=items[..., :nb],
+            items=items.view(-1), got=got, got_lam=got6[..., dv + 1], got_pos=got6[..., dv + 2] if self.slope is not None else None,
+            got3=got.view(b * hkv * g, 2 * n, self._width), scale=scale, weight=scale.view(b * hkv * g, 1, 2 * n),
+            total=total, num=total.view(b, self.heads, 1, -1)[..., :dv], den=total.view(b, self.heads, 1, -1)[..., dv:dv + 1])
+
+    def _pop_below(self, level: int) -> None:
+        """Drop the blocks of levels < `level` (the top of the stack): their keys are being merged."""
+        while self.blocks and self.blocks[-1][0] < level:
+            self._rows_used = self.blocks.pop()[1]
+
+    def _push(self, level: int, lk: torch.Tensor, w: torch.Tensor, first: int):
+        """Sort and scan nb blocks onto the stack: lk (B, Hkv, nb, S), w = [v, 1] (B, Hkv, nb, S, D + 1)
+        fp32, the keys of positions first, first + 1, … in order."""
         b, hkv, nb, c = lk.shape
         g, d1 = self.group, self._dv + 1
+        slot, row = len(self.blocks), self._rows_used
+        rows = self._rows(level)
+        self._reserve(slot + nb, row + nb * rows)
         ks, perm = lk.sort(dim=-1)
         w = w.gather(-2, perm[..., None].expand(b, hkv, nb, c, d1))
         # both sides, per query head: (2, B, Hkv, G, nb, S)
@@ -169,49 +234,62 @@ class SortedCache:
         z = 2 * b * hkv * g * nb
         inv_t = self.inv_t[None, :, :, :, None].expand(2, b, hkv, g, nb).reshape(z, 1)
         y = slope = None
-        if pos is not None:
-            pos = pos.gather(-1, perm)
+        if self.slope is not None:
+            pos = (first + torch.arange(nb * c, device=lk.device, dtype=torch.float32)).view(nb, c).expand(
+                b, hkv, nb, c).gather(-1, perm)
             y = torch.stack([pos, pos.flip(-1)])[:, :, :, None].expand(2, b, hkv, g, nb, c).reshape(z, c)
             slope = self.slope[None, :, :, :, None].expand(2, b, hkv, g, nb).reshape(z, 1)
         a, _, _, xr, yr, _ = _scan(x.reshape(z, c), y, None, w2.reshape(z, c, d1), inv_t, slope,
                                    monotone=slope is None)
-        lo, hi = level.count, level.count + nb
-        level.reserve(hi)
-        level.keys[lo:hi] = ks.movedim(2, 0)
-        if level.merged:
-            level.w[lo:hi] = w.movedim(2, 0)
-        if level.pos is not None:
-            level.pos[lo:hi] = pos.movedim(2, 0)
-        new = level.table[lo:hi]  # (nb, 2, B, Hkv, G, S + 1, W)
-        new[..., 0, :] = 0.0
-        new[..., 0, d1] = _EMPTY_REF
-        to_table = lambda t: t.view(2, b, hkv, g, nb, c, -1).permute(4, 0, 1, 2, 3, 5, 6)  # noqa: E731
-        new[..., 1:, :d1] = to_table(a)
-        new[..., 1:, d1] = to_table(xr)[..., 0]
-        if pos is not None:
-            new[..., 1:, d1 + 1] = to_table(yr)[..., 0]
-        level.count = hi
+        self.keys[slot:slot + nb, ..., :c] = ks.movedim(2, 0)
+        self.keys[slot:slot + nb, ..., c:] = float("inf")
+        # pair k of a block and lane: [ascending entry k, descending entry c − k], the two rows a query
+        # with k keys at or below it reads, side by side in memory (one gathered pair, not two at random)
+        new = self.table[row:row + nb * rows].view(nb, b, hkv, g, c + 1, 2, self._width)
+        for empty in (new[..., 0, 0, :], new[..., c, 1, :]):
+            empty.fill_(0.0)
+            empty[..., d1] = _EMPTY_REF
+        # the scans' entries 1..c: in order on the ascending side, reversed on the descending side, whose
+        # coordinate is −λ (its λ_ref column holds λ, so that both sides' factor is e^{−|λ_ref − λq|/T})
+        for side, part in ((0, new[..., 1:, 0, :]), (1, new[..., :-1, 1, :])):
+            def to_table(t):
+                t = t.view(2, b, hkv, g, nb, c, -1)[side].permute(3, 0, 1, 2, 4, 5)
+                return t.flip(-2) if side else t
+            part[..., :d1] = to_table(a)
+            part[..., d1] = to_table(xr)[..., 0] * (1 - 2 * side)
+            if y is not None:
+                part[..., d1 + 1] = to_table(yr)[..., 0]
+        lane = torch.arange(self._lanes, device=lk.device).view(b, hkv, g, 1) * (c + 1)
+        self.base[..., slot:slot + nb] = row + lane + torch.arange(nb, device=lk.device) * rows
+        self.blocks += [(level, row + i * rows) for i in range(nb)]
+        self._rows_used = row + nb * rows
 
-    def _push(self, depth: int, lk: torch.Tensor, w: torch.Tensor, pos: torch.Tensor | None):
-        """Add nb blocks of level `depth`'s size, merging each level that fills up into the next."""
-        if depth == len(self.levels):
-            size, merged = self.block * self.fanout ** depth, depth + 1 < self.max_levels
-            level = _Level(size, self.tail_lk, self._batch, self.kv_heads, self.group, self._dv, self._width,
-                           merged, pos is not None)
-            if self.capacity:
-                level.reserve(self.fanout if merged else -(-self.capacity // size))
-            self.levels.append(level)
-        level, i, nb = self.levels[depth], 0, lk.shape[2]
-        if not level.merged:
-            self._store(level, lk, w, pos)
-            return
-        while i < nb:
-            take = min(nb - i, self.fanout - level.count)
-            part = lambda t: None if t is None else t[:, :, i:i + take]  # noqa: E731
-            self._store(level, part(lk), part(w), part(pos))
-            i += take
-            if level.count == self.fanout:
-                self._push(depth + 1, *level.take_all())
+    def _settle(self) -> None:
+        """Form the blocks that the recent buffer's count calls for (after it crossed a block boundary)."""
+        nr, sizes = self.n_recent, self.sizes
+        if nr == sizes[-1]:  # full: all of it becomes one block of the last level
+            self._pop_below(self.levels - 1)
+            self._push(self.levels - 1, self.recent_lk[:, :, None], self.recent_v1[:, :, None], self.length - nr)
+            self.n_recent = 0
+            self._reset_recent(self.length)
+        else:
+            have = [0] * self.levels
+            for level, _ in self.blocks:
+                have[level] += 1
+            want = [(nr % sizes[d + 1]) // sizes[d] for d in range(self.levels - 1)]
+            # the deepest level that changed has grown (shallower counts only drop when a deeper one
+            # grows); every block above it covers keys that now belong to its new blocks: re-form them all
+            top = max(d for d in range(self.levels - 1) if want[d] != have[d])
+            self._pop_below(top)
+            for d in range(top, -1, -1):
+                start = nr - nr % sizes[d + 1] + (have[d] if d == top else 0) * sizes[d]
+                end = nr - nr % sizes[d]
+                if end > start:
+                    nb, b, hkv = (end - start) // sizes[d], self._batch, self.kv_heads
+                    self._push(d, self.recent_lk[..., start:end].view(b, hkv, nb, sizes[d]),
+                               self.recent_v1[:, :, start:end].view(b, hkv, nb, sizes[d], -1),
+                               self.length - nr + start)
+        self._step = None
 
     # ------------------------------------------------------------------------------------------------
     def append(self, lk: torch.Tensor, v: torch.Tensor) -> None:
@@ -228,37 +306,36 @@ class SortedCache:
             raise ValueError(f"cache holds B={self._batch}, Dv={self._dv}; got lk {tuple(lk.shape)}, "
                              f"v {tuple(v.shape)}")
         b, hkv = lk.shape[:2]
-        c, i, slopes = self.block, 0, self.slope is not None
+        top, i = self.sizes[-1], 0
         while i < n:
-            start = self.length + i  # position of key i
-            if self.n_tail == 0 and n - i >= c:  # whole blocks straight from the input (a prefill)
-                full = (n - i) // c
-                j = i + full * c
+            if self.n_recent == 0 and n - i >= top:  # whole last-level blocks straight from the input (a prefill)
+                full = (n - i) // top
+                j = i + full * top
                 w = torch.cat([v[..., i:j, :].float(), v.new_ones(b, hkv, j - i, 1, dtype=torch.float32)], -1)
-                pos = (start + torch.arange(j - i, device=lk.device, dtype=torch.float32)).expand(b, hkv, -1)
-                self._push(0, lk[..., i:j].float().reshape(b, hkv, full, c), w.view(b, hkv, full, c, -1),
-                           pos.reshape(b, hkv, full, c) if slopes else None)
-                i = j
+                self._push(self.levels - 1, lk[..., i:j].float().reshape(b, hkv, full, top),
+                           w.view(b, hkv, full, top, -1), self.length)
+                self.length, i = self.length + j - i, j
+                self._reset_recent(self.length)
+                self._step = None
                 continue
-            take = min(c - self.n_tail, n - i)
-            lo, hi = self.n_tail, self.n_tail + take
-            self.tail_lk[..., lo:hi] = lk[..., i:i + take]
-            self.tail_v1[..., lo:hi, :-1] = v[..., i:i + take, :]
-            self.n_tail, i = hi, i + take
-            if self.n_tail == c:
-                first = start + take - c
-                pos = (first + self.tail_pos).expand(b, hkv, 1, c) if slopes else None
-                self._push(0, self.tail_lk[:, :, None], self.tail_v1[:, :, None], pos)
-                self.n_tail = 0
-        self.length += n
+            take = min(top - self.n_recent, n - i)
+            lo, hi = self.n_recent, self.n_recent + take
+            if take == n:  # one decode step: no slicing of the inputs
+                self.recent_lk[..., lo:hi] = lk
+                self.recent_v1[..., lo:hi, :-1] = v
+            else:
+                self.recent_lk[..., lo:hi] = lk[..., i:i + take]
+                self.recent_v1[..., lo:hi, :-1] = v[..., i:i + take, :]
+            self.n_recent, self.length, i = hi, self.length + take, i + take
+            if hi // self.block != lo // self.block:  # a block boundary was crossed
+                self._settle()
 
     @property
     def nbytes(self) -> int:
         """Bytes held (capacity included)."""
-        held = [self.tail_lk, self.tail_v1] if self._batch is not None else []
-        for lev in self.levels:
-            held += [t for t in (lev.keys, lev.w, lev.pos, lev.table, lev.base) if t is not None]
-        return sum(t.nbytes for t in held)
+        if self._batch is None:
+            return 0
+        return sum(t.nbytes for t in (self.table, self.keys, self.base))
 
     def attend(self, lq: torch.Tensor, temperature: torch.Tensor | None = None,
                alibi_slopes: torch.Tensor | None = None) -> torch.Tensor:
@@ -271,52 +348,30 @@ class SortedCache:
         b, hkv, g = self._batch, self.kv_heads, self.group
         if lq.shape != (b, self.heads, 1):
             raise ValueError(f"lq must have shape (B={b}, H={self.heads}, 1), got {tuple(lq.shape)}")
-        if temperature is not None and not torch.equal(temperature.detach().float().to(self.temperature.device),
-                                                       self.temperature):
+        unchanged = temperature is self._given_temperature and temperature._version == self._given_version
+        if temperature is not None and not unchanged and not (
+                torch.equal(temperature.detach().float().to(self.temperature.device), self.temperature)):
             raise ValueError("the cache was built for other temperatures: rebuild it")
         if (alibi_slopes is None) != (self.slope is None) or (
                 alibi_slopes is not None and not torch.equal(alibi_slopes.detach().float().view(b, hkv, g),
                                                              self.slope)):
             raise ValueError("the cache was built for other alibi_slopes: rebuild it")
-        xq = lq.detach().float().view(b, hkv, g)
-        pos = float(self.length - 1)
-        inv_t, slope, d1, nt = self.inv_t, self.slope, self._dv + 1, self.n_tail
-        q_side = xq[..., None] * self.side_sign  # the query's coordinate on each side (B, Hkv, G, 2)
-        tops, totals = [], []  # per part: its max scale (B, Hkv, G) and its sums relative to it (B, Hkv, G, D + 1)
-
-        gathered = []  # per level: one binary search per block, one gather for all its block sides
-        for level in self.levels:
-            nb = level.count
-            if nb == 0:
-                continue
-            cnt = torch.searchsorted(level.keys[:nb], xq.expand(nb, b, hkv, g).contiguous(), right=True)
-            # rows in (B, Hkv, G, nb, side) order, so that each lane's rows are one matrix for the matmul
-            rows = torch.addcmul(level.base[:, :, :, :nb], cnt.permute(1, 2, 3, 0)[..., None], self.side_sign)
-            gathered.append(level.table.view(-1, self._width).index_select(0, rows.reshape(-1))
-                            .view(*rows.shape, -1))
-        if gathered:  # all the levels' rows at once: (B, Hkv, G, blocks, side, W)
-            got = gathered[0] if len(gathered) == 1 else torch.cat(gathered, dim=3)
-            scale = (got[..., d1] - q_side[..., None, :]) * self.inv_t_side
-            if slope is not None:
-                scale = torch.addcmul(scale, self.slope_side, got[..., d1 + 1] - pos)
-            top = scale.amax(dim=(-2, -1))  # finite: one side of every block holds keys
-            tops.append(top)
-            # the whole row, x_ref and y_ref columns included: entry 0's x_ref (−1e30) meets weight 0
-            weight = torch.exp(scale - top[..., None, None]).view(b, hkv, g, 1, -1)
-            totals.append((weight @ got.view(b, hkv, g, weight.shape[-1], -1))[..., 0, :d1])
-
-        if nt:  # the tail: dense
-            s = (xq[..., None] - self.tail_lk[:, :, None, :nt]).abs_().mul_(-inv_t[..., None])  # (B, Hkv, G, nt)
-            if slope is not None:
-                s -= slope[..., None] * self.tail_dist[self.block - nt:]
-            top = s.amax(-1)
-            tops.append(top)
-            totals.append(torch.exp(s - top[..., None]) @ self.tail_v1[:, :, :nt])
-
-        if len(tops) == 1:
-            total = totals[0]
-        else:
-            top = torch.stack(tops, dim=-1)
-            total = (torch.exp(top - top.amax(-1, keepdim=True))[..., None, :] @ torch.stack(totals, dim=-2))[..., 0, :]
-        out = total[..., :-1] / total[..., -1:]
-        return out.reshape(b, self.heads, 1, self._dv).to(self._dtype)
+        xq = (lq.detach() if lq.requires_grad else lq).view(b, hkv, g)
+        if xq.dtype != torch.float32:
+            xq = xq.float()
+        if self._step is None:
+            self._step = self._plan_step()
+        st = self._step
+        if len(self.blocks):  # one binary search per block and lane
+            st.queries.copy_(xq)
+            torch.searchsorted(st.keys, st.queries, right=True, out=st.cnt)
+            torch.add(st.base, st.cnt_lane, out=st.items_blocks)
+        torch.index_select(self.table, 0, st.items, out=st.got)
+        scale = torch.sub(st.got_lam, xq.view(b, hkv, g, 1, 1), out=st.scale).abs_().mul_(self.neg_inv_t)
+        if self.slope is not None:
+            scale.addcmul_(self.slope_pair, st.got_pos - float(self.length - 1))
+        # the whole rows, λ_ref and j_ref columns included: an empty entry's λ_ref (−1e30) meets weight 0
+        scale.sub_(scale.amax(dim=(-2, -1), keepdim=True)).exp_()
+        torch.bmm(st.weight, st.got3, out=st.total)
+        out = st.num / st.den
+        return out if out.dtype == self._dtype else out.to(self._dtype)
