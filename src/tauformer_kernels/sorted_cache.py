@@ -166,8 +166,8 @@ class SortedCache:
         """An empty recent buffer whose slot i will hold position first + i: unwritten slots weigh 0."""
         self.recent_lk.fill_(_EMPTY_REF)
         if self.recent_pos is not None:
-            torch.arange(first, first + self.sizes[-1], out=self.recent_pos[0, 0])
-            self.recent_pos.copy_(self.recent_pos[:1, :1].clone())
+            top = self.sizes[-1]
+            self.recent_pos.copy_(torch.arange(first, first + top, device=self.table.device, dtype=torch.float32))
 
     def _rows(self, level: int) -> int:
         return self._lanes * (self.sizes[level] + 1)
