@@ -150,11 +150,10 @@ class SortedCache:
         self._recent_views()
         self.recent_v1[..., -1] = 1.0  # [v, 1]: the denominator column
         self._reset_recent(0)
-        if self.capacity:
-            merged = [(self.fanout - 1) * self._rows(d) for d in range(self.levels - 1)]
-            last = -(-self.capacity // top)
-            self._reserve(last + (self.fanout - 1) * (self.levels - 1),
-                          self._recent_pairs + last * self._rows(self.levels - 1) + sum(merged))
+        if self.capacity:  # the most blocks of each level that `capacity` keys can hold at once
+            blocks = [min(self.fanout - 1, self.capacity // size) for size in self.sizes[:-1]]
+            blocks.append(self.capacity // top)
+            self._reserve(sum(blocks), self._recent_pairs + sum(n * self._rows(d) for d, n in enumerate(blocks)))
 
     def _recent_views(self) -> None:
         """The recent buffer's columns as (B, Hkv, top) views into the table (after it moves)."""
@@ -183,8 +182,9 @@ class SortedCache:
             base[..., :have] = self.base
             self.keys, self.base = keys, base
         have = self.table.shape[0] - self._spare_rows
-        if rows > have:
-            table = self.table.new_zeros(max(rows, 2 * have) + self._spare_rows, *self.table.shape[1:])
+        if rows > have:  # the blocks' rows double; the recent buffer's and the spare ones stay
+            blocks = max(rows - self._recent_pairs, 2 * (have - self._recent_pairs))
+            table = self.table.new_zeros(self._recent_pairs + blocks + self._spare_rows, *self.table.shape[1:])
             table[:self._rows_used] = self.table[:self._rows_used]
             self.table = table
             self._recent_views()
