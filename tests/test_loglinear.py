@@ -26,9 +26,11 @@ def _inputs(b, h, hkv, tq, tk, dv, temperature, slopes, lam_k=None, lam_q=None):
     return lq, lk, v, temp, sl
 
 
-def _check(b, h, hkv, tq, tk, dv, temperature, slopes, causal, grads=True, lam_k=None, lam_q=None):
+def _check(b, h, hkv, tq, tk, dv, temperature, slopes, causal, grads=True, lam_k=None, lam_q=None, device="cpu"):
+    """The backend on `device` against the float64 oracle on the CPU."""
     lq, lk, v, temp, sl = _inputs(b, h, hkv, tq, tk, dv, temperature, slopes, lam_k, lam_q)
-    out, lse = loglinear.attention_fwd_loglinear(lq, lk, v, temp, sl, causal)
+    on = lambda *ts: [None if t is None else t.to(device) for t in ts]  # noqa: E731
+    out, lse = [t.cpu() for t in loglinear.attention_fwd_loglinear(*on(lq, lk, v, temp, sl), causal)]
     assert out.dtype == v.dtype and lse.dtype == torch.float32
     assert out.shape == (b, h, tq, dv) and lse.shape == (b, h, tq)
 
@@ -45,7 +47,8 @@ def _check(b, h, hkv, tq, tk, dv, temperature, slopes, causal, grads=True, lam_k
     dout = torch.randn(b, h, tq, dv)
     wrt = d64 + ([s64] if s64 is not None else [])
     ref_grads = torch.autograd.grad(ref, wrt, dout.double())
-    grads_ = loglinear.attention_bwd_loglinear(dout, lq, lk, v, out, lse, temp, sl, causal)
+    grads_ = [None if g is None else g.cpu()
+              for g in loglinear.attention_bwd_loglinear(*on(dout, lq, lk, v, out, lse, temp, sl), causal)]
     assert (grads_[4] is None) == (sl is None)
     # the fp32 chunked reference on the same inputs: the floor for the temperature gradient
     out_c, lse_c = reference.attention_fwd_chunked(lq, lk, v, temp, sl, causal)
@@ -138,3 +141,11 @@ def test_output_dtype_follows_v():
     assert out.dtype == torch.bfloat16 and lse.dtype == torch.float32
     ref, _ = loglinear.attention_fwd_loglinear(lq, lk, v.to(torch.bfloat16).float(), temp, sl, True)
     assert relative_error(out, ref) < 1e-2
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (the same torch ops as on the CPU)")
+@pytest.mark.parametrize("temperature", [1e-3, 0.05, 10.0])
+@pytest.mark.parametrize("slopes", [None, 0.1])
+def test_cuda(temperature, slopes):
+    """The loglinear backend on a GPU, GQA and an odd length, forward and gradients."""
+    _check(2, 4, 2, 1000, 1000, 24, temperature, slopes, True, device="cuda")

@@ -12,24 +12,26 @@ from tauformer_kernels import reference
 from tauformer_kernels.sorted_cache import SortedCache
 
 
-def _run(b, h, hkv, dv, temperature, slopes, prefill, steps, block, lam_k=None, fanout=16, levels=2, capacity=None):
+def _run(b, h, hkv, dv, temperature, slopes, prefill, steps, block, lam_k=None, fanout=16, levels=2, capacity=None,
+         device="cpu"):
     total = prefill + steps
     lk = torch.rand(b, hkv, total) if lam_k is None else lam_k
     v = torch.randn(b, hkv, total, dv)
     lq = torch.rand(b, h, total)
     temp = torch.full((h,), float(temperature)) * torch.linspace(0.5, 2.0, h)
     sl = None if slopes is None else torch.rand(b, h) * slopes
-    cache = SortedCache(temp, hkv, sl, block=block, fanout=fanout, levels=levels, capacity=capacity)
-    cache.append(lk[..., :prefill], v[..., :prefill, :])
+    on = lambda t: None if t is None else t.to(device)  # noqa: E731  (the oracles stay on the CPU)
+    cache = SortedCache(on(temp), hkv, on(sl), block=block, fanout=fanout, levels=levels, capacity=capacity)
+    cache.append(on(lk[..., :prefill]), on(v[..., :prefill, :]))
     tol = temperature_tolerance(1e-5, 0.5 * temperature)
     deepest = 0  # the deepest level any block reached
     for t in range(prefill, total + 1):
         if t > prefill:
-            cache.append(lk[..., t - 1: t], v[..., t - 1: t, :])
+            cache.append(on(lk[..., t - 1: t]), on(v[..., t - 1: t, :]))
         _check_structure(cache, t, block, fanout, levels)
         deepest = max([deepest] + [level + 1 for level, _ in cache.blocks])
         q = lq[..., t - 1: t]
-        out = cache.attend(q, temp, sl)
+        out = cache.attend(on(q), on(temp), on(sl)).cpu()
         assert out.shape == (b, h, 1, dv) and out.dtype == v.dtype
         dense, _ = reference.attention_fwd_chunked(q, lk[..., :t], v[..., :t, :], temp, sl, True)
         ref = reference.attention_naive(q.double(), lk[..., :t].double(), v[..., :t, :].double(), temp.double(),
@@ -67,6 +69,13 @@ def test_merges_across_levels(fanout, levels, slopes):
     # storage reserved up front (and a capacity too small for the run: the tables still grow)
     assert _run(1, 4, 2, 8, 0.05, slopes, 37, 60, block=4, fanout=fanout, levels=levels, capacity=97) == levels
     assert _run(1, 4, 2, 8, 0.05, slopes, 37, 60, block=4, fanout=fanout, levels=levels, capacity=40) == levels
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (the same torch ops as on the CPU)")
+@pytest.mark.parametrize("slopes", [None, 1.0])
+def test_cuda(slopes):
+    """On a GPU: GQA, a prefill across levels, decode steps through seals and merges."""
+    assert _run(2, 8, 2, 16, 1e-3, slopes, 100, 80, block=4, fanout=3, levels=3, device="cuda") == 3
 
 
 @pytest.mark.parametrize("slopes", [None, 0.05])
