@@ -26,10 +26,11 @@ tensor ops whatever the levels: one `searchsorted` over all blocks' keys (each b
 to the largest size), one row gather for all blocks and the tail, one exp, one matmul:
 
     per decode step  O((F·(levels − 1) + T/(C·F^(levels−1)))·(log T + D) + C·D)   per head, D = Dv + 1
-    append           O(D) per key, plus a sort and scan of C·F^d keys every C·F^d keys (amortised O(D·log T))
+    append           O(D) per key, plus a sort and scan (per query head) of C·F^d keys every C·F^d keys for
+                     each level d: amortised O(levels·G·D) per key
 
-With the defaults (C = 32, F = 16, three levels) a step at T = 65536 reads at most 38 pairs of rows per
-head for the blocks (8 of 8192 keys, < 16 of 512, < 16 of 32) and 16 for the tail, instead of 65536 keys.
+With the defaults (C = 32, F = 16, three levels) a step at T ≈ 65536 reads at most 38 pairs of rows per
+head for the blocks (8 of 8192 keys, ≤ 15 of 512, ≤ 15 of 32) and 16 for the tail, instead of 65536 keys.
 
 The blocks form a stack: a block of level d only ever appears when every level below d is empty (their
 keys have just been merged into it), so the deepest blocks sit at the bottom and a step reads a prefix of
@@ -39,13 +40,13 @@ left at C keys. Merging is bounded (the default is three levels) because a merge
 the step that triggers it: the sort and scan of C·F^(levels−1) keys, ~0.1 s for 8192.
 
 Nothing exponentiates an absolute quantity: every factor is e^{−|λ_ref − λq|/T − m·(pos − j_ref)} ≤ 1
-relative to the step's largest, so temperatures down to 1e-4 and slopes up to 1 at any length stay
-finite and exact.
+relative to the step's largest, so temperatures down to 1e-4 and slopes up to 1 stay finite and exact
+at any length (up to 2^24 keys with slopes: positions are float32).
 
 The scans depend on the temperatures and slopes: the cache is built for the ones given at creation
 (one scan per query head, so its tables take about 2·H/Hkv times the bytes of the plain (V, λk) cache,
-plus the recent buffer) and must be rebuilt if they change; `attend` checks that it is called with the
-same ones.
+plus the recent buffer and the blocks' keys, each padded to the largest block) and must be rebuilt if
+they change; `attend` checks the ones it is given (none: no check).
 """
 from __future__ import annotations
 
@@ -68,17 +69,20 @@ LEVELS = 3
 # e^{−1e30/T} = 0 exactly, and being finite it multiplies that zero weight to 0 in the matmul.
 _EMPTY_REF = -1e30
 
+# Positions (for the slopes) are float32: exact integers up to 2^24.
+_MAX_POSITIONS = 2 ** 24
+
 
 class SortedCache:
     """One layer's cache of (λk, v), in merged blocks sorted by λk, for exact decode in O(log T) blocks.
 
     temperature (H,) > 0 and alibi_slopes (B, H) or None are fixed for the life of the cache (see the
-    module docstring; `block` (even), `fanout` and `levels` shape its structure, not its results;
+    module docstring); `block` (even), `fanout` and `levels` shape its structure, not its results;
     `capacity`, the number of keys expected, reserves the storage up front so that no step pays for a
-    regrowth). Keys arrive with `append(lk (B, Hkv, n), v (B, Hkv, n, Dv))`, n ≥ 1 (a prefill in one
+    regrowth. Keys arrive with `append(lk (B, Hkv, n), v (B, Hkv, n, Dv))`, n ≥ 1 (a prefill in one
     call, then one key per step); `attend(lq (B, H, 1), temperature, alibi_slopes)` returns out
-    (B, H, 1, Dv) in v's dtype for a query at the end of the cache. A non-finite λq gives NaN, as the
-    dense softmax does.
+    (B, H, 1, Dv) in the dtype of the first appended v, for a query at the end of the cache (computed in
+    fp32). A non-finite λq gives NaN, as the dense softmax does.
     """
 
     def __init__(self, temperature: torch.Tensor, num_kv_heads: int, alibi_slopes: torch.Tensor | None = None,
@@ -99,9 +103,11 @@ class SortedCache:
         self.block, self.fanout, self.levels, self.capacity = block, fanout, levels, capacity
         self.sizes = [block * fanout ** d for d in range(levels)]  # keys per block of each level
         self.temperature = temperature.detach().float().clone()
-        # attend skips comparing the temperature it is given when it is this very tensor, unmodified
-        self._given_temperature, self._given_version = temperature, temperature._version
         self.alibi_slopes = None if alibi_slopes is None else alibi_slopes.detach().float().clone()
+        # attend skips comparing the temperature and slopes it is given with these when they are the very
+        # tensors given here, unmodified (same version counter; a write through .data is not seen)
+        self._given = {name: (t, t._version) for name, t in (("temperature", temperature), ("alibi_slopes", alibi_slopes))
+                       if t is not None}
         self.length = 0
         self.n_recent = 0  # keys in the recent buffer
         self.blocks: list[tuple[int, int]] = []  # the stack, bottom first: (level, first table row)
@@ -293,7 +299,8 @@ class SortedCache:
 
     # ------------------------------------------------------------------------------------------------
     def append(self, lk: torch.Tensor, v: torch.Tensor) -> None:
-        """Append n ≥ 1 keys: lk (B, Hkv, n) fp32 λk, v (B, Hkv, n, Dv)."""
+        """Append n ≥ 1 keys: lk (B, Hkv, n) λk, v (B, Hkv, n, Dv) (stored in fp32, without gradients)."""
+        lk, v = lk.detach(), v.detach()
         if lk.dim() != 3 or v.dim() != 4 or lk.shape != v.shape[:3] or lk.shape[1] != self.kv_heads:
             raise ValueError(f"expected lk (B, Hkv={self.kv_heads}, n) and v (B, Hkv, n, Dv), "
                              f"got lk {tuple(lk.shape)}, v {tuple(v.shape)}")
@@ -305,6 +312,9 @@ class SortedCache:
         elif lk.shape[0] != self._batch or v.shape[-1] != self._dv:
             raise ValueError(f"cache holds B={self._batch}, Dv={self._dv}; got lk {tuple(lk.shape)}, "
                              f"v {tuple(v.shape)}")
+        if self.slope is not None and self.length + n > _MAX_POSITIONS:
+            raise ValueError(f"with alibi_slopes the cache holds at most {_MAX_POSITIONS} keys (positions are "
+                             f"float32), got {self.length + n}")
         b, hkv = lk.shape[:2]
         top, i = self.sizes[-1], 0
         while i < n:
@@ -330,6 +340,14 @@ class SortedCache:
             if hi // self.block != lo // self.block:  # a block boundary was crossed
                 self._settle()
 
+    def _built_for(self, name: str, given: torch.Tensor, built: torch.Tensor) -> bool:
+        """`given` is the tensor passed at creation, unmodified, or holds the same values as `built`."""
+        creation = self._given.get(name)
+        if creation is not None and given is creation[0] and given._version == creation[1]:
+            return True
+        return given.numel() == built.numel() and torch.equal(
+            given.detach().float().to(built.device).reshape(built.shape), built)
+
     @property
     def nbytes(self) -> int:
         """Bytes held (capacity included)."""
@@ -348,13 +366,10 @@ class SortedCache:
         b, hkv, g = self._batch, self.kv_heads, self.group
         if lq.shape != (b, self.heads, 1):
             raise ValueError(f"lq must have shape (B={b}, H={self.heads}, 1), got {tuple(lq.shape)}")
-        unchanged = temperature is self._given_temperature and temperature._version == self._given_version
-        if temperature is not None and not unchanged and not (
-                torch.equal(temperature.detach().float().to(self.temperature.device), self.temperature)):
+        if temperature is not None and not self._built_for("temperature", temperature, self.temperature):
             raise ValueError("the cache was built for other temperatures: rebuild it")
         if (alibi_slopes is None) != (self.slope is None) or (
-                alibi_slopes is not None and not torch.equal(alibi_slopes.detach().float().view(b, hkv, g),
-                                                             self.slope)):
+                alibi_slopes is not None and not self._built_for("alibi_slopes", alibi_slopes, self.slope)):
             raise ValueError("the cache was built for other alibi_slopes: rebuild it")
         xq = (lq.detach() if lq.requires_grad else lq).view(b, hkv, g)
         if xq.dtype != torch.float32:
