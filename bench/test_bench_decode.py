@@ -139,7 +139,8 @@ def _sorted_cache_cycle(benchmark, bench, head_dim, context):
     benchmark.extra_info.update(rel_error=err, tolerance=tol, warm_call_s=round(first_call_s, 6))
     assert out.shape == (b, h, 1, head_dim)
     assert err <= tol, f"ours-sorted-cache: relative error {err:.3g} > {tol:.3g} against the float64 oracle"
-    if benchmark.disabled:
+    if benchmark.disabled:  # pytest-benchmark calls it once, untimed
+        benchmark.pedantic(cycle, setup=fresh, rounds=1, iterations=1)
         return
     benchmark.extra_info["timer"] = f"pytest-benchmark pedantic (3 rounds of {steps} steps, each from a fresh copy)"
     benchmark.pedantic(cycle, setup=fresh, rounds=3, iterations=1)

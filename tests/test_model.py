@@ -26,7 +26,7 @@ def make_model(seed=0, **kw) -> TauGPT:
 
 
 def rel_err(a, b):
-    return float((a - b).norm() / b.norm())
+    return float((a - b).detach().norm() / b.detach().norm())
 
 
 @pytest.mark.parametrize("attention", ["taumode", "dot"])
