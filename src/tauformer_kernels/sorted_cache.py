@@ -106,8 +106,8 @@ class SortedCache:
         self.alibi_slopes = None if alibi_slopes is None else alibi_slopes.detach().float().clone()
         # attend skips comparing the temperature and slopes it is given with these when they are the very
         # tensors given here, unmodified (same version counter; a write through .data is not seen)
-        self._given = {name: (t, t._version) for name, t in (("temperature", temperature), ("alibi_slopes", alibi_slopes))
-                       if t is not None}
+        given = {"temperature": temperature, "alibi_slopes": alibi_slopes}
+        self._given = {name: (t, t._version) for name, t in given.items() if t is not None}
         self.length = 0
         self.n_recent = 0  # keys in the recent buffer
         self.blocks: list[tuple[int, int]] = []  # the stack, bottom first: (level, first table row)
@@ -202,22 +202,28 @@ class SortedCache:
 
         The step gathers, per lane, one pair of rows per block (its `items`, base + count, written by the
         step) and the C/2 pairs of the recent buffer from the tail's start: slots not yet written weigh 0."""
-        b, hkv, g, dv = self._batch, self.kv_heads, self.group, self._dv
-        nb = len(self.blocks)
+        b, hkv, g, dv, width = self._batch, self.kv_heads, self.group, self._dv, self._width
+        nb, lanes = len(self.blocks), self._lanes
         n = nb + self.block // 2
         items = self.base.new_empty(b, hkv, g, n)
         items[..., nb:] = self._tail_pairs + (self.n_recent - self.n_tail) // 2
-        got = self.table.new_empty(b * hkv * g * n, 2, self._width)
-        got6 = got.view(b, hkv, g, n, 2, self._width)
+        got = self.table.new_empty(lanes * n, 2, width)
+        got6 = got.view(b, hkv, g, n, 2, width)
         scale = self.table.new_empty(b, hkv, g, n, 2)
-        total = self.table.new_empty(b * hkv * g, 1, self._width)
+        total = self.table.new_empty(lanes, 1, width)
+        per_head = total.view(b, self.heads, 1, width)
         cnt = self.base.new_empty(nb, b, hkv, g)
         return SimpleNamespace(
+            # the binary searches: the blocks' keys, the query broadcast to them, the counts
             keys=self.keys[:nb], queries=self.keys.new_empty(nb, b, hkv, g), cnt=cnt,
+            # the gather index: base + count for the blocks (written in place), then the tail's pairs
             base=self.base[..., :nb], cnt_lane=cnt.permute(1, 2, 3, 0), items_blocks=items[..., :nb],
-            items=items.view(-1), got=got, got_lam=got6[..., dv + 1], got_pos=got6[..., dv + 2] if self.slope is not None else None,
-            got3=got.view(b * hkv * g, 2 * n, self._width), scale=scale, weight=scale.view(b * hkv * g, 1, 2 * n),
-            total=total, num=total.view(b, self.heads, 1, -1)[..., :dv], den=total.view(b, self.heads, 1, -1)[..., dv:dv + 1])
+            items=items.view(-1),
+            # the gathered pairs, and their λ_ref and j_ref columns
+            got=got, got_lam=got6[..., dv + 1], got_pos=got6[..., dv + 2] if self.slope is not None else None,
+            # the factors (turned into weights in place) and the weighted sum of each lane's rows
+            scale=scale, weight=scale.view(lanes, 1, 2 * n), got3=got.view(lanes, 2 * n, width),
+            total=total, num=per_head[..., :dv], den=per_head[..., dv:dv + 1])
 
     def _pop_below(self, level: int) -> None:
         """Drop the blocks of levels < `level` (the top of the stack): their keys are being merged."""
