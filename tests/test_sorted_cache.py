@@ -46,6 +46,8 @@ def _run(b, h, hkv, dv, temperature, slopes, prefill, steps, block, lam_k=None, 
 def _check_structure(cache, length, block, fanout, levels):
     """Every key is in exactly one block or the tail; the stack holds deeper blocks below shallower
     ones, fewer than `fanout` of each merged level, and a tail shorter than a block."""
+    assert cache.levels <= levels
+    levels = cache.levels
     stack = [level for level, _ in cache.blocks]
     assert cache.length == length
     assert sum(cache.block_sizes()) + cache.n_tail == length
@@ -66,9 +68,11 @@ def test_merges_across_levels(fanout, levels, slopes):
     """Blocks of 4 merged by 2 or 3: the prefill lands on several levels and decode steps cross merges
     (with fanout 2, step 64 cascades through four levels at once); one level: never merged."""
     assert _run(1, 4, 2, 8, 1e-3, slopes, 37, 60, block=4, fanout=fanout, levels=levels) == levels
-    # storage reserved up front (and a capacity too small for the run: the tables still grow)
+    # storage reserved up front (and a capacity too small for the run: the tables still grow, and the levels
+    # whose blocks exceed 40 keys are dropped: blocks of 4..32 with fanout 2, 4..36 with fanout 3)
     assert _run(1, 4, 2, 8, 0.05, slopes, 37, 60, block=4, fanout=fanout, levels=levels, capacity=97) == levels
-    assert _run(1, 4, 2, 8, 0.05, slopes, 37, 60, block=4, fanout=fanout, levels=levels, capacity=40) == levels
+    capped = min(levels, {2: 4, 3: 3}[fanout])
+    assert _run(1, 4, 2, 8, 0.05, slopes, 37, 60, block=4, fanout=fanout, levels=levels, capacity=40) == capped
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (the same torch ops as on the CPU)")
@@ -132,6 +136,16 @@ def test_inputs_that_require_grad():
     cache.attend(q, temp.detach().clone(), slopes.detach().clone())
     with pytest.raises(ValueError, match="alibi_slopes"):
         cache.attend(q, temp, torch.rand(2, 2))
+
+
+def test_capacity_drops_levels_larger_than_it():
+    """A short cache gets a short structure (and a small recent buffer); the results do not change."""
+    temp = torch.full((2,), 0.05)
+    assert SortedCache(temp, 1, capacity=64).sizes == [32]
+    assert SortedCache(temp, 1, capacity=1000).sizes == [32, 512]
+    assert SortedCache(temp, 1, capacity=65536).sizes == [32, 512, 8192]
+    assert SortedCache(temp, 1).sizes == [32, 512, 8192]
+    assert _run(1, 2, 1, 4, 0.05, None, 50, 30, block=4, fanout=2, levels=4, capacity=20) == 3
 
 
 def test_capacity_reserves_the_tables():

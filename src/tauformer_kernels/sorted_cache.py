@@ -79,7 +79,7 @@ class SortedCache:
     temperature (H,) > 0 and alibi_slopes (B, H) or None are fixed for the life of the cache (see the
     module docstring); `block` (even), `fanout` and `levels` shape its structure, not its results;
     `capacity`, the number of keys expected, reserves the storage up front so that no step pays for a
-    regrowth. Keys arrive with `append(lk (B, Hkv, n), v (B, Hkv, n, Dv))`, n ≥ 1 (a prefill in one
+    regrowth, and drops the levels whose blocks would hold more keys than that (more keys may still come). Keys arrive with `append(lk (B, Hkv, n), v (B, Hkv, n, Dv))`, n ≥ 1 (a prefill in one
     call, then one key per step); `attend(lq (B, H, 1), temperature, alibi_slopes)` returns out
     (B, H, 1, Dv) in the dtype of the first appended v, for a query at the end of the cache (computed in
     fp32). A non-finite λq gives NaN, as the dense softmax does.
@@ -100,6 +100,11 @@ class SortedCache:
             raise ValueError(f"block must be even and ≥ 2, fanout ≥ 2 and levels ≥ 1, got block={block}, "
                              f"fanout={fanout}, levels={levels}")
         self.heads, self.kv_heads, self.group = temperature.numel(), num_kv_heads, temperature.numel() // num_kv_heads
+        if capacity:
+            # no level whose blocks are larger than the keys expected: the recent buffer (the largest
+            # block's keys, kept in the table) stays ≤ capacity, and a short cache is small
+            while levels > 1 and block * fanout ** (levels - 1) > capacity:
+                levels -= 1
         self.block, self.fanout, self.levels, self.capacity = block, fanout, levels, capacity
         self.sizes = [block * fanout ** d for d in range(levels)]  # keys per block of each level
         self.temperature = temperature.detach().float().clone()
