@@ -28,6 +28,9 @@ Two kernels:
   sums. Both are summed once per head at the end.
   Every result is deterministic: dV, dλk are complete per program (GQA heads summed in a fixed order);
   dλq, dtemperature and dslope are per-key-block partials that the launcher sums in a fixed order.
+  WITH_DV / WITH_DLAMBDA select the results of a launch: both normally; the launcher runs dV and the rest
+  as two launches where one program holding the V tile and the dV accumulator would spill (fp32 Dv >= 256
+  with GQA): the dV launch reads no V and forms no dPᵀ, the other keeps no dV accumulator.
 
 Layouts: λq (B, H, Tq) fp32, λk (B, Hkv, Tk) fp32, V (B, Hkv, Tk, Dv), dO (B, H, Tq, Dv) in V's dtype, any
 strides; ROWS (B·H, cdiv(Tq, BLOCK_M), 3, BLOCK_M) fp32 contiguous (from the preprocess: λq, the logsumexp
@@ -108,9 +111,13 @@ def _bwd_tile(dv_acc, dlk_acc, dt_acc, dsl_acc, lam_k, v, offs_n, start_n, offs_
               GPU: tl.constexpr,
               # dt_acc is a (BLOCK_N, BLOCK_M) register tile (one FFMA per score); False: a (BLOCK_N,) vector
               # of per-iteration row sums (32 fewer registers per thread at 64×64, a few shuffles per tile)
-              DT_TILE: tl.constexpr):
+              DT_TILE: tl.constexpr,
+              # which results this launch computes (see the kernel): dV, and/or the λ, temperature and slope ones
+              WITH_DV: tl.constexpr,
+              WITH_DLAMBDA: tl.constexpr):
     """One (keys × queries) tile: accumulates dV, dλk (one-hot product), dtemperature (tile or key vector) and
-    dslope (key vector) and stores this key block's partial dλq of the BLOCK_M query rows."""
+    dslope (key vector) and stores this key block's partial dλq of the BLOCK_M query rows (each part only
+    when its flag is set)."""
     offs_r = tl.arange(0, BLOCK_M)
     offs_m = start_m + offs_r
     # addresses as (scalar base advanced to start_m) + (loop-invariant per-thread offsets): the compiler folds
@@ -150,6 +157,8 @@ def _bwd_tile(dv_acc, dlk_acc, dt_acc, dsl_acc, lam_k, v, offs_n, start_n, offs_
             logit2 = -abs_diff * inv_t2 - ell[None, :] - slope2 * tl.abs(qd[None, :] - kd[:, None])
     else:
         logit2 = -abs_diff * inv_t2 - ell[None, :]
+        qd = delta  # unused without ALiBi
+        kd = lam_k
     if MASK:
         # hidden scores get -inf before the exponential (their logit2 may be large where lse is very negative)
         visible = offs_n[:, None] < Tk
@@ -166,8 +175,24 @@ def _bwd_tile(dv_acc, dlk_acc, dt_acc, dsl_acc, lam_k, v, offs_n, start_n, offs_
                                       is_pure=True, pack=1)
     else:
         p = tl.exp2(logit2)
-    dp = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
-    dv_acc = tl.dot(p.to(do.dtype), do, dv_acc, input_precision=DOT_PRECISION)
+    if WITH_DLAMBDA:
+        dp = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+    if WITH_DV:
+        dv_acc = tl.dot(p.to(do.dtype), do, dv_acc, input_precision=DOT_PRECISION)
+    if WITH_DLAMBDA:
+        dlk_acc, dt_acc, dsl_acc = _bwd_tile_dlambda(
+            p, dp, diff, delta, qd, kd, dlk_acc, dt_acc, dsl_acc,
+            e0_q, e0_k, DLQP_bh, start_m, offs_r, offs_m, Tq,
+            IS_CAUSAL, HAS_ALIBI, MASK_Q, BLOCK_M, RED_PRECISION, DT_TILE)
+    return dv_acc, dlk_acc, dt_acc, dsl_acc
+
+
+@triton.jit
+def _bwd_tile_dlambda(p, dp, diff, delta, qd, kd, dlk_acc, dt_acc, dsl_acc, e0_q, e0_k, DLQP_bh, start_m,
+                      offs_r, offs_m, Tq,
+                      IS_CAUSAL: tl.constexpr, HAS_ALIBI: tl.constexpr, MASK_Q: tl.constexpr,
+                      BLOCK_M: tl.constexpr, RED_PRECISION: tl.constexpr, DT_TILE: tl.constexpr):
+    """The tile's λ, temperature and slope gradients from P and dPᵀ: dS and the one-hot reductions."""
     if HAS_ALIBI:
         # dS first, its dslope sum, then the sign moved onto dS (the same bits as P∘sign times dP - D): P and
         # dS are never live together, which the extra dS∘dist reduction would otherwise need (it spilled)
@@ -205,7 +230,7 @@ def _bwd_tile(dv_acc, dlk_acc, dt_acc, dsl_acc, lam_k, v, offs_n, start_n, offs_
         tl.store(dlq_ptrs, dlq, mask=row0 & (offs_m[None, :] < Tq))
     else:
         tl.store(dlq_ptrs, dlq, mask=row0)
-    return dv_acc, dlk_acc, dt_acc, dsl_acc
+    return dlk_acc, dt_acc, dsl_acc
 
 
 @triton.jit
@@ -246,8 +271,15 @@ def taumode_attention_bwd_kernel(
     # the unmasked loop accumulates dtemperature in a (BLOCK_N, BLOCK_M) register tile (one FFMA per score);
     # False: per-iteration row sums into a key vector (for the configs that would otherwise spill)
     DT_TILE: tl.constexpr,
+    # the results of this launch: dV (WITH_DV) and the λ, temperature and slope ones (WITH_DLAMBDA). Both in
+    # one launch normally; the launcher splits them into two launches where one program holding both the V
+    # tile and the dV accumulator across a GQA group spills (fp32, Dv >= 256): the dV launch needs no V
+    # tile and no dPᵀ, the other no dV accumulator; P is recomputed (one exp2 per score)
+    WITH_DV: tl.constexpr,
+    WITH_DLAMBDA: tl.constexpr,
 ):
-    """Writes DV, DLK (complete) and the partials DLQ_PART, DT_PART, DSLOPE_PART (see the module docstring)."""
+    """Writes DV (WITH_DV), DLK and the partials DLQ_PART, DT_PART, DSLOPE_PART (WITH_DLAMBDA; see the module
+    docstring)."""
     pid_n = tl.program_id(0)
     pid_bk = tl.program_id(1)
     Hkv = H // GROUP
@@ -262,19 +294,24 @@ def taumode_attention_bwd_kernel(
     LK_bh = LK + b * stride_lk_b + hk * stride_lk_h
     V_bh = V + b * stride_v_b + hk * stride_v_h
     v_ptrs = V_bh + offs_n[:, None] * stride_v_t + offs_d[None, :] * stride_v_d
+    # the V tile is only read by dPᵀ = V dOᵀ (WITH_DLAMBDA)
     if EVEN_N:
         lam_k = tl.load(LK_bh + offs_n * stride_lk_t)
-        if MASK_D:
-            v = tl.load(v_ptrs, mask=offs_d[None, :] < Dv, other=0.0)
-        else:
-            v = tl.load(v_ptrs)
+        if WITH_DLAMBDA:
+            if MASK_D:
+                v = tl.load(v_ptrs, mask=offs_d[None, :] < Dv, other=0.0)
+            else:
+                v = tl.load(v_ptrs)
     else:
         key_ok = offs_n < Tk
         lam_k = tl.load(LK_bh + offs_n * stride_lk_t, mask=key_ok, other=0.0)
-        v_mask = key_ok[:, None]
-        if MASK_D:
-            v_mask = v_mask & (offs_d[None, :] < Dv)
-        v = tl.load(v_ptrs, mask=v_mask, other=0.0)
+        if WITH_DLAMBDA:
+            v_mask = key_ok[:, None]
+            if MASK_D:
+                v_mask = v_mask & (offs_d[None, :] < Dv)
+            v = tl.load(v_ptrs, mask=v_mask, other=0.0)
+    if not WITH_DLAMBDA:
+        v = lam_k  # unused
 
     # query ranges: [0, q_start) sees no key of this block; [q_start, q_mid) needs the mask; [q_mid, Tq) not
     if IS_CAUSAL:
@@ -310,10 +347,11 @@ def taumode_attention_bwd_kernel(
         ROWS_bh = ROWS + (b * H + h) * (tl.cdiv(Tq, BLOCK_M) * 3 * BLOCK_M)
         DO_bh = DO + b * stride_do_b + h * stride_do_h
         DLQP_bh = DLQ_PART + ((pid_n * B + b) * H + h) * Tq
-        # rows that see no key of this block: their partial dλq is 0
-        for start_m in range(0, q_start, BLOCK_M):
-            offs_m = start_m + tl.arange(0, BLOCK_M)
-            tl.store(DLQP_bh + offs_m, tl.zeros([BLOCK_M], dtype=tl.float32))
+        if WITH_DLAMBDA:
+            # rows that see no key of this block: their partial dλq is 0
+            for start_m in range(0, q_start, BLOCK_M):
+                offs_m = start_m + tl.arange(0, BLOCK_M)
+                tl.store(DLQP_bh + offs_m, tl.zeros([BLOCK_M], dtype=tl.float32))
         dlk_acc = tl.zeros([BLOCK_N, 16], dtype=tl.float32)
         # dtemperature and dslope as key vectors of row sums; the unmasked loop may keep dtemperature in a
         # register tile instead (DT_TILE), which is not live during the masked loop (its mask, the key-tail
@@ -326,7 +364,7 @@ def taumode_attention_bwd_kernel(
                 ROWS_bh, DO_bh, DLQP_bh, stride_do_t, stride_do_d,
                 Tq, Tk, Dv, off, inv_t2, slope2,
                 IS_CAUSAL, HAS_ALIBI, True, not EVEN_M, MASK_D, BLOCK_M, BLOCK_N, DOT_PRECISION, RED_PRECISION, GPU,
-                False)
+                False, WITH_DV, WITH_DLAMBDA)
         if DT_TILE:
             dt_acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
         else:
@@ -337,28 +375,34 @@ def taumode_attention_bwd_kernel(
                 ROWS_bh, DO_bh, DLQP_bh, stride_do_t, stride_do_d,
                 Tq, Tk, Dv, off, inv_t2, slope2,
                 IS_CAUSAL, HAS_ALIBI, False, not EVEN_M, MASK_D, BLOCK_M, BLOCK_N, DOT_PRECISION, RED_PRECISION, GPU,
-                DT_TILE)
-        dlk_total += dlk_acc * inv_t
-        if DT_TILE:
-            dt = tl.sum(tl.sum(dt_acc, 1) + dt_vec, 0) * (inv_t * inv_t)
-        else:
-            dt = tl.sum(dt_acc, 0) * (inv_t * inv_t)
-        tl.store(DT_PART + (b * H + h) * num_kb + pid_n, dt)
-        if HAS_ALIBI:
-            tl.store(DSLOPE_PART + (b * H + h) * num_kb + pid_n, -tl.sum(dsl_vec, 0))
+                DT_TILE, WITH_DV, WITH_DLAMBDA)
+        if WITH_DLAMBDA:
+            dlk_total += dlk_acc * inv_t
+            if DT_TILE:
+                dt = tl.sum(tl.sum(dt_acc, 1) + dt_vec, 0) * (inv_t * inv_t)
+            else:
+                dt = tl.sum(dt_acc, 0) * (inv_t * inv_t)
+            tl.store(DT_PART + (b * H + h) * num_kb + pid_n, dt)
+            if HAS_ALIBI:
+                tl.store(DSLOPE_PART + (b * H + h) * num_kb + pid_n, -tl.sum(dsl_vec, 0))
 
-    dlk = tl.sum(dlk_total, 1)
-    dv_ptrs = DV + b * stride_dv_b + hk * stride_dv_h + offs_n[:, None] * stride_dv_t + offs_d[None, :] * stride_dv_d
-    dv_out = dv_acc.to(DV.dtype.element_ty)
-    if EVEN_N:
-        tl.store(DLK + pid_bk * Tk + offs_n, dlk)
-        if MASK_D:
-            tl.store(dv_ptrs, dv_out, mask=offs_d[None, :] < Dv)
+    if WITH_DLAMBDA:
+        dlk = tl.sum(dlk_total, 1)
+        if EVEN_N:
+            tl.store(DLK + pid_bk * Tk + offs_n, dlk)
         else:
-            tl.store(dv_ptrs, dv_out)
-    else:
-        tl.store(DLK + pid_bk * Tk + offs_n, dlk, mask=offs_n < Tk)
-        dv_mask = offs_n[:, None] < Tk
-        if MASK_D:
-            dv_mask = dv_mask & (offs_d[None, :] < Dv)
-        tl.store(dv_ptrs, dv_out, mask=dv_mask)
+            tl.store(DLK + pid_bk * Tk + offs_n, dlk, mask=offs_n < Tk)
+    if WITH_DV:
+        dv_ptrs = (DV + b * stride_dv_b + hk * stride_dv_h + offs_n[:, None] * stride_dv_t
+                   + offs_d[None, :] * stride_dv_d)
+        dv_out = dv_acc.to(DV.dtype.element_ty)
+        if EVEN_N:
+            if MASK_D:
+                tl.store(dv_ptrs, dv_out, mask=offs_d[None, :] < Dv)
+            else:
+                tl.store(dv_ptrs, dv_out)
+        else:
+            dv_mask = offs_n[:, None] < Tk
+            if MASK_D:
+                dv_mask = dv_mask & (offs_d[None, :] < Dv)
+            tl.store(dv_ptrs, dv_out, mask=dv_mask)

@@ -138,6 +138,18 @@ def test_non_contiguous_cache_and_large_head(dv):
     _check(_run(*args, True), _oracle(*args, True), _tolerance(torch.float32, 0.05), 0.05)
 
 
+@pytest.mark.parametrize("dv, alibi, is_causal", [(256, False, True), (256, True, False), (512, True, True),
+                                                  (300, False, False)])
+def test_gqa_large_fp32_head_split_launches(dv, alibi, is_causal):
+    """fp32 Dv >= 256 with GQA runs as two launches, dV and then the λ/temperature/slope gradients
+    (backward_config's "launches"): every output written once and exact; Dv = 300 pads to 512."""
+    from tauformer_kernels.attention_triton_backward import backward_config
+
+    assert len(backward_config(torch.float32, dv, has_alibi=alibi, group=2, is_causal=is_causal)["launches"]) == 2
+    args = _inputs(2, 4, 2, 19, 23, dv, 0.05, dtype=torch.float32, alibi=alibi)
+    _check(_run(*args, is_causal), _oracle(*args, is_causal), _tolerance(torch.float32, 0.05), 0.05)
+
+
 def test_deterministic():
     """No atomics: two runs give bitwise identical gradients."""
     args = _inputs(1, 8, 2, 70, 70, 64, 0.05, dtype=torch.float32, alibi=True)

@@ -85,6 +85,14 @@ def backward_config(dtype: torch.dtype, dv: int, *, has_alibi: bool = False, gro
         elif bd >= 512:
             # 32×16 at 4 warps spilled 8 B; 8 warps: ~195/168 regs
             cfg["num_warps"] = 8
+    # the kernel's launches as (WITH_DV, WITH_DLAMBDA, num_warps): normally one for everything. fp32 Dv >= 256
+    # with GQA: one program holding the V tile and the dV accumulator across the group spills at every
+    # launch option tried, so dV runs in one launch and the rest in another (kernels/NOTES.md, v9); with
+    # ALiBi the second needs 8 warps (at 4, ptxas caps it at 128 registers and spills 16 B on sm_90)
+    if dtype == torch.float32 and block_d_of(dv) >= 256 and group > 1:
+        cfg["launches"] = ((True, False, cfg["num_warps"]), (False, True, 8 if has_alibi else cfg["num_warps"]))
+    else:
+        cfg["launches"] = ((True, True, cfg["num_warps"]),)
     if dtype != torch.float32 and block_d_of(dv) <= 64 and not is_causal and group > 1:
         # the GQA non-causal odd-T build spilled 8/32 B at 64×64 (DT_TILE off did not help): 32 query rows
         cfg["BLOCK_M"] = 32
@@ -171,17 +179,20 @@ def attention_bwd_triton(dout, lq, lk, v, out, lse, temperature, alibi_slopes, i
     )
     slopes = alibi_slopes.to(torch.float32).contiguous() if alibi_slopes is not None else rows
     dot_prec, red_prec = dot_precisions(v.dtype, dv_dim)
-    taumode_attention_bwd_kernel[(num_kb, b * hkv)](
-        rows, lk, v, dout, temperature.to(torch.float32).contiguous(), slopes,
-        dv, dlk, dlq_part, dt_part, dslope_part,
-        *lk.stride(), *v.stride(), *dout.stride(), *dv.stride(),
-        b, h, tq, tk, dv_dim,
-        GROUP=group, IS_CAUSAL=bool(is_causal), HAS_ALIBI=alibi_slopes is not None,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
-        EVEN_M=tq % block_m == 0, EVEN_N=tk % block_n == 0, MASK_D=block_d != dv_dim,
-        DOT_PRECISION=dot_prec, RED_PRECISION=red_prec, GPU=not _interpreting(), DT_TILE=cfg["DT_TILE"],
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-    )
+    temp = temperature.to(torch.float32).contiguous()
+    for with_dv, with_dlambda, num_warps in cfg["launches"]:  # one, or dV and then the rest (backward_config)
+        taumode_attention_bwd_kernel[(num_kb, b * hkv)](
+            rows, lk, v, dout, temp, slopes,
+            dv, dlk, dlq_part, dt_part, dslope_part,
+            *lk.stride(), *v.stride(), *dout.stride(), *dv.stride(),
+            b, h, tq, tk, dv_dim,
+            GROUP=group, IS_CAUSAL=bool(is_causal), HAS_ALIBI=alibi_slopes is not None,
+            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
+            EVEN_M=tq % block_m == 0, EVEN_N=tk % block_n == 0, MASK_D=block_d != dv_dim,
+            DOT_PRECISION=dot_prec, RED_PRECISION=red_prec, GPU=not _interpreting(), DT_TILE=cfg["DT_TILE"],
+            WITH_DV=with_dv, WITH_DLAMBDA=with_dlambda,
+            num_warps=num_warps, num_stages=cfg["num_stages"],
+        )
     # fixed-order reductions of the per-key-block partials
     dlq = dlq_part.sum(0).mul_(-1.0 / temperature.to(torch.float32).view(1, h, 1))
     dtemp = dt_part.sum(dim=(0, 2))

@@ -38,9 +38,25 @@ class Entry:
     per_arch: dict = field(default_factory=dict)
 
 
+def _attention_bwd_entries(dtype: str, block_d: int, causal: bool, alibi: bool, group: int,
+                           even: bool = True) -> list[Entry]:
+    """The launches of the attention backward for these arguments: one, or the two of a split config."""
+    import torch
+
+    from tauformer_kernels.attention_triton_backward import backward_config
+
+    tdtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
+    launches = backward_config(tdtype, block_d, has_alibi=alibi, group=group, is_causal=causal,
+                               interpret=False)["launches"]
+    if len(launches) == 1:
+        return [_attention_bwd_entry(dtype, block_d, causal, alibi, group, even)]
+    return [_attention_bwd_entry(dtype, block_d, causal, alibi, group, even, parts=parts) for parts in ("dv", "dlambda")]
+
+
 def _attention_bwd_entry(dtype: str, block_d: int, causal: bool, alibi: bool, group: int,
-                         even: bool = True, name: str = "") -> Entry:
-    """The attention backward at the launcher's own configuration (`backward_config`) for these arguments."""
+                         even: bool = True, name: str = "", parts: str = "") -> Entry:
+    """The attention backward at the launcher's own configuration (`backward_config`) for these arguments;
+    `parts` "dv" or "dlambda": one launch of a split config (WITH_DV / WITH_DLAMBDA), "" both."""
     import torch
 
     from tauformer_kernels.attention_triton_backward import backward_config, dot_precisions
@@ -66,11 +82,13 @@ def _attention_bwd_entry(dtype: str, block_d: int, causal: bool, alibi: bool, gr
     ce = {"GROUP": group, "IS_CAUSAL": causal, "HAS_ALIBI": alibi, "BLOCK_M": cfg["BLOCK_M"],
           "BLOCK_N": cfg["BLOCK_N"], "BLOCK_D": block_d, "EVEN_M": even, "EVEN_N": even, "MASK_D": False,
           "DOT_PRECISION": prec[0], "RED_PRECISION": prec[1], "GPU": True,
-          "DT_TILE": cfg["DT_TILE"]}
+          "DT_TILE": cfg["DT_TILE"], "WITH_DV": parts != "dlambda", "WITH_DLAMBDA": parts != "dv"}
+    launch = 1 if parts == "dlambda" else 0  # its index in backward_config's "launches"
     per_arch = {arch: {"constexprs": dict(ce, BLOCK_M=c["BLOCK_M"], BLOCK_N=c["BLOCK_N"], DT_TILE=c["DT_TILE"]),
-                       "num_warps": c["num_warps"], "num_stages": c["num_stages"]} for arch, c in cfgs.items()}
-    return Entry(name or f"taumode_attention_bwd {dtype} D={block_d} causal={causal} alibi={alibi} G={group}",
-                 taumode_attention_bwd_kernel, sig, ce, cfg["num_warps"], cfg["num_stages"], ones, div16,
+                       "num_warps": c["launches"][launch][2], "num_stages": c["num_stages"]} for arch, c in cfgs.items()}
+    label = f" {parts}" if parts else ""
+    return Entry(name or f"taumode_attention_bwd {dtype} D={block_d} causal={causal} alibi={alibi} G={group}{label}",
+                 taumode_attention_bwd_kernel, sig, ce, cfg["launches"][launch][2], cfg["num_stages"], ones, div16,
                  cfg["BLOCK_M"] * cfg["BLOCK_N"], per_arch=per_arch)
 
 
@@ -122,21 +140,17 @@ def entries() -> list[Entry]:
 
     from tauformer_kernels.lambda_triton_backward import gpu_config
 
-    out = []
-    for dtype in ("bf16", "fp16"):
-        out.append(_attention_bwd_entry(dtype, 64, True, False, 1))
-    out.append(_attention_bwd_entry("fp32", 64, True, False, 1))
-    out.append(_attention_bwd_entry("bf16", 64, True, True, 4, even=False))
-    out.append(_attention_bwd_entry("fp16", 64, False, False, 2, even=False))
-    for d in (128, 256, 512):
-        out.append(_attention_bwd_entry("bf16", d, True, False, 1))
-    out.append(_attention_bwd_entry("bf16", 512, True, True, 2, even=False))
-    out.append(_attention_bwd_entry("fp32", 128, True, True, 1, even=False))
-    out.append(_attention_bwd_entry("fp32", 512, True, True, 1, even=False))
-    out.append(_attention_bwd_entry("fp32", 512, True, False, 1))
-    out.append(_attention_bwd_entry("fp32", 256, True, False, 1))
-    out.append(_attention_bwd_entry("fp32", 256, False, False, 1, even=False))
-    out.append(_attention_bwd_entry("fp32", 64, True, True, 2, even=False))
+    rows = [("bf16", 64, True, False, 1, True), ("fp16", 64, True, False, 1, True), ("fp32", 64, True, False, 1, True),
+            ("bf16", 64, True, True, 4, False), ("fp16", 64, False, False, 2, False)]
+    rows += [("bf16", d, True, False, 1, True) for d in (128, 256, 512)]
+    rows += [("bf16", 512, True, True, 2, False), ("fp32", 128, True, True, 1, False), ("fp32", 512, True, True, 1, False),
+             ("fp32", 512, True, False, 1, True), ("fp32", 256, True, False, 1, True),
+             ("fp32", 256, False, False, 1, False), ("fp32", 64, True, True, 2, False)]
+    # fp32 Dv >= 256 with GQA: the split launches (dV alone, then the λ/temperature/slope gradients)
+    rows += [("fp32", 512, True, False, 2, False), ("fp32", 512, False, False, 2, False),
+             ("fp32", 256, False, False, 2, False), ("fp32", 256, True, True, 2, False), ("fp32", 512, True, True, 2, False)]
+    out = [e for dtype, d, causal, alibi, group, even in rows
+           for e in _attention_bwd_entries(dtype, d, causal, alibi, group, even)]
     for dtype in ("bf16", "fp32"):
         out.append(_preprocess_entry(dtype, 64))
     out.append(_preprocess_entry("bf16", 512))
