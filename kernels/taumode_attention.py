@@ -22,8 +22,8 @@ condition and only the matching launch writes it, so each path is compiled alone
   diagonal or past Tk take an exponential per score with the same reference. With ALiBi (σ = slope·log2e, j0 the block
   start) a fully visible block has p_ij = min(u1_i·w1_j, u2_i·w2_j) with
       u1_i = 2^(-x_i - σ(i + off - j0 - N/2)), w1_j = 2^(y_j + σ(j - j0 - N/2)), u2, w2 likewise with ±x, ∓y,
-  Valid when `span` (the program's λ range in log2 units) keeps every factor finite and every dropped
-  (underflowed) product negligible: 1.5·span + σ·N/2 <= 96, and span <= FAST_SPAN, which bounds how far
+  Valid when σ >= 0 and `span` (the program's λ range in log2 units) keeps every factor finite and every
+  dropped (underflowed) product negligible: 1.5·span + σ·N/2 <= 96, and span <= FAST_SPAN, which bounds how far
   the row maximum can fall below the reference: 2^-span must stay inside the range of P's dtype (fp16:
   the binding limit). The row sums come from the tensor cores (P times a block of ones): they are sums of
   the same rounded P that multiplies V.
@@ -337,7 +337,9 @@ def taumode_attention_fwd_kernel(
     lam_lo = tl.minimum(q_lo, k_lo)
     lam_hi = tl.maximum(q_hi, k_hi)
     span = (lam_hi - lam_lo) * inv_t2
-    fast = (span <= FAST_SPAN) & (1.5 * span + slope2 * (BLOCK_N // 2) <= _FACTOR_LIMIT)
+    # a negative slope rewards distance: the row maximum is then far from the fixed reference (and the
+    # row factors grow without bound with i - j0), so only slopes >= 0 take the factorised path
+    fast = (span <= FAST_SPAN) & (1.5 * span + slope2 * (BLOCK_N // 2) <= _FACTOR_LIMIT) & (slope2 >= 0.0)
 
     # PATH 1 writes the programs where the factorised path is exact, PATH 2 the others (PATH 3: all)
     if PATH == 1:

@@ -62,7 +62,10 @@ def taumode_lambda_fwd_kernel(
         quad += tl.sum(lx * x_c, 1)
         norm2 += tl.sum(x_c * x_c, 1)
 
-    energy = tl.maximum(quad / (norm2 + eps), 0.0)
+    energy = quad / (norm2 + eps)
+    # the clamp of a PSD rounding error, written so that NaN passes through (maximum(NaN, 0) is 0 on the
+    # GPU's max.f32): a NaN or inf in x gives λ = NaN, as in the reference, never a plausible 0
+    energy = tl.where(energy < 0.0, 0.0, energy)
     tau = tl.load(TAU + h)
     lam = energy / (energy + tau)
     tl.store(LAM + pid_bh * T + offs_t, lam, mask=row_ok)

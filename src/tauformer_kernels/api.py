@@ -1,9 +1,9 @@
 """The public functions: taumode_lambda, taumode_attention, taumode_attention_from_lambda.
 
-Each turns float arguments into tensors, checks values (positivity, finiteness on request) and calls the
-matching `torch.ops.tauformer.*` op, which checks shapes and runs the chosen backend. In eager inference
-(no gradient needed, nothing tracing) they call the op's implementation directly: the same checks and
-code, without the dispatch cost (ops.eager_inference).
+Each turns float arguments into tensors and calls the matching `torch.ops.tauformer.*` op, which checks
+shapes and values (tau, temperature > 0; finiteness on request) and runs the chosen backend. In eager
+inference (no gradient needed, nothing tracing) they call the op's implementation directly: the same
+checks and code, without the dispatch cost (ops.eager_inference).
 """
 from __future__ import annotations
 
@@ -15,9 +15,8 @@ from . import backends, ops, reference, validation  # noqa: F401  (ops registers
 
 
 def _as_tensor(name: str, value, like: torch.Tensor) -> torch.Tensor:
-    """A positive float becomes a 0-dim tensor in the compute dtype; tensors are checked for value > 0."""
+    """A positive float becomes a 0-dim tensor in the compute dtype; tensors pass (the op checks them)."""
     if isinstance(value, torch.Tensor):
-        validation.check_positive_values(name, value)
         return value
     if not isinstance(value, (int, float)) or isinstance(value, bool):
         raise TypeError(f"{name} must be a float or a tensor, got {type(value).__name__}")
@@ -35,10 +34,6 @@ def _scalar(value: float, dtype: torch.dtype, device: torch.device) -> torch.Ten
     return torch.tensor(value, dtype=dtype, device=device)
 
 
-def _check_eps(eps) -> None:
-    validation.require(isinstance(eps, (int, float)) and eps >= 0, f"eps must be a float >= 0, got {eps!r}")
-
-
 def taumode_lambda(x, laplacian, *, tau=1.0, eps=1e-6, backend="auto", check_finite=False):
     """λ = E / (E + tau) with E = max(xᵀLx / (xᵀx + eps), 0), over the last dim of x (SPEC §1).
 
@@ -48,13 +43,12 @@ def taumode_lambda(x, laplacian, *, tau=1.0, eps=1e-6, backend="auto", check_fin
     """
     validation.check_tensor("x", x)
     backends.check_backend_name(backend)
-    _check_eps(eps)
+    validation.check_eps(eps)
     tau = _as_tensor("tau", tau, x)
-    if check_finite:
-        validation.check_finite(x=x, laplacian=laplacian, tau=tau)
+    args = (x, laplacian, tau, float(eps), backend, bool(check_finite))
     if ops.eager_inference(x, laplacian, tau):
-        return ops.taumode_lambda_composite(x, laplacian, tau, float(eps), backend)
-    return torch.ops.tauformer.taumode_lambda(x, laplacian, tau, float(eps), backend)
+        return ops.taumode_lambda_composite(*args)
+    return torch.ops.tauformer.taumode_lambda(*args)
 
 
 def taumode_attention(q, k, v, laplacian, *, tau=1.0, temperature=1.0, eps=1e-6, is_causal=True,
@@ -70,12 +64,10 @@ def taumode_attention(q, k, v, laplacian, *, tau=1.0, temperature=1.0, eps=1e-6,
     """
     validation.check_tensor("q", q)
     backends.check_backend_name(backend)
-    _check_eps(eps)
+    validation.check_eps(eps)
     tau = _as_tensor("tau", tau, q)
     temperature = _as_tensor("temperature", temperature, q)
-    if check_finite:
-        validation.check_finite(q=q, k=k, v=v, laplacian=laplacian, tau=tau, temperature=temperature, alibi_slopes=alibi_slopes)
-    args = (q, k, v, laplacian, tau, temperature, float(eps), bool(is_causal), alibi_slopes, backend)
+    args = (q, k, v, laplacian, tau, temperature, float(eps), bool(is_causal), alibi_slopes, backend, bool(check_finite))
     if ops.eager_inference(q, k, v, laplacian, tau, temperature, alibi_slopes):
         return ops.taumode_attention_composite(*args)
     return torch.ops.tauformer.taumode_attention(*args)
@@ -91,9 +83,7 @@ def taumode_attention_from_lambda(lq, lk, v, *, temperature=1.0, is_causal=True,
     validation.check_tensor("lq", lq)
     backends.check_backend_name(backend)
     temperature = _as_tensor("temperature", temperature, lq)
-    if check_finite:
-        validation.check_finite(lq=lq, lk=lk, v=v, temperature=temperature, alibi_slopes=alibi_slopes)
-    args = (lq, lk, v, temperature, bool(is_causal), alibi_slopes, backend)
+    args = (lq, lk, v, temperature, bool(is_causal), alibi_slopes, backend, bool(check_finite))
     if ops.eager_inference(lq, lk, v, temperature, alibi_slopes):
         return ops.taumode_attention_from_lambda_composite(*args)
     return torch.ops.tauformer.taumode_attention_from_lambda(*args)

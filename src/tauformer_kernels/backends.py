@@ -46,6 +46,16 @@ def _require_triton(device: torch.device, dtype: torch.dtype) -> None:
         )
     if dtype == torch.float64:
         raise TypeError("backend='triton' runs float16, bfloat16 and float32; use backend='reference' for float64")
+    if dtype == torch.bfloat16 and device.type != "cuda":
+        from .interpreter import gpu_numerics_enabled
+
+        if not gpu_numerics_enabled():
+            raise TypeError(
+                "backend='triton' with bfloat16 under TRITON_INTERPRET=1: Triton's interpreter multiplies "
+                "bf16 bit patterns as integers (garbage results); call "
+                "tauformer_kernels.interpreter.enable_gpu_numerics() first to emulate bf16, or use float16/"
+                "float32 or backend='reference'"
+            )
 
 
 def resolve_attention_backend(backend: str, device: torch.device, dtype: torch.dtype, keys: int = 0,

@@ -105,19 +105,32 @@ def save_laplacian(path, laplacian, **build_parameters) -> None:
 
 
 def load_laplacian(path, features: int | None = None, *, dtype=torch.float32, with_parameters: bool = False):
-    """Load and validate a Laplacian: this package's .npz, or a COO .npz with arrays row, col, value, shape
-    (the layout of the reference crate's shipped manifold). Returns L, or (L, build_parameters)."""
-    with np.load(path, allow_pickle=False) as data:
-        if "laplacian" in data:
-            lap = data["laplacian"].astype(np.float64)
-            params = json.loads(str(data["build_parameters"])) if "build_parameters" in data else {}
-        elif {"row", "col", "value", "shape"} <= set(data.files):
-            shape = tuple(int(s) for s in data["shape"])
-            lap = np.zeros(shape)
-            np.add.at(lap, (data["row"].astype(np.int64), data["col"].astype(np.int64)), data["value"])
-            params = {"source": "coo"}
-        else:
-            raise ValueError(f"{path}: not a Laplacian file (expected arrays 'laplacian' or 'row', 'col', 'value', 'shape')")
-    validate_laplacian(lap, features)
+    """Load and validate a Laplacian: this package's .npz, a COO .npz with arrays row, col, value, shape
+    (the layout of the reference crate's shipped manifold), or an .npy holding the F×F matrix.
+    Returns L, or (L, build_parameters). Errors name the file."""
+    try:
+        loaded = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path}: not a Laplacian file (an .npz from save_laplacian, a COO .npz, or an F×F "
+                         f".npy): {e}") from e
+    if isinstance(loaded, np.ndarray):
+        lap, params = loaded.astype(np.float64), {"source": "npy"}
+    else:
+        with loaded as data:
+            if "laplacian" in data:
+                lap = data["laplacian"].astype(np.float64)
+                params = json.loads(str(data["build_parameters"])) if "build_parameters" in data else {}
+            elif {"row", "col", "value", "shape"} <= set(data.files):
+                shape = tuple(int(s) for s in data["shape"])
+                lap = np.zeros(shape)
+                np.add.at(lap, (data["row"].astype(np.int64), data["col"].astype(np.int64)), data["value"])
+                params = {"source": "coo"}
+            else:
+                raise ValueError(f"{path}: not a Laplacian file (expected arrays 'laplacian' or 'row', 'col', "
+                                 f"'value', 'shape')")
+    try:
+        validate_laplacian(lap, features)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from e
     lap_t = torch.from_numpy(lap).to(dtype)
     return (lap_t, params) if with_parameters else lap_t

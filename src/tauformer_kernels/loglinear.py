@@ -68,7 +68,7 @@ def _phi_diff(inv_t, slope, xa, xb, ya, yb, ca, cb):
 def _scan(x, y, c, w, inv_t, slope, moments=False, monotone=False, chunk=SCAN_CHUNK):
     """Prefix sums relative to a running reference.
 
-    x (Z, n) fp32 coordinate (λ or −λ); y (Z, n) position coordinate or None; c (Z, n) log-offset or None;
+    x (Z, n) coordinate (λ or −λ); y (Z, n) position coordinate or None; c (Z, n) log-offset or None;
     w (Z, n, D) weights; inv_t (Z, 1); slope (Z, 1) or None. With φ_r = x_r·inv_t + slope·y_r + c_r and
     ref(p) = argmax_{r ≤ p} φ_r, returns
 
@@ -424,11 +424,12 @@ def _prepare(lq, lk, v, temperature, alibi_slopes):
     b, h, tq = lq.shape
     hkv = lk.shape[1]
     grp = h // hkv
-    lqg = lq.float().reshape(b, hkv, grp, tq)
-    inv_t = (1.0 / temperature.float()).view(1, hkv, grp, 1).expand(b, hkv, grp, 1)
-    slope = None if alibi_slopes is None else alibi_slopes.float().view(b, hkv, grp, 1)
-    v1 = torch.cat([v.float(), v.new_ones(*v.shape[:-1], 1, dtype=torch.float32)], dim=-1)
-    return lqg, lk.float(), v1, inv_t, slope
+    dt = reference.compute_dtype(lq)
+    lqg = lq.to(dt).reshape(b, hkv, grp, tq)
+    inv_t = (1.0 / temperature.to(dt)).view(1, hkv, grp, 1).expand(b, hkv, grp, 1)
+    slope = None if alibi_slopes is None else alibi_slopes.to(dt).view(b, hkv, grp, 1)
+    v1 = torch.cat([v.to(dt), v.new_ones(*v.shape[:-1], 1, dtype=dt)], dim=-1)
+    return lqg, lk.to(dt), v1, inv_t, slope
 
 
 def _causal_part(lqg, lk, v1, inv_t, slope, strict, q_start):
@@ -483,17 +484,15 @@ def _forward_parts(lq, lk, v, temperature, alibi_slopes, is_causal):
 def attention_fwd_loglinear(lq, lk, v, temperature, alibi_slopes, is_causal):
     """Exact taumode attention in O(T·D·log T) (see the module docstring). Returns (out, lse).
 
-    lq (B, H, Tq) fp32; lk (B, Hkv, Tk) fp32; v (B, Hkv, Tk, Dv); temperature (H,); alibi_slopes (B, H)
-    or None. Causal is bottom-right aligned (Tq ≤ Tk). out in v.dtype, lse (B, H, Tq) fp32.
+    lq (B, H, Tq); lk (B, Hkv, Tk); v (B, Hkv, Tk, Dv); temperature (H,); alibi_slopes (B, H)
+    or None, all in the compute dtype (float64 for float64 inputs, else fp32: the whole computation runs in
+    it). Causal is bottom-right aligned (Tq ≤ Tk). out in v.dtype, lse (B, H, Tq) in the compute dtype.
     Few queries (decode, short prompts) go to the dense chunked path, which is cheaper there.
     """
     b, h, tq = lq.shape
     hkv, tk, dv = lk.shape[1], lk.shape[2], v.shape[-1]
     if _use_dense(tq, tk, is_causal, alibi_slopes):
-        out, lse = reference.attention_fwd_chunked(lq.float(), lk.float(), v, temperature.float(),
-                                                   None if alibi_slopes is None else alibi_slopes.float(),
-                                                   is_causal)
-        return out, lse.float()
+        return reference.attention_fwd_chunked(lq, lk, v, temperature, alibi_slopes, is_causal)
     m, acc = _forward_parts(lq, lk, v, temperature, alibi_slopes, is_causal)
     den = acc[..., dv]
     out = (acc[..., :dv] / den[..., None]).reshape(b, h, tq, dv).to(v.dtype)
@@ -633,16 +632,13 @@ def attention_bwd_loglinear(dout, lq, lk, v, out, lse, temperature, alibi_slopes
     hkv, tk, dv_dim = lk.shape[1], lk.shape[2], v.shape[-1]
     grp = h // hkv
     if _use_dense(tq, tk, is_causal, alibi_slopes):
-        res = reference.attention_bwd_chunked(dout, lq.float(), lk.float(), v, out, lse.float(),
-                                              temperature.float(),
-                                              None if alibi_slopes is None else alibi_slopes.float(), is_causal)
-        dlq, dlk, dv, dtemp, dalibi = res
-        return dlq.float(), dlk.float(), dv.to(v.dtype), dtemp.float(), None if dalibi is None else dalibi.float()
+        return reference.attention_bwd_chunked(dout, lq, lk, v, out, lse, temperature, alibi_slopes, is_causal)
     lqg, lkf, v1, inv_t, slope = _prepare(lq, lk, v, temperature, alibi_slopes)
-    do = dout.float().reshape(b, hkv, grp, tq, dv_dim)
-    delta = (do * out.float().reshape(b, hkv, grp, tq, dv_dim)).sum(-1)
+    dt = lqg.dtype
+    do = dout.to(dt).reshape(b, hkv, grp, tq, dv_dim)
+    delta = (do * out.to(dt).reshape(b, hkv, grp, tq, dv_dim)).sum(-1)
     g1 = torch.cat([do, delta[..., None]], dim=-1)
-    lse_g = lse.float().reshape(b, hkv, grp, tq)
+    lse_g = lse.to(dt).reshape(b, hkv, grp, tq)
     if is_causal:
         acc = _bwd_causal_part(lqg, lkf, v1, g1, lse_g, inv_t, slope, False, tk - tq)
     elif slope is None:
@@ -654,7 +650,7 @@ def attention_bwd_loglinear(dout, lq, lk, v, out, lse, temperature, alibi_slopes
         for k in acc:
             acc[k] = acc[k] + rev[k].flip(-2)
 
-    o = out.float().reshape(b, hkv, grp, tq, dv_dim)
+    o = out.to(dt).reshape(b, hkv, grp, tq, dv_dim)
 
     def contract(t):  # dO_i·t_v − D_i·t_1 = dO_i·(t_v − O_i t_1) for the query-side sums, (B, Hkv, G, Tq)
         return (do * (t[..., :dv_dim] - o * t[..., dv_dim:])).sum(-1)

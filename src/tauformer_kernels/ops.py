@@ -66,6 +66,22 @@ def _attention_backward_fn(backend: str):
     return reference.attention_bwd_chunked
 
 
+def lambda_forward(x: Tensor, laplacian: Tensor, tau: Tensor, eps: float, backend: str, check_finite: bool = False,
+                   name: str = "x") -> Tensor:
+    """Every λ forward runs this, through the op or directly: the checks that read values (they need real
+    tensors, so they live here and not in the traced composite: under torch.compile the op's body still
+    runs eagerly), then the backend's function."""
+    validation.check_lambda_values(name, x, laplacian, tau, check_finite)
+    return _lambda_forward(backend)(x, laplacian, tau, eps)
+
+
+def attention_forward(lq: Tensor, lk: Tensor, v: Tensor, temperature: Tensor, alibi_slopes: Optional[Tensor],
+                      is_causal: bool, backend: str, check_finite: bool = False) -> tuple[Tensor, Tensor]:
+    """Every attention forward runs this: the value checks (as in lambda_forward), then the backend."""
+    validation.check_attention_values(lq, lk, v, temperature, alibi_slopes, check_finite)
+    return _attention_forward(backend)(lq, lk, v, temperature, alibi_slopes, is_causal)
+
+
 def eager_inference(*tensors: Optional[Tensor]) -> bool:
     """True when a call records no autograd graph and no tracer (torch.compile, export, fake tensors)
     sees it: then the op layers add nothing but their dispatch cost."""
@@ -80,12 +96,13 @@ def eager_inference(*tensors: Optional[Tensor]) -> bool:
 # ----------------------------------------------------------------------------------------------------
 
 @torch.library.custom_op("tauformer::lambda_fwd", mutates_args=())
-def lambda_fwd(x: Tensor, laplacian: Tensor, tau: Tensor, eps: float, backend: str) -> Tensor:
-    return _lambda_forward(backend)(x, laplacian, tau, eps)
+def lambda_fwd(x: Tensor, laplacian: Tensor, tau: Tensor, eps: float, backend: str, check_finite: bool,
+               name: str) -> Tensor:
+    return lambda_forward(x, laplacian, tau, eps, backend, check_finite, name)
 
 
 @lambda_fwd.register_fake
-def _(x, laplacian, tau, eps, backend):
+def _(x, laplacian, tau, eps, backend, check_finite, name):
     return x.new_empty(x.shape[:-1], dtype=reference.compute_dtype(x))
 
 
@@ -107,7 +124,7 @@ def _(dlam, x, laplacian, tau, eps, backend, laplacian_grad):
 
 
 def _lambda_setup_context(ctx, inputs, output):
-    x, laplacian, tau, eps, backend = inputs
+    x, laplacian, tau, eps, backend, _, _ = inputs
     ctx.save_for_backward(x, laplacian, tau)
     ctx.eps, ctx.backend = eps, backend
 
@@ -115,7 +132,7 @@ def _lambda_setup_context(ctx, inputs, output):
 def _lambda_backward(ctx, dlam):
     x, laplacian, tau = ctx.saved_tensors
     dx, dtau, dlap = lambda_bwd(dlam.contiguous(), x, laplacian, tau, ctx.eps, ctx.backend, ctx.needs_input_grad[1])
-    return dx, (dlap if ctx.needs_input_grad[1] else None), dtau, None, None
+    return dx, (dlap if ctx.needs_input_grad[1] else None), dtau, None, None, None, None
 
 
 lambda_fwd.register_autograd(_lambda_backward, setup_context=_lambda_setup_context)
@@ -123,13 +140,14 @@ lambda_fwd.register_autograd(_lambda_backward, setup_context=_lambda_setup_conte
 
 @torch.library.custom_op("tauformer::attention_fwd", mutates_args=())
 def attention_fwd(
-    lq: Tensor, lk: Tensor, v: Tensor, temperature: Tensor, alibi_slopes: Optional[Tensor], is_causal: bool, backend: str
+    lq: Tensor, lk: Tensor, v: Tensor, temperature: Tensor, alibi_slopes: Optional[Tensor], is_causal: bool, backend: str,
+    check_finite: bool,
 ) -> tuple[Tensor, Tensor]:
-    return _attention_forward(backend)(lq, lk, v, temperature, alibi_slopes, is_causal)
+    return attention_forward(lq, lk, v, temperature, alibi_slopes, is_causal, backend, check_finite)
 
 
 @attention_fwd.register_fake
-def _(lq, lk, v, temperature, alibi_slopes, is_causal, backend):
+def _(lq, lk, v, temperature, alibi_slopes, is_causal, backend, check_finite):
     b, h, tq = lq.shape
     return v.new_empty(b, h, tq, v.shape[-1]), lq.new_empty(b, h, tq)
 
@@ -142,6 +160,7 @@ def attention_bwd(
     dlq, dlk, dv, dtemp, dalibi = _attention_backward_fn(backend)(
         dout, lq, lk, v, out, lse, temperature, alibi_slopes, is_causal
     )
+    dlq, dlk = reference.remove_translation(dlq, dlk)
     # custom ops cannot return None: without slopes the slope gradient is an empty tensor
     return dlq, dlk, dv, dtemp, (lq.new_empty(0) if dalibi is None else dalibi)
 
@@ -153,7 +172,7 @@ def _(dout, lq, lk, v, out, lse, temperature, alibi_slopes, is_causal, backend):
 
 
 def _attention_setup_context(ctx, inputs, output):
-    lq, lk, v, temperature, alibi_slopes, is_causal, backend = inputs
+    lq, lk, v, temperature, alibi_slopes, is_causal, backend, _ = inputs
     out, lse = output
     ctx.mark_non_differentiable(lse)
     ctx.save_for_backward(lq, lk, v, out, lse, temperature, alibi_slopes)
@@ -165,7 +184,7 @@ def _attention_backward(ctx, dout, _dlse):
     dlq, dlk, dv, dtemp, dalibi = attention_bwd(
         dout.contiguous(), lq, lk, v, out, lse, temperature, alibi_slopes, ctx.is_causal, ctx.backend
     )
-    return dlq, dlk, dv, dtemp, (dalibi if alibi_slopes is not None else None), None, None
+    return dlq, dlk, dv, dtemp, (dalibi if alibi_slopes is not None else None), None, None, None
 
 
 attention_fwd.register_autograd(_attention_backward, setup_context=_attention_setup_context)
@@ -177,14 +196,16 @@ attention_fwd.register_autograd(_attention_backward, setup_context=_attention_se
 
 _lib = torch.library.Library("tauformer", "FRAGMENT")
 
-_lib.define("taumode_lambda(Tensor x, Tensor laplacian, Tensor tau, float eps=1e-06, str backend='auto') -> Tensor")
+_lib.define("taumode_lambda(Tensor x, Tensor laplacian, Tensor tau, float eps=1e-06, str backend='auto', "
+            "bool check_finite=False) -> Tensor")
 _lib.define(
     "taumode_attention_from_lambda(Tensor lq, Tensor lk, Tensor v, Tensor temperature, bool is_causal=True, "
-    "Tensor? alibi_slopes=None, str backend='auto') -> Tensor"
+    "Tensor? alibi_slopes=None, str backend='auto', bool check_finite=False) -> Tensor"
 )
 _lib.define(
     "taumode_attention(Tensor q, Tensor k, Tensor v, Tensor laplacian, Tensor tau, Tensor temperature, "
-    "float eps=1e-06, bool is_causal=True, Tensor? alibi_slopes=None, str backend='auto') -> Tensor"
+    "float eps=1e-06, bool is_causal=True, Tensor? alibi_slopes=None, str backend='auto', "
+    "bool check_finite=False) -> Tensor"
 )
 
 
@@ -193,19 +214,21 @@ def per_head(value: Tensor, heads: int, dtype: torch.dtype) -> Tensor:
     return value.to(dtype).expand(heads).contiguous()
 
 
-def _lambda_of_heads(x: Tensor, laplacian: Tensor, tau_heads: Tensor, eps: float, backend: str) -> Tensor:
+def _lambda_of_heads(x: Tensor, laplacian: Tensor, tau_heads: Tensor, eps: float, backend: str,
+                     check_finite: bool, name: str) -> Tensor:
     """λ of x (B, Hx, T, F) with one tau per head of x."""
     lam_backend = backends.resolve_lambda_backend(backend, x.device, x.dtype)
     dt = reference.compute_dtype(x)
     if laplacian.dtype != dt:
         laplacian = laplacian.to(dt)
     if eager_inference(x, laplacian, tau_heads):
-        return _lambda_forward(lam_backend)(x, laplacian, tau_heads, eps)
-    return lambda_fwd(x, laplacian, tau_heads, eps, lam_backend)
+        return lambda_forward(x, laplacian, tau_heads, eps, lam_backend, check_finite, name)
+    return lambda_fwd(x, laplacian, tau_heads, eps, lam_backend, check_finite, name)
 
 
-def taumode_lambda_composite(x, laplacian, tau, eps=1e-6, backend="auto"):
+def taumode_lambda_composite(x, laplacian, tau, eps=1e-6, backend="auto", check_finite=False):
     validation.check_tensor("x", x)
+    validation.check_eps(eps)
     validation.require(x.dim() >= 1, "x must have at least one dimension (the head dim F)")
     validation.check_laplacian(laplacian, x.shape[-1])
     validation.check_same_device(x=x, laplacian=laplacian, tau=tau)
@@ -220,11 +243,12 @@ def taumode_lambda_composite(x, laplacian, tau, eps=1e-6, backend="auto"):
         heads = 1
     # expanded, not copied: the references broadcast it, the Triton launcher makes it contiguous
     tau_heads = (tau if tau.dtype == dt else tau.to(dt)).expand(heads)
-    lam = _lambda_of_heads(x4, laplacian, tau_heads, eps, backend)
+    lam = _lambda_of_heads(x4, laplacian, tau_heads, eps, backend, check_finite, "x")
     return lam if x4 is x else lam.reshape(x.shape[:-1])
 
 
-def taumode_attention_from_lambda_composite(lq, lk, v, temperature, is_causal=True, alibi_slopes=None, backend="auto"):
+def taumode_attention_from_lambda_composite(lq, lk, v, temperature, is_causal=True, alibi_slopes=None, backend="auto",
+                                            check_finite=False):
     validation.check_attention_shapes(lq, lk, v, names=("lq", "lk"), is_causal=is_causal, head_dim=False)
     b, h = lq.shape[:2]
     validation.check_per_head("temperature", temperature, h, "one per query head")
@@ -237,20 +261,23 @@ def taumode_attention_from_lambda_composite(lq, lk, v, temperature, is_causal=Tr
     slopes = None if alibi_slopes is None else alibi_slopes.to(dt).expand(b, h).contiguous()
     args = (lq.to(dt), lk.to(dt), v, per_head(temperature, h, dt), slopes, is_causal)
     if eager_inference(*args[:5]):
-        return _attention_forward(attn_backend)(*args)[0]
-    return attention_fwd(*args, attn_backend)[0]
+        return attention_forward(*args, attn_backend, check_finite)[0]
+    return attention_fwd(*args, attn_backend, check_finite)[0]
 
 
-def taumode_attention_composite(q, k, v, laplacian, tau, temperature, eps=1e-6, is_causal=True, alibi_slopes=None, backend="auto"):
+def taumode_attention_composite(q, k, v, laplacian, tau, temperature, eps=1e-6, is_causal=True, alibi_slopes=None,
+                                backend="auto", check_finite=False):
     validation.check_attention_shapes(q, k, v, names=("q", "k"), is_causal=is_causal, head_dim=True)
+    validation.check_eps(eps)
     validation.check_laplacian(laplacian, q.shape[-1])
     h, hkv = q.shape[1], k.shape[1]
     validation.check_per_head("tau", tau, hkv, "one per kv head, shared by the query heads of its group")
     validation.check_same_device(q=q, laplacian=laplacian, tau=tau)
     tau_kv = per_head(tau, hkv, reference.compute_dtype(q))
-    lq = _lambda_of_heads(q, laplacian, tau_kv.repeat_interleave(h // hkv), eps, backend)
-    lk = _lambda_of_heads(k, laplacian, tau_kv, eps, backend)
-    return taumode_attention_from_lambda_composite(lq, lk, v, temperature, is_causal, alibi_slopes, backend)
+    lq = _lambda_of_heads(q, laplacian, tau_kv.repeat_interleave(h // hkv), eps, backend, check_finite, "q")
+    lk = _lambda_of_heads(k, laplacian, tau_kv, eps, backend, check_finite, "k")
+    return taumode_attention_from_lambda_composite(lq, lk, v, temperature, is_causal, alibi_slopes, backend,
+                                                   check_finite)
 
 
 _lib.impl("taumode_lambda", taumode_lambda_composite, "CompositeImplicitAutograd")

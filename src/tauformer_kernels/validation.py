@@ -1,9 +1,14 @@
-"""Argument checks for the public API: run once at the boundary, messages name the argument and shapes.
+"""Argument checks: messages name the argument and the shapes.
 
-Shape, dtype and device checks work on fake tensors too, so they also run while `torch.compile` traces.
-Checks that read values (temperature > 0, finiteness) need data and are skipped while compiling.
+Shape, dtype and device checks work on fake tensors too: the public ops run them, so they also run while
+`torch.compile` traces. Checks that read values (tau and temperature > 0, finiteness) need real tensors:
+the ops' forward bodies run them (ops.lambda_forward / ops.attention_forward), which run eagerly even
+inside a compiled graph, so `torch.ops.tauformer.*` called directly or compiled checks what the Python
+functions check. Each value check reads one bool back from the device.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -56,15 +61,33 @@ def check_per_head(name: str, value, heads: int, what: str) -> None:
     )
 
 
-def check_positive_values(name: str, value) -> None:
-    if isinstance(value, torch.Tensor) and not torch.compiler.is_compiling():
-        require(bool((value > 0).all()), lambda: f"{name} must be > 0 everywhere, got min {value.min().item():.3g}")
+def check_positive_values(name: str, value: torch.Tensor) -> None:
+    require(bool((value > 0).all()), lambda: f"{name} must be > 0 everywhere, got min {value.min().item():.3g}")
+
+
+def check_eps(eps) -> None:
+    require(isinstance(eps, (int, float)) and not isinstance(eps, bool) and eps >= 0 and math.isfinite(eps),
+            lambda: f"eps must be a finite float >= 0, got {eps!r}")
 
 
 def check_finite(**tensors) -> None:
     for name, t in tensors.items():
         if isinstance(t, torch.Tensor):
             require(bool(torch.isfinite(t).all()), lambda: f"{name} contains non-finite values (inf or nan)")
+
+
+def check_lambda_values(name: str, x, laplacian, tau, check_finite_values: bool) -> None:
+    """Values of a λ projection's inputs: tau > 0; with check_finite_values, no inf or nan anywhere."""
+    if check_finite_values:
+        check_finite(**{name: x, "laplacian": laplacian, "tau": tau})
+    check_positive_values("tau", tau)
+
+
+def check_attention_values(lq, lk, v, temperature, alibi_slopes, check_finite_values: bool) -> None:
+    """Values of an attention's inputs: temperature > 0; with check_finite_values, no inf or nan anywhere."""
+    if check_finite_values:
+        check_finite(lq=lq, lk=lk, v=v, temperature=temperature, alibi_slopes=alibi_slopes)
+    check_positive_values("temperature", temperature)
 
 
 def check_alibi(alibi_slopes, batch: int, heads: int) -> None:
