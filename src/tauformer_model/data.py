@@ -19,6 +19,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+class DataError(ValueError):
+    """A corpus the trainer cannot use (no text, a split too short); the message says what to change."""
+
+
 VAL_EVERY = 20  # a file goes to val when crc32(relative path) % VAL_EVERY == 0 (about 5 %)
 SEPARATOR = b"\n"  # between files
 
@@ -54,13 +58,8 @@ def split_files(root: pathlib.Path, files: list[pathlib.Path]) -> tuple[list[pat
 
 
 def read_text_bytes(files: list[pathlib.Path]) -> bytes:
-    parts = []
-    for p in files:
-        data = p.read_bytes()
-        if b"\0" in data:  # binary file in a --data folder: skip it
-            continue
-        parts.append(data)
-    return SEPARATOR.join(parts)
+    """The files' bytes joined by SEPARATOR; binary files (with a NUL byte) are skipped."""
+    return SEPARATOR.join(data for data in (p.read_bytes() for p in files) if b"\0" not in data)
 
 
 class ByteTokenizer:
@@ -141,7 +140,9 @@ class Dataset:
         """n random window starts (data-parallel ranks draw a global batch alike and read their slice)."""
         data = self.train if split == "train" else self.val
         if len(data) <= block_size + 1:
-            raise ValueError(f"the {split} split has {len(data)} tokens, fewer than block_size + 2")
+            raise DataError(f"the {split} split of the corpus in {self.folder} has {len(data)} tokens; windows of "
+                            f"--block-size {block_size} need at least {block_size + 2}: give --data more text "
+                            f"or a smaller --block-size")
         return torch.randint(len(data) - block_size - 1, (n,), generator=generator).tolist()
 
     def windows(self, split: str, starts: list[int], block_size: int,
@@ -177,7 +178,6 @@ def load_dataset(data: str | None = None, cache_dir: str | None = None, tokenize
     folder = folder / f"{tokenizer}-{_fingerprint(root, files, tokenizer, vocab)}"
     meta_path = folder / "meta.json"
     if not meta_path.exists():
-        folder.mkdir(parents=True, exist_ok=True)
         train_files, val_files = split_files(root, files)
         if train_files and val_files:
             train_text, val_text = read_text_bytes(train_files), read_text_bytes(val_files)
@@ -185,6 +185,11 @@ def load_dataset(data: str | None = None, cache_dir: str | None = None, tokenize
             text = read_text_bytes(files)
             cut = len(text) - len(text) // VAL_EVERY
             train_text, val_text = text[:cut], text[cut:]
+        if not train_text.strip(SEPARATOR) or not val_text:
+            raise DataError(f"--data {data or root}: {len(files)} files, {len(train_text) + len(val_text)} bytes of "
+                            f"text after skipping binary files (those with a NUL byte): too little for a train "
+                            f"and a val split")
+        folder.mkdir(parents=True, exist_ok=True)
         log(f"tokenising {len(files)} files under {root} ({(len(train_text) + len(val_text)) / 1e6:.1f} MB) "
             f"into {folder}")
         tok = ByteTokenizer() if tokenizer == "byte" else BPETokenizer.train(train_text, vocab_size)

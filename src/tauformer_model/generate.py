@@ -8,22 +8,18 @@ at the next position. Reports tokens/s of both phases and the cache's size in by
 from __future__ import annotations
 
 import argparse
-import pathlib
 import sys
 import time
 
 import torch
 
-from .checkpoint import load_model
+from tauformer_kernels import BACKENDS
+
+from .checkpoint import CheckpointError, find_checkpoint, load_model
+from .cli import nonnegative_float, nonnegative_int, positive_int
 from .data import BPETokenizer, ByteTokenizer
 from .model import TauGPT
-from .train import CHECKPOINT_DIR, print0, resolve_device
-
-
-def checkpoint_folder(path: str) -> pathlib.Path:
-    """Accept a run folder (with checkpoint/) or the checkpoint folder itself."""
-    p = pathlib.Path(path)
-    return p / CHECKPOINT_DIR if (p / CHECKPOINT_DIR / "model.safetensors").exists() else p
+from .train import print0, resolve_device
 
 
 def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None, generator: torch.Generator | None) -> torch.Tensor:
@@ -71,15 +67,15 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="run folder (--out of train) or its checkpoint/ folder")
     p.add_argument("--prompt", default="def ", help="text to continue")
-    p.add_argument("--max-new-tokens", type=int, default=200, help="tokens to sample after the prompt")
-    p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature (0: greedy)")
-    p.add_argument("--top-k", type=int, default=50, help="sample among the k most likely tokens (0: all)")
-    p.add_argument("--num-samples", type=int, default=1, help="independent samples, decoded as one batch")
+    p.add_argument("--max-new-tokens", type=positive_int, default=200, help="tokens to sample after the prompt")
+    p.add_argument("--temperature", type=nonnegative_float, default=0.8, help="sampling temperature (0: greedy)")
+    p.add_argument("--top-k", type=nonnegative_int, default=50, help="sample among the k most likely tokens (0: all)")
+    p.add_argument("--num-samples", type=positive_int, default=1, help="independent samples, decoded as one batch")
     p.add_argument("--seed", type=int, default=0, help="seed of the sampler")
     p.add_argument("--device", default="auto", help="'auto' (cuda if available), 'cpu', 'cuda', ...")
-    p.add_argument("--threads", type=int, default=None,
+    p.add_argument("--threads", type=positive_int, default=None,
                    help="torch.set_num_threads (on a busy CPU, 1 thread decodes faster than 2)")
-    p.add_argument("--backend", default=None, help="override the checkpoint's tauformer_kernels backend")
+    p.add_argument("--backend", default=None, choices=BACKENDS, help="override the checkpoint's tauformer_kernels backend")
     p.add_argument("--sorted-cache", action="store_true",
                    help="taumode: decode with the sorted cache (exact; per step O(log T)-ish blocks instead of "
                         "O(T) keys, for long contexts; about 3x the cache bytes)")
@@ -87,12 +83,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    folder = checkpoint_folder(args.checkpoint)
+    folder = find_checkpoint(args.checkpoint)
+    if folder is None:
+        parser.error(f"--checkpoint {args.checkpoint}: no checkpoint there (a run folder of train, or its "
+                     f"checkpoint/ folder)")
     device = resolve_device(args.device)
-    model, meta = load_model(folder, device)
+    try:
+        model, meta = load_model(folder, device)
+    except CheckpointError as e:
+        print0(f"error: {e}", file=sys.stderr)
+        return 1
     if args.backend:
         model.config.backend = args.backend
     tok = BPETokenizer.load(folder / "tokenizer.json") if (folder / "tokenizer.json").exists() else ByteTokenizer()

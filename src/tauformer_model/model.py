@@ -362,4 +362,4 @@ def build_laplacian(spec: str, head_dim: int) -> torch.Tensor:
     """``"chain"`` or a file written by tauformer_kernels.save_laplacian; returns (F, F) fp32."""
     if spec == "chain":
         return tk.chain_laplacian(head_dim)
-    return tk.load_laplacian(spec)
+    return tk.load_laplacian(spec, head_dim)

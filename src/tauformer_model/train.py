@@ -1,8 +1,10 @@
 """Train a TauGPT: ``python -m tauformer_model.train [--preset tiny] [--attention taumode|dot] ...``
 
 Everything of a run lives in --out: metrics.jsonl (one JSON object per evaluation), loss.png and
-checkpoint/ (see checkpoint.py). ``--resume`` continues the run in --out exactly where its checkpoint
-left it (same batches, same RNG, same optimizer state). Ctrl-C saves a checkpoint and exits.
+checkpoint/ (see checkpoint.py: written as one unit, so a kill at any instant leaves a resumable one).
+``--resume`` continues the run in --out exactly where its checkpoint left it (same batches, same RNG,
+same optimizer state). Ctrl-C saves a checkpoint and exits. A step whose loss, gradient norm or updated
+parameters are not finite stops the run (exit code 1) before anything non-finite reaches a checkpoint.
 
 Data parallel: ``torchrun --nproc_per_node=N -m tauformer_model.train ...`` (DDP; NCCL on GPUs, gloo
 on CPU). A step trains on batch_size × grad_accum × N windows drawn by one sampler; rank r reads its
@@ -27,13 +29,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .checkpoint import load_model, load_state, save_checkpoint
-from .config import PRESETS, TauGPTConfig
-from .data import load_dataset
+from tauformer_kernels import BACKENDS, load_laplacian
+
+from .checkpoint import CheckpointError, find_checkpoint, load_model, load_state, save_checkpoint
+from .cli import fraction, laplacian_spec, nonnegative_float, nonnegative_int, positive_float, positive_int
+from .config import ATTENTIONS, PRESETS, RECENCIES, TauGPTConfig
+from .data import DataError, load_dataset
 from .model import TauGPT
-
-CHECKPOINT_DIR = "checkpoint"
-
 
 def print0(*args, **kwargs) -> None:
     """The one output function: prints on rank 0 only, above the progress bar."""
@@ -47,7 +49,7 @@ def print0(*args, **kwargs) -> None:
 
 
 class NonFiniteLoss(RuntimeError):
-    pass
+    """The run diverged: a loss, gradient norm or parameter is inf or nan (nothing of it was saved)."""
 
 
 @dataclass
@@ -173,10 +175,44 @@ def write_plot(out: pathlib.Path, rows: list[dict]) -> None:
     os.replace(tmp, out / "loss.png")
 
 
+class Progress:
+    """Training progress: a tqdm bar on a terminal; in a log file or CI (stderr not a terminal) a plain
+    line every `every_s` seconds instead of a carriage-return redraw per update."""
+
+    def __init__(self, total: int, initial: int, label: str, log, every_s: float = 30.0):
+        self.total, self.log, self.every_s = total, log, every_s
+        self.last = time.monotonic()
+        self.bar = None
+        if sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=initial, desc=label, mininterval=1.0, dynamic_ncols=True)
+
+    def update(self, step: int, loss: float, tokens_per_s: float) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens_per_s:.0f}")
+        elif time.monotonic() - self.last >= self.every_s:
+            self.last = time.monotonic()
+            self.log(f"step {step}/{self.total}: loss {loss:.4f}, {tokens_per_s:.0f} tokens/s")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
 def read_metrics(path: pathlib.Path, up_to_step: int | None = None) -> list[dict]:
     if not path.exists():
         return []
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    rows = []
+    for i, line in enumerate(lines):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i + 1 < len(lines):
+                raise
+            # the last line of a run killed while appending it: that evaluation is redone on --resume
     return [r for r in rows if up_to_step is None or r["step"] <= up_to_step]
 
 
@@ -212,7 +248,6 @@ def train(tc: TrainConfig, log=print0) -> dict:
 
 def _train(tc: TrainConfig, log, dist: Dist, device: torch.device) -> dict:
     out = pathlib.Path(tc.out)
-    ckpt_dir = out / CHECKPOINT_DIR
     metrics_path = out / "metrics.jsonl"
     if dist.main:
         out.mkdir(parents=True, exist_ok=True)
@@ -227,10 +262,11 @@ def _train(tc: TrainConfig, log, dist: Dist, device: torch.device) -> dict:
 
     state = None
     if tc.resume:
-        if not (ckpt_dir / "state.pt").exists():
-            raise FileNotFoundError(f"--resume: no checkpoint in {ckpt_dir}")
-        model, meta = load_model(ckpt_dir, device)
-        state = load_state(ckpt_dir, meta)
+        ckpt_dir = find_checkpoint(out)
+        if ckpt_dir is None:
+            raise FileNotFoundError(f"--resume: no checkpoint in {out}")
+        model, _ = load_model(ckpt_dir, device)
+        state = load_state(ckpt_dir)
         model.config.backend = tc.model.backend  # the one model option a resumed run may change
         tc.model = model.config
     else:
@@ -289,9 +325,14 @@ def _train(tc: TrainConfig, log, dist: Dist, device: torch.device) -> dict:
                 "loss_sum": loss_sum, "loss_count": loss_count, "train_time": train_time,
                 "train_config": train_config_to_dict(tc), "model_config": mc.to_dict()}
 
+    def diverged(what: str, at_step: int) -> str:
+        last = find_checkpoint(out)
+        kept = f"the last good checkpoint is kept: {last}" if last else "no checkpoint had been written"
+        return f"{what} at step {at_step}; stopping ({kept}). Try a lower --lr or --grad-clip."
+
     def save() -> None:
         if dist.main:
-            save_checkpoint(ckpt_dir, model, make_state(), dataset.tokenizer)
+            save_checkpoint(out, model, make_state(), dataset.tokenizer)
         dist.barrier()
 
     def record(val_loss: float, tokens_per_s: float | None) -> dict:
@@ -322,10 +363,7 @@ def _train(tc: TrainConfig, log, dist: Dist, device: torch.device) -> dict:
     global_batch = tc.batch_size * micro_batches
     tokens_per_step = global_batch * mc.block_size
     end_step = tc.max_steps if tc.stop_at is None else min(tc.max_steps, tc.stop_at)
-    bar = None
-    if tc.progress and dist.main:
-        from tqdm import tqdm
-        bar = tqdm(total=tc.max_steps, initial=step, desc=label, mininterval=1.0, dynamic_ncols=True)
+    progress = Progress(tc.max_steps, step, label, log) if tc.progress and dist.main else None
     summary = {"stopped": "done"}
     interval_tokens, interval_time = 0, 0.0
     try:
@@ -349,13 +387,16 @@ def _train(tc: TrainConfig, log, dist: Dist, device: torch.device) -> dict:
                 (loss / tc.grad_accum).backward()
                 local_loss += float(loss.detach())
             loss_value = dist.all_sum([local_loss])[0] / micro_batches
-            if not math.isfinite(loss_value):
-                raise NonFiniteLoss(f"non-finite training loss ({loss_value}) at step {step + 1}; stopping. "
-                                    f"The last good checkpoint (if any) is kept in {ckpt_dir}.")
-            if tc.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+            # the norm is needed to clip; with clipping off, max_norm = inf only measures it
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(
+                model.parameters(), tc.grad_clip if tc.grad_clip > 0 else float("inf")))
+            for what, value in (("training loss", loss_value), ("gradient norm", grad_norm)):
+                if not math.isfinite(value):
+                    raise NonFiniteLoss(diverged(f"non-finite {what} ({value})", step + 1))
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            if not all_finite(model.parameters()):
+                raise NonFiniteLoss(diverged("the update made parameters non-finite", step + 1))
             step += 1
             loss_sum += loss_value
             loss_count += 1
@@ -363,9 +404,8 @@ def _train(tc: TrainConfig, log, dist: Dist, device: torch.device) -> dict:
             train_time += dt
             interval_time += dt
             interval_tokens += tokens_per_step
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{interval_tokens / max(interval_time, 1e-9):.0f}")
+            if progress is not None:
+                progress.update(step, loss_value, interval_tokens / max(interval_time, 1e-9))
             if step % tc.eval_every == 0 or step == tc.max_steps:
                 tps = interval_tokens / max(interval_time, 1e-9)
                 row = record(evaluate(fwd, dataset, tc, device, autocast, dist), round(tps, 1))
@@ -379,16 +419,22 @@ def _train(tc: TrainConfig, log, dist: Dist, device: torch.device) -> dict:
         if summary["stopped"] != "done" or step % tc.checkpoint_every:
             save()
         if summary["stopped"] == "interrupted":
-            log(f"interrupted: checkpoint saved at step {step} in {ckpt_dir}; continue with --resume")
+            log(f"interrupted: checkpoint saved at step {step} in {out / 'checkpoint'}; continue with --resume")
     finally:
-        if bar is not None:
-            bar.close()
+        if progress is not None:
+            progress.close()
         if previous_handler is not None:
             signal.signal(signal.SIGINT, previous_handler)
     rows = read_metrics(metrics_path) if dist.main else []
     summary.update(step=step, train_time_s=train_time, final_val_loss=rows[-1]["val_loss"] if rows else None,
                    best_val_loss=min(r["val_loss"] for r in rows) if rows else None)
     return summary
+
+
+def all_finite(tensors) -> bool:
+    """One device-to-host read for all of them (a norm overflows to inf only for values past ~1e38)."""
+    norms = torch._foreach_norm([t.detach() for t in tensors])
+    return bool(torch.isfinite(torch.stack(norms)).all())
 
 
 def train_config_to_dict(tc: TrainConfig) -> dict:
@@ -400,43 +446,45 @@ def train_config_to_dict(tc: TrainConfig) -> dict:
 # ---------------------------------------------------------------------------------------------
 # Command line: argparse -> TrainConfig. Flags left unset take the preset's (or the checkpoint's) value.
 
+# name: (argument type, help); choices where the values are a fixed set
 MODEL_FLAGS = {
-    "n_layer": (int, "number of transformer blocks"),
-    "n_head": (int, "query heads per layer"),
-    "n_kv_head": (int, "key/value heads (GQA); n_head must be a multiple"),
-    "n_embd": (int, "model width; head dim = n_embd // n_head"),
-    "block_size": (int, "training context length"),
-    "attention": (str, "'taumode' (λ scalars, tauformer_kernels) or 'dot' (PyTorch SDPA, the baseline)"),
-    "recency": (str, "logit term -slope_h*|i-j|: none | fixed | learned | auto (learned for taumode, none for dot)"),
-    "temperature_init": (float, "initial per-head taumode temperature (learned in log space)"),
+    "n_layer": (positive_int, "number of transformer blocks"),
+    "n_head": (positive_int, "query heads per layer"),
+    "n_kv_head": (positive_int, "key/value heads (GQA); n_head must be a multiple"),
+    "n_embd": (positive_int, "model width; head dim = n_embd // n_head"),
+    "block_size": (positive_int, "training context length"),
+    "attention": (str, "'taumode' (λ scalars, tauformer_kernels) or 'dot' (PyTorch SDPA, the baseline)", ATTENTIONS),
+    "recency": (str, "logit term -slope_h*|i-j|: none | fixed | learned | auto (learned for taumode, none for dot)",
+                ("auto",) + RECENCIES),
+    "temperature_init": (positive_float, "initial per-head taumode temperature (learned in log space)"),
     "lambda_before_rope": (bool, "taumode: λ from the un-rotated q, k (no RoPE; position only via mask and recency)"),
     "learn_tau": (bool, "learn tau per kv head (after calibration) instead of keeping it fixed"),
     "learn_laplacian": (bool, "taumode: learn the Laplacian's edge weights (kept >= 0: L stays a Laplacian)"),
     "lambda_term": (bool, "taumode: --no-lambda-term is the recency-only control (λq = λk = 0)"),
-    "laplacian": (str, "'chain' or a Laplacian file (python -m tauformer_model.laplacian_cli)"),
-    "backend": (str, "tauformer_kernels backend: auto | reference | triton | ..."),
+    "laplacian": (laplacian_spec, "'chain' or a Laplacian file (python -m tauformer_model.laplacian_cli, or an F×F .npy)"),
+    "backend": (str, "tauformer_kernels backend", BACKENDS),
 }
 TRAIN_FLAGS = {
     "out": (str, "run folder: metrics.jsonl, loss.png, checkpoint/ (default runs/<preset>-<attention>)"),
     "data": (str, "a text file or a folder of text files (default: the Python stdlib's .py sources)"),
     "data_cache": (str, "where tokenised corpora are cached (default ~/.cache/tauformer)"),
-    "tokenizer": (str, "'byte' (vocab 256) or 'bpe' (trained locally with the tokenizers package)"),
-    "bpe_vocab_size": (int, "vocabulary size of the BPE tokenizer"),
-    "batch_size": (int, "sequences per step"),
-    "max_steps": (int, "length of the run (the learning-rate schedule ends here)"),
-    "stop_at": (int, "stop (and checkpoint) at this step, as if interrupted; continue with --resume"),
-    "lr": (float, "peak learning rate (AdamW)"),
-    "min_lr_frac": (float, "final learning rate as a fraction of --lr (cosine decay)"),
-    "warmup_steps": (int, "linear warm-up steps"),
-    "weight_decay": (float, "AdamW weight decay (matrices only)"),
-    "grad_clip": (float, "clip the gradient norm to this (0: off)"),
-    "grad_accum": (int, "micro-batches per step and rank; a step trains on batch_size × grad_accum × ranks sequences"),
-    "eval_every": (int, "evaluate the val loss every N steps"),
-    "eval_batches": (int, "batches per evaluation"),
-    "checkpoint_every": (int, "write a checkpoint every N steps"),
+    "tokenizer": (str, "'byte' (vocab 256) or 'bpe' (trained locally with the tokenizers package)", ("byte", "bpe")),
+    "bpe_vocab_size": (positive_int, "vocabulary size of the BPE tokenizer"),
+    "batch_size": (positive_int, "sequences per step"),
+    "max_steps": (positive_int, "length of the run (the learning-rate schedule ends here)"),
+    "stop_at": (positive_int, "stop (and checkpoint) at this step, as if interrupted; continue with --resume"),
+    "lr": (positive_float, "peak learning rate (AdamW)"),
+    "min_lr_frac": (fraction, "final learning rate as a fraction of --lr (cosine decay)"),
+    "warmup_steps": (nonnegative_int, "linear warm-up steps"),
+    "weight_decay": (nonnegative_float, "AdamW weight decay (matrices only)"),
+    "grad_clip": (nonnegative_float, "clip the gradient norm to this (0: off)"),
+    "grad_accum": (positive_int, "micro-batches per step and rank; a step trains on batch_size × grad_accum × ranks sequences"),
+    "eval_every": (positive_int, "evaluate the val loss every N steps"),
+    "eval_batches": (positive_int, "batches per evaluation"),
+    "checkpoint_every": (positive_int, "write a checkpoint every N steps"),
     "seed": (int, "seed of the initialisation and of the batch sampler"),
     "device": (str, "'auto' (cuda if available), 'cpu', 'cuda', 'cuda:1', ..."),
-    "threads": (int, "torch.set_num_threads (CPU)"),
+    "threads": (positive_int, "torch.set_num_threads (CPU)"),
 }
 
 
@@ -445,12 +493,12 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=sorted(PRESETS), default=None,
                    help="named sizes and schedule (default: tiny without a GPU, 30m with one)")
-    for name, (typ, text) in {**MODEL_FLAGS, **TRAIN_FLAGS}.items():
+    for name, (typ, text, *choices) in {**MODEL_FLAGS, **TRAIN_FLAGS}.items():
         flag = "--" + name.replace("_", "-")
         if typ is bool:
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
         else:
-            p.add_argument(flag, type=typ, default=None, help=text)
+            p.add_argument(flag, type=typ, default=None, help=text, choices=choices[0] if choices else None)
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--resume", action="store_true", help="continue the run whose checkpoint is in --out")
     p.add_argument("--recalibrate-tau", action="store_true",
@@ -463,9 +511,9 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     preset = args.preset or ("30m" if torch.cuda.is_available() else "tiny")
     given = {k: v for k, v in vars(args).items() if v is not None}
     out = given.get("out") or f"runs/{preset}-{given.get('attention', 'taumode')}"
-    state_path = pathlib.Path(out) / CHECKPOINT_DIR / "state.pt"
-    if args.resume and state_path.exists():  # the run's own config, then the flags given now
-        saved = torch.load(state_path, map_location="cpu", weights_only=True)["train_config"]
+    found = find_checkpoint(out) if args.resume else None
+    if found is not None:  # the run's own config, then the flags given now
+        saved = load_state(found)["train_config"]
         model_fields = dict(saved.pop("model"))
         train_fields = dict(saved, stop_at=None)  # a stop point applies to the run that set it
     else:
@@ -482,21 +530,24 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     train_fields.update(out=out, compile=args.compile, resume=args.resume,
                         recalibrate_tau=args.recalibrate_tau, progress=not args.no_progress)
     names = {f.name for f in dataclasses.fields(TrainConfig)} - {"model"}
-    return TrainConfig(**{k: v for k, v in train_fields.items() if k in names},
-                       model=TauGPTConfig.from_dict(model_fields))
+    model = TauGPTConfig.from_dict(model_fields)
+    if model.attention == "taumode" and model.laplacian != "chain" and not found:
+        load_laplacian(model.laplacian, model.head_dim)  # a file that is not a head_dim² Laplacian fails here
+    return TrainConfig(**{k: v for k, v in train_fields.items() if k in names}, model=model)
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    tc = config_from_args(args)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        tc = config_from_args(args)
+    except (ValueError, CheckpointError) as e:  # a model shape the config rejects, an unreadable checkpoint
+        parser.error(str(e))
     try:
         summary = train(tc)
-    except NonFiniteLoss as e:
+    except (NonFiniteLoss, CheckpointError, DataError, FileNotFoundError) as e:
         print0(f"error: {e}", file=sys.stderr)
         return 1
-    except FileNotFoundError as e:
-        print0(f"error: {e}", file=sys.stderr)
-        return 2
     if summary["final_val_loss"] is None:  # not rank 0
         return 0
     print0(f"{summary['stopped']} at step {summary['step']}: val loss {summary['final_val_loss']:.4f} "
