@@ -1,39 +1,72 @@
 #!/usr/bin/env bash
-# The whole GPU check in one call: CUDA tests, then the GPU bench, then the summary, inside ~9.5 minutes.
+# The whole GPU check in one call, inside 9 minutes: CUDA tests, the GPU bench against the peers, the launch
+# sweep, SDPA pinned to FlashAttention, three size probes, and the summary.
 #
-#   bash bench/run_gpu.sh OUTDIR
+#   bash bench/run_gpu.sh OUTDIR            run it
+#   bash bench/run_gpu.sh --dry-run OUTDIR  print what it would run and its time budget, run nothing
 #
-# For a GPU machine with no network on which torch, triton and pytest-benchmark are already installed:
-# it installs nothing from anywhere (the package is made importable with an offline editable install of
-# this checkout, or PYTHONPATH=src when that fails). Everything lands in OUTDIR (6 files):
+# For a GPU machine with no network on which torch, triton and pytest-benchmark are already installed: it
+# installs nothing from anywhere (an offline editable install of this checkout, or, when that fails, a copy
+# of the packages with kernels/ placed where the wheel puts it, tauformer_kernels/kernels). Files in OUTDIR
+# (at most 8, what the device tool brings back):
 #   env.txt        nvidia-smi, versions, commit, the settings of this run
-#   tests.log      python -m pytest -q tests/
+#   tests.log      the CUDA tests (Triton test files first, in parallel where pytest-xdist is installed)
 #   bench.log      pytest bench/ (pytest-benchmark's tables, skip reasons)
 #   bench.json     pytest-benchmark's JSON
+#   probes.json    bench/gpu_probes.py: the num_stages × warps sweep, SDPA (flash) side by side, the probes
 #   <device>.md    the summary table (bench/summarize.py), and <device>.json
-# Copy <device>.md/.json into bench/results/ to commit them.
+# Copy <device>.md/.json and probes.json into bench/results/ to commit them.
 #
-# Knobs (environment): TAUFORMER_DEADLINE_S (total, default 560), TAUFORMER_TESTS_S (test time box,
-# default 200), TAUFORMER_BENCH_LENGTHS (default 1024,4096,16384), TAUFORMER_BENCH_HEAD_DIMS (64,128),
-# TAUFORMER_BENCH_CONTEXTS (1024,4096,16384,32768); for a dry run of the plumbing on a CPU machine:
-# TAUFORMER_BENCH_DEVICE=cpu TAUFORMER_BENCH_EXTRA=--bench-quick TAUFORMER_TESTS_S=30.
+# Knobs (environment): TAUFORMER_DEADLINE_S (total, default 540), TAUFORMER_TESTS_S (test time box,
+# default 150), TAUFORMER_BENCH_LENGTHS (default 1024,4096,16384), TAUFORMER_BENCH_HEAD_DIMS (64,128),
+# TAUFORMER_BENCH_CONTEXTS (1024,4096,16384,32768), TAUFORMER_PROBE_S (each probe's box, default 40).
 set -u
-OUT=${1:?usage: bash bench/run_gpu.sh OUTDIR}
-mkdir -p "$OUT"
-OUT=$(cd "$OUT" && pwd)
+DRY=0
+if [ "${1:-}" = "--dry-run" ]; then DRY=1; shift; fi
+OUT=${1:?usage: bash bench/run_gpu.sh [--dry-run] OUTDIR}
 cd "$(dirname "$0")/.."
 START=$(date +%s)
-DEADLINE=${TAUFORMER_DEADLINE_S:-560}
-TESTS_S=${TAUFORMER_TESTS_S:-200}
+DEADLINE=${TAUFORMER_DEADLINE_S:-540}
+TESTS_S=${TAUFORMER_TESTS_S:-150}
+PROBE_S=${TAUFORMER_PROBE_S:-40}
+SWEEP_S=40
+SDPA_S=50
 PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
-unset TRITON_INTERPRET
+unset TRITON_INTERPRET TAUFORMER_GPU_CONFIGS
 elapsed() { echo $(( $(date +%s) - START )); }
+TRITON_TESTS="tests/test_attention_triton.py tests/test_attention_triton_backward.py tests/test_lambda_triton.py \
+tests/test_lambda_triton_backward.py tests/test_gpu_sizes.py tests/test_bad_input.py"
+PROBES="big-forward many-heads long-backward"
+BENCH_S=$(( DEADLINE - TESTS_S - SWEEP_S - SDPA_S - 3 * PROBE_S - 30 ))
 
-# --- the package, importable without the network ---------------------------------------------------
+if [ "$DRY" = 1 ]; then
+    cat <<EOF
+plan (total deadline ${DEADLINE} s; the device tool allows 600 s a command):
+  0. install: pip install --no-deps --no-build-isolation --no-index -e . (fallback: a copy on PYTHONPATH)
+  1. tests, ${TESTS_S} s box: $PY -m pytest -q [-n 8] ${TRITON_TESTS}, then the other test files
+  2. bench, ${BENCH_S} s box: $PY -m pytest bench/ --bench-device cuda --bench-budget $(( BENCH_S - 60 ))
+       lengths ${TAUFORMER_BENCH_LENGTHS:-1024,4096,16384}, head dims ${TAUFORMER_BENCH_HEAD_DIMS:-64,128},
+       contexts ${TAUFORMER_BENCH_CONTEXTS:-1024,4096,16384,32768}
+  3. sweep, ${SWEEP_S} s box: $PY bench/gpu_probes.py sweep   (num_stages 1,2,3 x warps 4,8; B4 H16 T4096 D64 bf16)
+  4. sdpa, ${SDPA_S} s box: $PY bench/gpu_probes.py sdpa     (SDPA pinned to FLASH_ATTENTION, recorded)
+  5. probes, ${PROBE_S} s box each, each in its own process: ${PROBES}
+  6. summary: $PY bench/summarize.py OUT/bench.json --out OUT; probes merged into OUT/probes.json
+budget: ${TESTS_S} + ${BENCH_S} + ${SWEEP_S} + ${SDPA_S} + 3 x ${PROBE_S} + 30 (install, summary) = ${DEADLINE} s
+EOF
+    exit 0
+fi
+mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
+WORK=$(mktemp -d)
+
+# --- 0. the package, importable without the network -------------------------------------------------
 if ! "$PY" -m pip install -q --no-deps --no-build-isolation --no-index -e . >"$OUT/env.txt" 2>&1; then
-    echo "editable install failed (see above); falling back to PYTHONPATH=src" >>"$OUT/env.txt"
-    export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
+    echo "editable install failed (see above); using a copy on PYTHONPATH" >>"$OUT/env.txt"
+    mkdir -p "$WORK/site"
+    cp -r src/tauformer_kernels src/tauformer_model "$WORK/site/"
+    cp -r kernels "$WORK/site/tauformer_kernels/kernels"  # where the wheel puts the device code
+    export PYTHONPATH="$WORK/site${PYTHONPATH:+:$PYTHONPATH}"
 fi
 
 # --- environment record -----------------------------------------------------------------------------
@@ -50,41 +83,64 @@ print("torch", torch.__version__, "cuda", torch.version.cuda, "available", torch
 if torch.cuda.is_available():
     p = torch.cuda.get_device_properties(0)
     print("gpu", p.name, f"sm_{p.major}{p.minor}", p.multi_processor_count, "SMs", round(p.total_memory / 2**30, 1), "GiB")
-for name in ("triton", "pytest", "pytest_benchmark", "tauformer_kernels"):
+for name in ("triton", "pytest", "pytest_benchmark", "xdist", "tauformer_kernels", "tauformer_kernels.kernels"):
     try:
-        m = __import__(name)
+        m = __import__(name, fromlist=["_"])
         print(name, getattr(m, "__version__", "?"), getattr(m, "__file__", ""))
     except Exception as e:  # noqa: BLE001
         print(name, "NOT IMPORTABLE:", e)
 EOF
 } >>"$OUT/env.txt" 2>&1
 
-# --- 1. the CUDA tests, time-boxed ------------------------------------------------------------------
-echo "tests: up to ${TESTS_S} s"
-timeout -s INT -k 15 "$TESTS_S" "$PY" -m pytest -q tests/ -p no:cacheprovider -rfEs >"$OUT/tests.log" 2>&1
+# --- 1. the CUDA tests, time-boxed: the Triton files first (cold compiles: in parallel) ---------------
+PAR=""
+"$PY" -c "import xdist" 2>/dev/null && PAR="-n 8"
+echo "tests: up to ${TESTS_S} s (${PAR:-serial})"
+timeout -s INT -k 15 "$TESTS_S" bash -c "
+  $PY -m pytest -q $PAR -p no:cacheprovider -rfEs $TRITON_TESTS;
+  echo \"triton test files: exit \$?\";
+  $PY -m pytest -q $PAR -p no:cacheprovider -rfEs tests/ $(for f in $TRITON_TESTS; do printf -- '--ignore=%s ' "$f"; done)
+" >"$OUT/tests.log" 2>&1
 TESTS_RC=$?
 echo "tests exit code $TESTS_RC after $(elapsed) s (124: time box reached)" | tee -a "$OUT/tests.log"
 
-# --- 2. the GPU bench, in what time is left (the budget option skips what no longer fits) ------------
-LEFT=$(( DEADLINE - $(elapsed) - 30 ))
-BUDGET=$(( LEFT - 60 ))
-[ "$BUDGET" -lt 30 ] && BUDGET=30
-echo "bench: up to ${LEFT} s (budget ${BUDGET} s for starting new benchmarks)"
-timeout -s INT -k 15 "$LEFT" "$PY" -m pytest bench/ -q -p no:cacheprovider -rs \
-    --bench-device "${TAUFORMER_BENCH_DEVICE:-cuda}" ${TAUFORMER_BENCH_EXTRA:-} \
+# --- 2. the GPU bench (the budget option skips what no longer fits) -----------------------------------
+echo "bench: up to ${BENCH_S} s"
+timeout -s INT -k 15 "$BENCH_S" "$PY" -m pytest bench/ -q -p no:cacheprovider -rs --bench-device cuda \
     --bench-lengths "${TAUFORMER_BENCH_LENGTHS:-1024,4096,16384}" \
     --bench-head-dims "${TAUFORMER_BENCH_HEAD_DIMS:-64,128}" \
     --bench-contexts "${TAUFORMER_BENCH_CONTEXTS:-1024,4096,16384,32768}" \
-    --bench-budget "$BUDGET" --benchmark-json "$OUT/bench.json" >"$OUT/bench.log" 2>&1
+    --bench-budget $(( BENCH_S - 60 )) --benchmark-json "$OUT/bench.json" >"$OUT/bench.log" 2>&1
 BENCH_RC=$?
 echo "bench exit code $BENCH_RC after $(elapsed) s" | tee -a "$OUT/bench.log"
 
-# --- 3. the summary ----------------------------------------------------------------------------------
+# --- 3-5. sweep, SDPA side by side, the probes: each in its own process ------------------------------
+timeout -k 10 "$SWEEP_S" "$PY" bench/gpu_probes.py sweep "$WORK/sweep.json" >>"$OUT/bench.log" 2>&1
+timeout -k 10 "$SDPA_S" "$PY" bench/gpu_probes.py sdpa "$WORK/sdpa.json" >>"$OUT/bench.log" 2>&1
+for p in $PROBES; do
+    timeout -k 10 "$PROBE_S" "$PY" bench/gpu_probes.py "$p" "$WORK/$p.json" >>"$OUT/bench.log" 2>&1 \
+        || echo "{\"probe\": \"$p\", \"error\": \"exit $? (124: past its ${PROBE_S} s box)\"}" >"$WORK/$p.json"
+done
+"$PY" - "$WORK" "$OUT/probes.json" <<'EOF'
+import json, os, sys
+work, out = sys.argv[1:]
+merged = {}
+for name in ("sweep", "sdpa", "big-forward", "many-heads", "long-backward"):
+    path = os.path.join(work, name + ".json")
+    try:
+        merged[name] = json.load(open(path))
+    except Exception as e:  # noqa: BLE001
+        merged[name] = {"error": f"no result ({type(e).__name__})"}
+json.dump(merged, open(out, "w"), indent=2)
+EOF
+
+# --- 6. the summary ----------------------------------------------------------------------------------
 if [ -s "$OUT/bench.json" ]; then
     "$PY" bench/summarize.py "$OUT/bench.json" --out "$OUT" 2>&1 | tee -a "$OUT/bench.log"
     sed -n "/^## Headline/,/^## Skipped/p" "$OUT"/*.md 2>/dev/null | head -80
 else
     echo "no bench.json: see $OUT/bench.log"
 fi
+head -c 3000 "$OUT/probes.json"; echo
 tail -3 "$OUT/tests.log"
 echo "done in $(elapsed) s: tests rc=$TESTS_RC bench rc=$BENCH_RC; files in $OUT"

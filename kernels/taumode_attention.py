@@ -47,26 +47,53 @@ _FACTOR_LIMIT = tl.constexpr(96.0)
 
 
 @triton.jit
-def _load_keys(LK_bh, V_bh, offs_n, offs_d, stride_lk_t, stride_v_t, stride_v_d, Tk, Dv,
+def _wide(x, WIDE: tl.constexpr):
+    """x as a 64-bit integer when WIDE (the launcher found an offset that passes 2^31 elements), else as
+    it is: 32-bit offsets hold fewer registers, and the main loops run at the register limit."""
+    if WIDE:
+        y = tl.cast(x, tl.int64)
+    else:
+        y = x
+    return y
+
+
+@triton.jit
+def _key_ptrs(LK_bh, V_bh, offs_n, j0, offs_d, stride_lk_t, stride_v_t, stride_v_d, WIDE: tl.constexpr):
+    """Pointers to λk and V of keys offs_n (the block starting at j0). WIDE: a 64-bit block base plus
+    32-bit offsets inside the block (j·stride_t passes 2^31 elements); else 32-bit offsets from the head."""
+    if WIDE:
+        rows = offs_n - j0
+        lk_ptrs = (LK_bh + tl.cast(j0, tl.int64) * stride_lk_t) + rows * stride_lk_t
+        v_ptrs = (V_bh + tl.cast(j0, tl.int64) * stride_v_t) + rows[:, None] * stride_v_t + offs_d[None, :] * stride_v_d
+    else:
+        lk_ptrs = LK_bh + offs_n * stride_lk_t
+        v_ptrs = V_bh + offs_n[:, None] * stride_v_t + offs_d[None, :] * stride_v_d
+    return lk_ptrs, v_ptrs
+
+
+@triton.jit
+def _load_keys(LK_bh, V_bh, offs_n, j0, offs_d, stride_lk_t, stride_v_t, stride_v_d, Tk, Dv,
                # True where the block may run past Tk (mask the key loads)
                MASK_KEYS: tl.constexpr,
                # True where BLOCK_D > Dv (mask the feature columns of V)
-               MASK_D: tl.constexpr):
+               MASK_D: tl.constexpr,
+               # 64-bit offsets (see _wide)
+               WIDE: tl.constexpr):
     """λk of the block (fp32) and its V tile (BLOCK_N, BLOCK_D) in V's dtype; masked entries are 0."""
+    lk_ptrs, v_ptrs = _key_ptrs(LK_bh, V_bh, offs_n, j0, offs_d, stride_lk_t, stride_v_t, stride_v_d, WIDE)
     if MASK_KEYS:
         key_ok = offs_n < Tk
-        lam_k = tl.load(LK_bh + offs_n * stride_lk_t, mask=key_ok, other=0.0)
+        lam_k = tl.load(lk_ptrs, mask=key_ok, other=0.0)
         v_mask = key_ok[:, None]
         if MASK_D:
             v_mask = v_mask & (offs_d[None, :] < Dv)
-        v = tl.load(V_bh + offs_n[:, None] * stride_v_t + offs_d[None, :] * stride_v_d, mask=v_mask, other=0.0)
+        v = tl.load(v_ptrs, mask=v_mask, other=0.0)
     else:
-        lam_k = tl.load(LK_bh + offs_n * stride_lk_t)
+        lam_k = tl.load(lk_ptrs)
         if MASK_D:
-            v = tl.load(V_bh + offs_n[:, None] * stride_v_t + offs_d[None, :] * stride_v_d,
-                        mask=offs_d[None, :] < Dv, other=0.0)
+            v = tl.load(v_ptrs, mask=offs_d[None, :] < Dv, other=0.0)
         else:
-            v = tl.load(V_bh + offs_n[:, None] * stride_v_t + offs_d[None, :] * stride_v_d)
+            v = tl.load(v_ptrs)
     return lam_k, v
 
 
@@ -80,7 +107,9 @@ def _factorised_tile(acc, acc_l, x_row, r_row, i_rel, j0, ones, LK_bh, V_bh, off
                      # dtype of the per-score products (fp16 for fp16 V: packed half2 arithmetic; else fp32)
                      FACTOR_DTYPE: tl.constexpr,
                      # input_precision of the P·V dots ("ieee"/"tf32x3" for fp32 V, ignored for fp16/bf16)
-                     DOT_PRECISION: tl.constexpr):
+                     DOT_PRECISION: tl.constexpr,
+                     # 64-bit offsets (see _wide)
+                     WIDE: tl.constexpr):
     """One fully visible key block of the factorised path: acc += M V, acc_l += M 1.
 
     Without ALiBi the row factor 2^-x_i is the same for every key block, so it is left out of M (it
@@ -88,7 +117,8 @@ def _factorised_tile(acc, acc_l, x_row, r_row, i_rel, j0, ones, LK_bh, V_bh, off
     min(2^y_j, r_i·2^-y_j) with r_i = 2^(2x_i), one multiply and one min per score. With ALiBi the row
     factors change with the block: M = P = min(u1_i·w1_j, u2_i·w2_j)."""
     offs_n = j0 + tl.arange(0, BLOCK_N)
-    lam_k, v = _load_keys(LK_bh, V_bh, offs_n, offs_d, stride_lk_t, stride_v_t, stride_v_d, Tk, Dv, False, MASK_D)
+    lam_k, v = _load_keys(LK_bh, V_bh, offs_n, j0, offs_d, stride_lk_t, stride_v_t, stride_v_d, Tk, Dv, False,
+                          MASK_D, WIDE)
     y = (lam_k - centre) * inv_t2
     if HAS_ALIBI:
         col_alibi = slope2 * (tl.arange(0, BLOCK_N) - BLOCK_N // 2).to(tl.float32)
@@ -120,7 +150,9 @@ def _explicit_tile(acc, row_sum, row_ref, lam_q, i_rel, j0, ones, LK_bh, V_bh, o
                    MASK: tl.constexpr,
                    BLOCK_N: tl.constexpr,
                    MASK_D: tl.constexpr,
-                   DOT_PRECISION: tl.constexpr):
+                   DOT_PRECISION: tl.constexpr,
+                   # 64-bit offsets (see _wide)
+                   WIDE: tl.constexpr):
     """One key block with an exponential per score; row_ref and the logits in log2 units.
 
     ONLINE_MAX: row_sum is a (BLOCK_M,) vector; returns (acc, row_sum, row_ref) with acc += P V,
@@ -130,14 +162,15 @@ def _explicit_tile(acc, row_sum, row_ref, lam_q, i_rel, j0, ones, LK_bh, V_bh, o
     if MASK:
         # keys past Tk get λk = +inf: their logit is -inf whatever λq (finite) is, so no per-score key mask
         key_ok = offs_n < Tk
-        lam_k = tl.load(LK_bh + offs_n * stride_lk_t, mask=key_ok, other=float("inf"))
+        lk_ptrs, v_ptrs = _key_ptrs(LK_bh, V_bh, offs_n, j0, offs_d, stride_lk_t, stride_v_t, stride_v_d, WIDE)
+        lam_k = tl.load(lk_ptrs, mask=key_ok, other=float("inf"))
         v_mask = key_ok[:, None]
         if MASK_D:
             v_mask = v_mask & (offs_d[None, :] < Dv)
-        v = tl.load(V_bh + offs_n[:, None] * stride_v_t + offs_d[None, :] * stride_v_d, mask=v_mask, other=0.0)
+        v = tl.load(v_ptrs, mask=v_mask, other=0.0)
     else:
-        lam_k, v = _load_keys(LK_bh, V_bh, offs_n, offs_d, stride_lk_t, stride_v_t, stride_v_d, Tk, Dv, False,
-                              MASK_D)
+        lam_k, v = _load_keys(LK_bh, V_bh, offs_n, j0, offs_d, stride_lk_t, stride_v_t, stride_v_d, Tk, Dv, False,
+                              MASK_D, WIDE)
     BLOCK_M: tl.constexpr = acc.shape[0]
     # a zero product on the tensor cores gives the score tile the accumulator's register layout, so the row
     # reductions are in-thread plus two shuffles and P feeds the next product without a trip through
@@ -175,7 +208,9 @@ def _factorised_path(acc, lam_q, row_ok, i_rel, lo_end, hi, lam_lo, lam_hi, LK_b
                      stride_v_t, stride_v_d, Tk, Dv, inv_t2, slope2,
                      IS_CAUSAL: tl.constexpr, HAS_ALIBI: tl.constexpr, BLOCK_M: tl.constexpr,
                      BLOCK_N: tl.constexpr, MASK_D: tl.constexpr, FACTOR_DTYPE: tl.constexpr,
-                     DOT_PRECISION: tl.constexpr):
+                     DOT_PRECISION: tl.constexpr,
+                     # 64-bit offsets (see _wide)
+                     WIDE: tl.constexpr):
     """The factorised path over keys [0, hi): returns (acc, row_sum, row_ref) with O = acc / row_sum and
     log2-sum-exp = row_ref + log2(row_sum)."""
     centre = 0.5 * (lam_lo + lam_hi)
@@ -194,7 +229,7 @@ def _factorised_path(acc, lam_q, row_ok, i_rel, lo_end, hi, lam_lo, lam_hi, LK_b
     for j0 in tl.range(0, lo_end, BLOCK_N):
         acc, acc_l = _factorised_tile(acc, acc_l, x_row, r_row, i_rel, j0, ones, LK_bh, V_bh, offs_d,
                                       stride_lk_t, stride_v_t, stride_v_d, Tk, Dv, centre, inv_t2, slope2,
-                                      HAS_ALIBI, BLOCK_N, MASK_D, FACTOR_DTYPE, DOT_PRECISION)
+                                      HAS_ALIBI, BLOCK_N, MASK_D, FACTOR_DTYPE, DOT_PRECISION, WIDE)
     # blocks on the diagonal or past Tk: an exponential per score (few blocks per row; with ALiBi the sign of
     # i + off - j changes inside them). Masking the factorised products instead (possible without ALiBi)
     # cost more registers than this tile and spilled at BLOCK_M = 128.
@@ -206,13 +241,13 @@ def _factorised_path(acc, lam_q, row_ok, i_rel, lo_end, hi, lam_lo, lam_hi, LK_b
                 acc, acc_l, row_ref = _explicit_tile(acc, acc_l, row_ref, lam_q, i_rel, j0, ones, LK_bh, V_bh,
                                                      offs_d, stride_lk_t, stride_v_t, stride_v_d, Tk, Dv, inv_t2,
                                                      slope2, IS_CAUSAL, HAS_ALIBI, False, True, BLOCK_N, MASK_D,
-                                                     DOT_PRECISION)
+                                                     DOT_PRECISION, WIDE)
     else:
         for j0 in tl.range(lo_end, hi, BLOCK_N):
             acc, acc_l, row_ref = _explicit_tile(acc, acc_l, row_ref, lam_q, i_rel, j0, ones, LK_bh, V_bh, offs_d,
                                                  stride_lk_t, stride_v_t, stride_v_d, Tk, Dv, inv_t2, slope2,
                                                  IS_CAUSAL, HAS_ALIBI, False, True, BLOCK_N, MASK_D,
-                                                 DOT_PRECISION)
+                                                 DOT_PRECISION, WIDE)
     row_sum = tl.max(acc_l, 1)
     return acc, row_sum, row_ref
 
@@ -221,7 +256,9 @@ def _factorised_path(acc, lam_q, row_ok, i_rel, lo_end, hi, lam_lo, lam_hi, LK_b
 def _general_path(acc, lam_q, i_rel, lo_end, hi, LK_bh, V_bh, offs_d, stride_lk_t, stride_v_t, stride_v_d, Tk,
                   Dv, inv_t2, slope2,
                   IS_CAUSAL: tl.constexpr, HAS_ALIBI: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                  MASK_D: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                  MASK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                  # 64-bit offsets (see _wide)
+                  WIDE: tl.constexpr):
     """Exponential per score with an online maximum (any finite λ, any temperature); same returns."""
     row_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
     row_ref = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -229,27 +266,33 @@ def _general_path(acc, lam_q, i_rel, lo_end, hi, LK_bh, V_bh, offs_d, stride_lk_
         acc, row_sum, row_ref = _explicit_tile(acc, row_sum, row_ref, lam_q, i_rel, j0, 0, LK_bh, V_bh,
                                                offs_d, stride_lk_t, stride_v_t, stride_v_d, Tk, Dv, inv_t2,
                                                slope2, IS_CAUSAL, HAS_ALIBI, True, False, BLOCK_N, MASK_D,
-                                               DOT_PRECISION)
+                                               DOT_PRECISION, WIDE)
     for j0 in tl.range(lo_end, hi, BLOCK_N):
         acc, row_sum, row_ref = _explicit_tile(acc, row_sum, row_ref, lam_q, i_rel, j0, 0, LK_bh, V_bh,
                                                offs_d, stride_lk_t, stride_v_t, stride_v_d, Tk, Dv, inv_t2,
                                                slope2, IS_CAUSAL, HAS_ALIBI, True, True, BLOCK_N, MASK_D,
-                                               DOT_PRECISION)
+                                               DOT_PRECISION, WIDE)
 
     return acc, row_sum, row_ref
 
 
 @triton.jit
-def _store_outputs(acc, row_sum, row_ref, OUT, LSE, b, h, pid_bh, offs_m, offs_d, row_ok, stride_o_b, stride_o_h,
-                   stride_o_t, stride_o_d, Tq, Dv):
-    """O = acc / row_sum in OUT's dtype; LSE = (row_ref + log2 row_sum)·ln 2 (first column block only)."""
+def _store_outputs(acc, row_sum, row_ref, OUT, LSE, b, h, pid_bh, i0, offs_m, offs_d, row_ok, write_lse, stride_o_b,
+                   stride_o_h, stride_o_t, stride_o_d, Tq, Dv, WIDE: tl.constexpr):
+    """O = acc / row_sum in OUT's dtype; LSE = (row_ref + log2 row_sum)·ln 2 (where write_lse: the first
+    column block)."""
     # rows past Tq may see no key at all: keep their (unstored) values finite
     row_sum = tl.where(row_sum > 0, row_sum, 1.0)
     out = acc / row_sum[:, None]
     lse = (row_ref + tl.log2(row_sum)) * _LN2
-    if tl.program_id(2) == 0:
-        tl.store(LSE + pid_bh * Tq + offs_m, lse, mask=row_ok)
-    o_ptrs = OUT + b * stride_o_b + h * stride_o_h + offs_m[:, None] * stride_o_t + offs_d[None, :] * stride_o_d
+    if write_lse:
+        tl.store(LSE + _wide(pid_bh, WIDE) * Tq + offs_m, lse, mask=row_ok)
+    if WIDE:
+        o_ptrs = ((OUT + tl.cast(b, tl.int64) * stride_o_b + tl.cast(h, tl.int64) * stride_o_h
+                   + tl.cast(i0, tl.int64) * stride_o_t) + (offs_m - i0)[:, None] * stride_o_t
+                  + offs_d[None, :] * stride_o_d)
+    else:
+        o_ptrs = OUT + b * stride_o_b + h * stride_o_h + offs_m[:, None] * stride_o_t + offs_d[None, :] * stride_o_d
     tl.store(o_ptrs, out.to(OUT.dtype.element_ty), mask=row_ok[:, None] & (offs_d[None, :] < Dv))
 
 
@@ -260,7 +303,7 @@ def taumode_attention_fwd_kernel(
     stride_lk_b, stride_lk_h, stride_lk_t,
     stride_v_b, stride_v_h, stride_v_t, stride_v_d,
     stride_o_b, stride_o_h, stride_o_t, stride_o_d,
-    H, GROUP, Tq, Tk, Dv,
+    BH, H, GROUP, Tq, Tk, Dv,
     # bottom-right causal mask j <= i + Tk - Tq
     IS_CAUSAL: tl.constexpr,
     # ALiBi slopes given (SLOPES is read)
@@ -270,7 +313,7 @@ def taumode_attention_fwd_kernel(
     # keys per loop iteration
     BLOCK_N: tl.constexpr,
     # columns of V and O per program: Dv padded to a power of two (>= 16), at most 128 (larger Dv is split
-    # over program_id(2))
+    # over grid axis 2, N_DCHUNK)
     BLOCK_D: tl.constexpr,
     # Dv is not a multiple of BLOCK_D: mask V's and O's feature columns
     MASK_D: tl.constexpr,
@@ -285,33 +328,47 @@ def taumode_attention_fwd_kernel(
     PATH: tl.constexpr,
     # input_precision of tl.dot: "ieee" or "tf32x3" for fp32 V, ignored for fp16/bf16
     DOT_PRECISION: tl.constexpr,
+    # column blocks of V per head: cdiv(Dv, BLOCK_D) (they share grid axis 2 with the high part of b·h)
+    N_DCHUNK: tl.constexpr,
+    # some offset (b·stride_b, (b·H + h)·Tq, j·stride_t, ...) may pass 2^31 elements: form them in 64 bits
+    WIDE: tl.constexpr,
 ):
     """Writes OUT (B, H, Tq, Dv) in V's dtype and LSE (B, H, Tq) fp32 (natural-log logsumexp of the logits).
 
-    Grid: (cdiv(Tq, BLOCK_M), B·H, cdiv(Dv, BLOCK_D))."""
+    Grid: (cdiv(Tq, BLOCK_M), min(B·H, 65535), cdiv(B·H, 65535)·N_DCHUNK): b·h = axis-1 index + 65535 ×
+    (axis-2 index // N_DCHUNK), so any B·H launches (each axis but 0 takes at most 65535 programs); programs
+    past B·H exit."""
     # longest query blocks first when causal (their key ranges are the longest)
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_bh = tl.program_id(1) + tl.num_programs(1) * (tl.program_id(2) // N_DCHUNK)
+    if pid_bh >= BH:
+        return
     b = pid_bh // H
     h = pid_bh % H
     hk = h // GROUP
     off = Tk - Tq
     i0 = pid_m * BLOCK_M
     offs_m = i0 + tl.arange(0, BLOCK_M)
-    # Dv > BLOCK_D is split over program_id(2): each program recomputes P (cheap) for its BLOCK_D columns
-    offs_d = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
+    # Dv > BLOCK_D is split over grid axis 2: each program recomputes P (cheap) for its BLOCK_D columns
+    offs_d = (tl.program_id(2) % N_DCHUNK) * BLOCK_D + tl.arange(0, BLOCK_D)
+    write_lse = tl.program_id(2) % N_DCHUNK == 0
     row_ok = offs_m < Tq
     # i + Tk - Tq: a key j is causally visible to row i when j <= i_rel
     i_rel = offs_m + off
 
-    lam_q = tl.load(LQ + b * stride_lq_b + h * stride_lq_h + offs_m * stride_lq_t, mask=row_ok, other=0.0)
+    if WIDE:
+        lq_ptrs = (LQ + tl.cast(b, tl.int64) * stride_lq_b + tl.cast(h, tl.int64) * stride_lq_h
+                   + tl.cast(i0, tl.int64) * stride_lq_t) + tl.arange(0, BLOCK_M) * stride_lq_t
+    else:
+        lq_ptrs = LQ + b * stride_lq_b + h * stride_lq_h + offs_m * stride_lq_t
+    lam_q = tl.load(lq_ptrs, mask=row_ok, other=0.0)
     inv_t2 = _LOG2E / tl.load(TEMP + h)
     if HAS_ALIBI:
         slope2 = tl.load(SLOPES + b * H + h) * _LOG2E
     else:
         slope2 = 0.0
-    LK_bh = LK + b * stride_lk_b + hk * stride_lk_h
-    V_bh = V + b * stride_v_b + hk * stride_v_h
+    LK_bh = LK + _wide(b, WIDE) * stride_lk_b + _wide(hk, WIDE) * stride_lk_h
+    V_bh = V + _wide(b, WIDE) * stride_v_b + _wide(hk, WIDE) * stride_v_h
 
     # key ranges: [0, lo_end) fully visible full blocks; [lo_end, hi) blocks that need a mask
     last_row = tl.minimum(i0 + BLOCK_M, Tq) - 1
@@ -347,13 +404,13 @@ def taumode_attention_fwd_kernel(
             acc, row_sum, row_ref = _factorised_path(
                 acc, lam_q, row_ok, i_rel, lo_end, hi, lam_lo, lam_hi, LK_bh, V_bh, offs_d, stride_lk_t,
                 stride_v_t, stride_v_d, Tk, Dv, inv_t2, slope2, IS_CAUSAL, HAS_ALIBI, BLOCK_M, BLOCK_N, MASK_D,
-                FACTOR_DTYPE, DOT_PRECISION)
-            _store_outputs(acc, row_sum, row_ref, OUT, LSE, b, h, pid_bh, offs_m, offs_d, row_ok, stride_o_b,
-                           stride_o_h, stride_o_t, stride_o_d, Tq, Dv)
+                FACTOR_DTYPE, DOT_PRECISION, WIDE)
+            _store_outputs(acc, row_sum, row_ref, OUT, LSE, b, h, pid_bh, i0, offs_m, offs_d, row_ok, write_lse,
+                           stride_o_b, stride_o_h, stride_o_t, stride_o_d, Tq, Dv, WIDE)
     else:
         if (not fast) or (PATH == 3):
             acc, row_sum, row_ref = _general_path(
                 acc, lam_q, i_rel, lo_end, hi, LK_bh, V_bh, offs_d, stride_lk_t, stride_v_t, stride_v_d, Tk,
-                Dv, inv_t2, slope2, IS_CAUSAL, HAS_ALIBI, BLOCK_M, BLOCK_N, MASK_D, DOT_PRECISION)
-            _store_outputs(acc, row_sum, row_ref, OUT, LSE, b, h, pid_bh, offs_m, offs_d, row_ok, stride_o_b,
-                           stride_o_h, stride_o_t, stride_o_d, Tq, Dv)
+                Dv, inv_t2, slope2, IS_CAUSAL, HAS_ALIBI, BLOCK_M, BLOCK_N, MASK_D, DOT_PRECISION, WIDE)
+            _store_outputs(acc, row_sum, row_ref, OUT, LSE, b, h, pid_bh, i0, offs_m, offs_d, row_ok, write_lse,
+                           stride_o_b, stride_o_h, stride_o_t, stride_o_d, Tq, Dv, WIDE)

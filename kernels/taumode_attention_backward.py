@@ -14,7 +14,8 @@ Two kernels:
 - `attention_bwd_preprocess_kernel`: D = rowsum(dO∘O) in fp32 and lse·log2(e), written with a copy of λq
   into one ROWS buffer laid out per query block of the main kernel (λq, lse·log2e, D: BLOCK_M floats
   apart, padded past Tq), one program per (row block, b·h).
-- `taumode_attention_bwd_kernel`: one program per (key block, b·kv head). It holds its λk and V tile and
+- `taumode_attention_bwd_kernel`: one program per (key block, b·kv head), SLOTS key blocks per launch
+  (the launcher runs launches for key blocks 0.., SLOTS.., …). It holds its λk and V tile and
   loops over the GROUP query heads of its kv group and, for each, over the query blocks that see its keys.
   The tile is kept transposed (keys × queries, as in the Triton tutorial's dK/dV kernel) so that both
   products take the score tile straight from registers: dV += Pᵀ dO (A operand = P) and dPᵀ = V dOᵀ.
@@ -27,7 +28,9 @@ Two kernels:
   (DT_TILE) and as per-iteration row sums (a key vector) in the masked loop; dslope (ALiBi) always as row
   sums. Both are summed once per head at the end.
   Every result is deterministic: dV, dλk are complete per program (GQA heads summed in a fixed order);
-  dλq, dtemperature and dslope are per-key-block partials that the launcher sums in a fixed order.
+  dtemperature and dslope are per-key-block partials and dλq per-slot partials (a program adds its key
+  block's into the slot the previous launch's block of that slot left: stream order, no atomics; the
+  scratch is SLOTS floats per query row whatever Tk), all summed by the launcher in a fixed order.
   WITH_DV / WITH_DLAMBDA select the results of a launch: both normally; the launcher runs dV and the rest
   as two launches where one program holding the V tile and the dV accumulator would spill (fp32 Dv >= 256
   with GQA): the dV launch reads no V and forms no dPᵀ, the other keeps no dV accumulator.
@@ -36,8 +39,8 @@ Layouts: λq (B, H, Tq) fp32, λk (B, Hkv, Tk) fp32, V (B, Hkv, Tk, Dv), dO (B, 
 strides; ROWS (B·H, cdiv(Tq, BLOCK_M), 3, BLOCK_M) fp32 contiguous (from the preprocess: λq, the logsumexp
 times log2 e, D); TEMP (H,) fp32; SLOPES (B, H) fp32 (read when HAS_ALIBI).
 Outputs: DV (B, Hkv, Tk, Dv) in V's dtype, any strides; DLK (B, Hkv, Tk) fp32 contiguous;
-DLQ_PART (num key blocks, B, H, Tq) fp32 contiguous: Σ_j dS_ij sign(λq_i - λk_j) over the block's keys
-(dλq before the factor -1/T_h), every element written (zeros for rows that see none of the block's keys);
+DLQ_PART (SLOTS, B, H, Tq) fp32 contiguous: Σ_j dS_ij sign(λq_i - λk_j) over the keys of the slot's blocks
+(dλq before the factor -1/T_h), every element written (zeros for rows that see none of those keys);
 DT_PART, DSLOPE_PART (B, H, num key blocks) fp32 contiguous (DSLOPE_PART written when HAS_ALIBI).
 """
 import triton
@@ -64,23 +67,31 @@ def attention_bwd_preprocess_kernel(
     """ROWS (B·H, cdiv(Tq, ROW_BLOCK), 3, ROW_BLOCK) fp32 contiguous: per query block of the main kernel, its
     λq, LSE·log2(e) (the logsumexp in the log2 domain of the main kernel) and D = Σ_d dO∘O in fp32, the
     three vectors ROW_BLOCK floats apart, so that the main kernel reads all three from one address (the
-    offsets become load immediates). Padding rows (Tq..) get λq = 0, lse = +inf, D = 0 (P = 0, dS = 0), so
-    the main kernel reads them without masks. The grid covers the padded rows."""
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    offsets become load immediates). Padding rows (Tq..) get λq = 0, lse = 1e30, D = 0 (P = 0, dS = 0), so
+    the main kernel reads them without masks; 1e30, not +inf, keeps their logits finite where the main
+    kernel's layout anchor passes them through the tensor cores.
+
+    Grid: (cdiv(n_qb·ROW_BLOCK, BLOCK_M)·B·H,), the row blocks of one head consecutive."""
+    num_m = tl.cdiv(tl.cdiv(Tq, ROW_BLOCK) * ROW_BLOCK, BLOCK_M)
+    pid_m = tl.program_id(0) % num_m
+    # 64-bit bases: b·stride_b and (b·H + h)·Tq pass 2^31 elements on large tensors
+    pid_bh = tl.cast(tl.program_id(0) // num_m, tl.int64)
     b = pid_bh // H
     h = pid_bh % H
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m0 = pid_m * BLOCK_M
+    rows = tl.arange(0, BLOCK_M)
+    offs_m = m0 + rows
     offs_d = tl.arange(0, BLOCK_D)
     mask = (offs_m[:, None] < Tq) & (offs_d[None, :] < Dv)
-    o = tl.load(OUT + b * stride_o_b + h * stride_o_h + offs_m[:, None] * stride_o_t + offs_d[None, :] * stride_o_d,
-                mask=mask, other=0.0)
-    do = tl.load(DO + b * stride_do_b + h * stride_do_h + offs_m[:, None] * stride_do_t
-                 + offs_d[None, :] * stride_do_d, mask=mask, other=0.0)
+    o = tl.load((OUT + b * stride_o_b + h * stride_o_h + tl.cast(m0, tl.int64) * stride_o_t)
+                + rows[:, None] * stride_o_t + offs_d[None, :] * stride_o_d, mask=mask, other=0.0)
+    do = tl.load((DO + b * stride_do_b + h * stride_do_h + tl.cast(m0, tl.int64) * stride_do_t)
+                 + rows[:, None] * stride_do_t + offs_d[None, :] * stride_do_d, mask=mask, other=0.0)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     row_ok = offs_m < Tq
-    lse = tl.load(LSE + pid_bh * Tq + offs_m, mask=row_ok, other=float("inf"))
-    lam_q = tl.load(LQ + b * stride_lq_b + h * stride_lq_h + offs_m * stride_lq_t, mask=row_ok, other=0.0)
+    lse = tl.load((LSE + pid_bh * Tq + m0) + rows, mask=row_ok, other=1e30)
+    lam_q = tl.load((LQ + b * stride_lq_b + h * stride_lq_h + tl.cast(m0, tl.int64) * stride_lq_t) + rows * stride_lq_t,
+                    mask=row_ok, other=0.0)
     n_qb = tl.cdiv(Tq, ROW_BLOCK)
     dst = ROWS + (pid_bh * n_qb + offs_m // ROW_BLOCK) * (3 * ROW_BLOCK) + offs_m % ROW_BLOCK
     in_pad = offs_m < n_qb * ROW_BLOCK
@@ -91,7 +102,7 @@ def attention_bwd_preprocess_kernel(
 
 @triton.jit
 def _bwd_tile(dv_acc, dlk_acc, dt_acc, dsl_acc, lam_k, v, offs_n, start_n, offs_d, start_m, e0_q, e0_k,
-              ROWS_bh, DO_bh, DLQP_bh, stride_do_t, stride_do_d,
+              ROWS_bh, DO_bh, DLQP_bh, accumulate, stride_do_t, stride_do_d,
               Tq, Tk, Dv, off, inv_t2, slope2,
               IS_CAUSAL: tl.constexpr,
               HAS_ALIBI: tl.constexpr,
@@ -123,13 +134,13 @@ def _bwd_tile(dv_acc, dlk_acc, dt_acc, dsl_acc, lam_k, v, offs_n, start_n, offs_
     # addresses as (scalar base advanced to start_m) + (loop-invariant per-thread offsets): the compiler folds
     # the offsets of a thread's elements into the load instructions' immediates instead of forming one
     # address per element from start_m + arange. λq, lse·log2e and D of this query block are one ROWS block
-    # (BLOCK_M floats apart: one address for the three), padded past Tq (lse = +inf: P = 0; D = 0), so
+    # (BLOCK_M floats apart: one address for the three), padded past Tq (lse = 1e30: P = 0; D = 0), so
     # they need no masks.
     R_m = ROWS_bh + start_m * 3
     lam_q = tl.load(R_m + offs_r)
     ell = tl.load(R_m + BLOCK_M + offs_r)
     delta = tl.load(R_m + 2 * BLOCK_M + offs_r)
-    do_ptrs = (DO_bh + start_m * stride_do_t) + offs_r[:, None] * stride_do_t + offs_d[None, :] * stride_do_d
+    do_ptrs = (DO_bh + tl.cast(start_m, tl.int64) * stride_do_t) + offs_r[:, None] * stride_do_t + offs_d[None, :] * stride_do_d
     if MASK_Q:
         # rows past Tq: dO = 0 (and P = 0, D = 0 from ROWS) give dS = 0
         do_mask = (offs_m < Tq)[:, None]
@@ -159,6 +170,12 @@ def _bwd_tile(dv_acc, dlk_acc, dt_acc, dsl_acc, lam_k, v, offs_n, start_n, offs_
         logit2 = -abs_diff * inv_t2 - ell[None, :]
         qd = delta  # unused without ALiBi
         kd = lam_k
+    if GPU:
+        # a BLOCK_N×BLOCK_M×16 product of zeros whose accumulator is the logit tile: it puts the tile in the
+        # tensor cores' accumulator layout (that of dPᵀ), so P is computed once and feeds dV = Pᵀ dO from
+        # registers; without it Triton evaluates the exponentials twice, once per layout. The tile is still
+        # finite here (the mask comes after): no -inf ever enters a tensor-core instruction
+        logit2 = tl.dot(tl.zeros([BLOCK_N, 16], dtype=do.dtype), tl.zeros([16, BLOCK_M], dtype=do.dtype), logit2)
     if MASK:
         # hidden scores get -inf before the exponential (their logit2 may be large where lse is very negative)
         visible = offs_n[:, None] < Tk
@@ -166,10 +183,6 @@ def _bwd_tile(dv_acc, dlk_acc, dt_acc, dsl_acc, lam_k, v, offs_n, start_n, offs_
             visible = visible & (offs_n[:, None] <= offs_m[None, :] + off)
         logit2 = tl.where(visible, logit2, float("-inf"))
     if GPU:
-        # a BLOCK_N×BLOCK_M×16 product of zeros whose accumulator is the logit tile: it puts the tile in the
-        # tensor cores' accumulator layout (that of dPᵀ), so P is computed once and feeds dV = Pᵀ dO from
-        # registers; without it Triton evaluates the exponentials twice, once per layout
-        logit2 = tl.dot(tl.zeros([BLOCK_N, 16], dtype=do.dtype), tl.zeros([16, BLOCK_M], dtype=do.dtype), logit2)
         # one MUFU.EX2; P below 2^-126 flushes to 0 (tl.exp2 adds a range test and two multiplies)
         p = tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=r,r", [logit2], dtype=tl.float32,
                                       is_pure=True, pack=1)
@@ -182,14 +195,14 @@ def _bwd_tile(dv_acc, dlk_acc, dt_acc, dsl_acc, lam_k, v, offs_n, start_n, offs_
     if WITH_DLAMBDA:
         dlk_acc, dt_acc, dsl_acc = _bwd_tile_dlambda(
             p, dp, diff, delta, qd, kd, dlk_acc, dt_acc, dsl_acc,
-            e0_q, e0_k, DLQP_bh, start_m, offs_r, offs_m, Tq,
+            e0_q, e0_k, DLQP_bh, accumulate, start_m, offs_r, offs_m, Tq,
             IS_CAUSAL, HAS_ALIBI, MASK_Q, BLOCK_M, RED_PRECISION, DT_TILE)
     return dv_acc, dlk_acc, dt_acc, dsl_acc
 
 
 @triton.jit
-def _bwd_tile_dlambda(p, dp, diff, delta, qd, kd, dlk_acc, dt_acc, dsl_acc, e0_q, e0_k, DLQP_bh, start_m,
-                      offs_r, offs_m, Tq,
+def _bwd_tile_dlambda(p, dp, diff, delta, qd, kd, dlk_acc, dt_acc, dsl_acc, e0_q, e0_k, DLQP_bh, accumulate,
+                      start_m, offs_r, offs_m, Tq,
                       IS_CAUSAL: tl.constexpr, HAS_ALIBI: tl.constexpr, MASK_Q: tl.constexpr,
                       BLOCK_M: tl.constexpr, RED_PRECISION: tl.constexpr, DT_TILE: tl.constexpr):
     """The tile's λ, temperature and slope gradients from P and dPᵀ: dS and the one-hot reductions."""
@@ -222,14 +235,15 @@ def _bwd_tile_dlambda(p, dp, diff, delta, qd, kd, dlk_acc, dt_acc, dsl_acc, e0_q
         dt_acc += tl.sum(ds_sign * diff, 1)
     ds_sign = ds_sign.to(e0_q.dtype)
     dlk_acc = tl.dot(ds_sign, e0_q, dlk_acc, input_precision=RED_PRECISION)
-    # every row of the (16, BLOCK_M) product is the column sum; row 0 is stored
+    # every row of the (16, BLOCK_M) product is the column sum; row 0 is stored, added to what the slot's
+    # earlier key blocks left there (a load predicated off for the slot's first block)
     dlq = tl.dot(e0_k, ds_sign, input_precision=RED_PRECISION)
     row0 = tl.arange(0, 16)[:, None] == 0
-    dlq_ptrs = (DLQP_bh + start_m) + offs_r[None, :] + tl.zeros([16, BLOCK_M], dtype=tl.int32)
     if MASK_Q:
-        tl.store(dlq_ptrs, dlq, mask=row0 & (offs_m[None, :] < Tq))
-    else:
-        tl.store(dlq_ptrs, dlq, mask=row0)
+        row0 = row0 & (offs_m[None, :] < Tq)
+    dlq_ptrs = (DLQP_bh + start_m) + offs_r[None, :] + tl.zeros([16, BLOCK_M], dtype=tl.int32)
+    dlq += tl.load(dlq_ptrs, mask=row0 & (tl.zeros([16, BLOCK_M], dtype=tl.int32) + accumulate > 0), other=0.0)
+    tl.store(dlq_ptrs, dlq, mask=row0)
     return dlk_acc, dt_acc, dsl_acc
 
 
@@ -242,6 +256,8 @@ def taumode_attention_bwd_kernel(
     stride_do_b, stride_do_h, stride_do_t, stride_do_d,
     stride_dv_b, stride_dv_h, stride_dv_t, stride_dv_d,
     B, H, Tq, Tk, Dv,
+    # partial-dλq slots per (batch, kv head) = the key blocks of one launch; this launch's first key block
+    SLOTS, KB_START,
     # query heads per kv head (H // Hkv)
     GROUP: tl.constexpr,
     # bottom-right causal mask j <= i + Tk - Tq
@@ -279,13 +295,25 @@ def taumode_attention_bwd_kernel(
     WITH_DLAMBDA: tl.constexpr,
 ):
     """Writes DV (WITH_DV), DLK and the partials DLQ_PART, DT_PART, DSLOPE_PART (WITH_DLAMBDA; see the module
-    docstring)."""
-    pid_n = tl.program_id(0)
-    pid_bk = tl.program_id(1)
+    docstring).
+
+    Grid: (SLOTS·B·Hkv,), launched for KB_START = 0, SLOTS, 2·SLOTS, … in turn: program (b, hk, slot) takes
+    key block KB_START + slot and adds its partial dλq into slot `slot` of DLQ_PART, where the previous
+    launch's block of that slot left its own (stream order makes the sum deterministic, no atomics): the
+    scratch is SLOTS floats per query row whatever Tk."""
+    pid = tl.program_id(0)
+    slot = pid % SLOTS
+    pid_n = KB_START + slot
+    num_kb = tl.cdiv(Tk, BLOCK_N)
+    if pid_n >= num_kb:
+        return
+    # 64-bit from here: batch/head bases and (slot·B + b)·H·Tq pass 2^31 elements on large tensors
+    pid_bk = tl.cast(pid // SLOTS, tl.int64)
     Hkv = H // GROUP
     b = pid_bk // Hkv
     hk = pid_bk % Hkv
-    num_kb = tl.num_programs(0)
+    # the slot's earlier key blocks (previous launches) wrote their partial dλq rows: add to them
+    accumulate = (KB_START > 0).to(tl.int32)
     off = Tk - Tq
     start_n = pid_n * BLOCK_N
     offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -293,10 +321,11 @@ def taumode_attention_bwd_kernel(
 
     LK_bh = LK + b * stride_lk_b + hk * stride_lk_h
     V_bh = V + b * stride_v_b + hk * stride_v_h
-    v_ptrs = V_bh + offs_n[:, None] * stride_v_t + offs_d[None, :] * stride_v_d
+    v_ptrs = (V_bh + tl.cast(start_n, tl.int64) * stride_v_t) + tl.arange(0, BLOCK_N)[:, None] * stride_v_t \
+        + offs_d[None, :] * stride_v_d
     # the V tile is only read by dPᵀ = V dOᵀ (WITH_DLAMBDA)
     if EVEN_N:
-        lam_k = tl.load(LK_bh + offs_n * stride_lk_t)
+        lam_k = tl.load((LK_bh + tl.cast(start_n, tl.int64) * stride_lk_t) + tl.arange(0, BLOCK_N) * stride_lk_t)
         if WITH_DLAMBDA:
             if MASK_D:
                 v = tl.load(v_ptrs, mask=offs_d[None, :] < Dv, other=0.0)
@@ -304,7 +333,8 @@ def taumode_attention_bwd_kernel(
                 v = tl.load(v_ptrs)
     else:
         key_ok = offs_n < Tk
-        lam_k = tl.load(LK_bh + offs_n * stride_lk_t, mask=key_ok, other=0.0)
+        lam_k = tl.load((LK_bh + tl.cast(start_n, tl.int64) * stride_lk_t) + tl.arange(0, BLOCK_N) * stride_lk_t,
+                        mask=key_ok, other=0.0)
         if WITH_DLAMBDA:
             v_mask = key_ok[:, None]
             if MASK_D:
@@ -327,7 +357,6 @@ def taumode_attention_bwd_kernel(
             q_mid = Tq
     q_mid = tl.minimum(q_mid, Tq)
 
-    # one-hot reduction matrices: column 0 of e0_q and row 0 of e0_k are ones
     # one-hot reduction matrices: column 0 of e0_q is ones; e0_k is all ones (every row of e0_k·dS is the
     # column sum, so any row can be stored). In V's dtype (fp32 for fp32 V).
     e0_q = (tl.where(tl.arange(0, 16)[None, :] == 0, 1.0, 0.0) + tl.zeros([BLOCK_M, 16], dtype=tl.float32)
@@ -346,12 +375,13 @@ def taumode_attention_bwd_kernel(
             slope2 = 0.0
         ROWS_bh = ROWS + (b * H + h) * (tl.cdiv(Tq, BLOCK_M) * 3 * BLOCK_M)
         DO_bh = DO + b * stride_do_b + h * stride_do_h
-        DLQP_bh = DLQ_PART + ((pid_n * B + b) * H + h) * Tq
+        DLQP_bh = DLQ_PART + ((slot * B + b) * H + h) * Tq
         if WITH_DLAMBDA:
-            # rows that see no key of this block: their partial dλq is 0
-            for start_m in range(0, q_start, BLOCK_M):
-                offs_m = start_m + tl.arange(0, BLOCK_M)
-                tl.store(DLQP_bh + offs_m, tl.zeros([BLOCK_M], dtype=tl.float32))
+            if KB_START == 0:
+                # rows that see no key of the slot's first block (nor of its later ones): partial dλq 0
+                for start_m in range(0, q_start, BLOCK_M):
+                    offs_m = start_m + tl.arange(0, BLOCK_M)
+                    tl.store(DLQP_bh + offs_m, tl.zeros([BLOCK_M], dtype=tl.float32))
         dlk_acc = tl.zeros([BLOCK_N, 16], dtype=tl.float32)
         # dtemperature and dslope as key vectors of row sums; the unmasked loop may keep dtemperature in a
         # register tile instead (DT_TILE), which is not live during the masked loop (its mask, the key-tail
@@ -361,7 +391,7 @@ def taumode_attention_bwd_kernel(
         for start_m in range(q_start, q_mid, BLOCK_M):
             dv_acc, dlk_acc, dt_vec, dsl_vec = _bwd_tile(
                 dv_acc, dlk_acc, dt_vec, dsl_vec, lam_k, v, offs_n, start_n, offs_d, start_m, e0_q, e0_k,
-                ROWS_bh, DO_bh, DLQP_bh, stride_do_t, stride_do_d,
+                ROWS_bh, DO_bh, DLQP_bh, accumulate, stride_do_t, stride_do_d,
                 Tq, Tk, Dv, off, inv_t2, slope2,
                 IS_CAUSAL, HAS_ALIBI, True, not EVEN_M, MASK_D, BLOCK_M, BLOCK_N, DOT_PRECISION, RED_PRECISION, GPU,
                 False, WITH_DV, WITH_DLAMBDA)
@@ -372,7 +402,7 @@ def taumode_attention_bwd_kernel(
         for start_m in range(q_mid, Tq, BLOCK_M):
             dv_acc, dlk_acc, dt_acc, dsl_vec = _bwd_tile(
                 dv_acc, dlk_acc, dt_acc, dsl_vec, lam_k, v, offs_n, start_n, offs_d, start_m, e0_q, e0_k,
-                ROWS_bh, DO_bh, DLQP_bh, stride_do_t, stride_do_d,
+                ROWS_bh, DO_bh, DLQP_bh, accumulate, stride_do_t, stride_do_d,
                 Tq, Tk, Dv, off, inv_t2, slope2,
                 IS_CAUSAL, HAS_ALIBI, False, not EVEN_M, MASK_D, BLOCK_M, BLOCK_N, DOT_PRECISION, RED_PRECISION, GPU,
                 DT_TILE, WITH_DV, WITH_DLAMBDA)
@@ -389,12 +419,12 @@ def taumode_attention_bwd_kernel(
     if WITH_DLAMBDA:
         dlk = tl.sum(dlk_total, 1)
         if EVEN_N:
-            tl.store(DLK + pid_bk * Tk + offs_n, dlk)
+            tl.store((DLK + pid_bk * Tk + start_n) + tl.arange(0, BLOCK_N), dlk)
         else:
-            tl.store(DLK + pid_bk * Tk + offs_n, dlk, mask=offs_n < Tk)
+            tl.store((DLK + pid_bk * Tk + start_n) + tl.arange(0, BLOCK_N), dlk, mask=offs_n < Tk)
     if WITH_DV:
-        dv_ptrs = (DV + b * stride_dv_b + hk * stride_dv_h + offs_n[:, None] * stride_dv_t
-                   + offs_d[None, :] * stride_dv_d)
+        dv_ptrs = ((DV + b * stride_dv_b + hk * stride_dv_h + tl.cast(start_n, tl.int64) * stride_dv_t)
+                   + tl.arange(0, BLOCK_N)[:, None] * stride_dv_t + offs_d[None, :] * stride_dv_d)
         dv_out = dv_acc.to(DV.dtype.element_ty)
         if EVEN_N:
             if MASK_D:

@@ -2,7 +2,7 @@
 
 Device code only; the launcher is `tauformer_kernels.lambda_triton.lambda_fwd_triton`.
 
-One program per (block of BLOCK_T vectors, batch·head). x·L runs on the tensor cores in column chunks of
+One program per (block of BLOCK_T vectors, batch·head), the blocks of a head consecutive on grid axis 0. x·L runs on the tensor cores in column chunks of
 BLOCK_C and contraction chunks of BLOCK_K (the Laplacian stays on-chip / in L2: F×F is small); the
 Rayleigh quotient, the clamp and the bound are fp32.
 
@@ -35,14 +35,20 @@ def taumode_lambda_fwd_kernel(
     # input_precision of the fp32 product ("tf32x3" or "ieee"); ignored for fp16/bf16
     DOT_PRECISION: tl.constexpr,
 ):
-    """Writes LAM[b, h, t] for the BLOCK_T vectors of this program."""
-    pid_t = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    """Writes LAM[b, h, t] for the BLOCK_T vectors of this program.
+
+    Grid: (cdiv(T, BLOCK_T)·B·Hx,), the blocks of one head consecutive (axis 0 takes up to 2^31 - 1)."""
+    num_tb = tl.cdiv(T, BLOCK_T)
+    pid_t = tl.program_id(0) % num_tb
+    # 64-bit bases: b·stride_b, t0·stride_t and (b·Hx + h)·T pass 2^31 elements on large tensors
+    pid_bh = tl.cast(tl.program_id(0) // num_tb, tl.int64)
     b = pid_bh // Hx
     h = pid_bh % Hx
-    offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    t0 = pid_t * BLOCK_T
+    rows = tl.arange(0, BLOCK_T)
+    offs_t = t0 + rows
     row_ok = offs_t < T
-    x_rows = X + b * stride_xb + h * stride_xh + offs_t[:, None] * stride_xt
+    x_rows = (X + b * stride_xb + h * stride_xh + tl.cast(t0, tl.int64) * stride_xt) + rows[:, None] * stride_xt
 
     quad = tl.zeros([BLOCK_T], dtype=tl.float32)  # xᵀ L x
     norm2 = tl.zeros([BLOCK_T], dtype=tl.float32)  # xᵀ x
@@ -68,4 +74,4 @@ def taumode_lambda_fwd_kernel(
     energy = tl.where(energy < 0.0, 0.0, energy)
     tau = tl.load(TAU + h)
     lam = energy / (energy + tau)
-    tl.store(LAM + pid_bh * T + offs_t, lam, mask=row_ok)
+    tl.store((LAM + pid_bh * T + t0) + rows, lam, mask=row_ok)

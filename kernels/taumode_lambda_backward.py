@@ -8,7 +8,7 @@ For a head vector x (F), s = xᵀx + eps, L_sym = (L + Lᵀ)/2, E_raw = xᵀ L_s
     dx   = dE · 2 (L_sym x - E_raw x) / s
     dtau = Σ dλ · (-E / (E + tau)²)   (per head)
 
-One program per (block of BLOCK_T vectors, b·h). L_sym is formed on-chip from two loads of L (a tile and its
+One program per (block of BLOCK_T vectors, b·h), the blocks of a head consecutive on grid axis 0. L_sym is formed on-chip from two loads of L (a tile and its
 transpose) and y = x L_sym runs on the tensor cores in BLOCK_K × BLOCK_K tiles of L_sym. When F fits in one
 tile (BLOCK_K == BLOCK_F) everything is one pass over x; for larger F a first pass gets xᵀx and E_raw and a
 second recomputes each column tile of y to write dx (L stays in L2 across programs).
@@ -79,21 +79,29 @@ def taumode_lambda_bwd_kernel(
     # input_precision of x·L_sym: "tf32x3" (fp32 x), "tf32" (fp16/bf16 x: exact in tf32; L_sym rounded)
     DOT_PRECISION: tl.constexpr,
 ):
-    """Writes DX (like X) and DTAU_PART (see the module docstring)."""
-    pid_t = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    """Writes DX (like X) and DTAU_PART (see the module docstring).
+
+    Grid: (cdiv(T, BLOCK_T)·B·H,), the blocks of one head consecutive."""
+    num_tb = tl.cdiv(T, BLOCK_T)
+    pid_t = tl.program_id(0) % num_tb
+    # 64-bit bases (batch, head and block offsets pass 2^31 elements on large tensors); the helpers take
+    # the block's base and 32-bit offsets inside it: rows 0 .. BLOCK_T of the t_left rows left
+    pid_bh = tl.cast(tl.program_id(0) // num_tb, tl.int64)
     b = pid_bh // H
     h = pid_bh % H
-    offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
-    row_ok = offs_t < T
-    X_bh = X + b * stride_x_b + h * stride_x_h
-    DX_bh = DX + b * stride_dx_b + h * stride_dx_h
-    dlam = tl.load(DLAM + b * stride_dlam_b + h * stride_dlam_h + offs_t * stride_dlam_t, mask=row_ok, other=0.0)
+    t0 = pid_t * BLOCK_T
+    t_left = T - t0
+    offs_t = tl.arange(0, BLOCK_T)
+    row_ok = offs_t < t_left
+    X_bh = X + b * stride_x_b + h * stride_x_h + tl.cast(t0, tl.int64) * stride_x_t
+    DX_bh = DX + b * stride_dx_b + h * stride_dx_h + tl.cast(t0, tl.int64) * stride_dx_t
+    dlam = tl.load((DLAM + b * stride_dlam_b + h * stride_dlam_h + tl.cast(t0, tl.int64) * stride_dlam_t)
+                   + offs_t * stride_dlam_t, mask=row_ok, other=0.0)
     tau = tl.load(TAU + h)
 
     if BLOCK_K == BLOCK_F:
         offs_f = tl.arange(0, BLOCK_F)
-        x = _x_tile(X_bh, offs_t, offs_f, stride_x_t, stride_x_f, T, F, True, MASK_F)
+        x = _x_tile(X_bh, offs_t, offs_f, stride_x_t, stride_x_f, t_left, F, True, MASK_F)
         y = tl.dot(x, _lsym_tile(LAP, offs_f, offs_f, F, MASK_F), input_precision=DOT_PRECISION)
         s = tl.sum(x * x, 1) + eps
         e_raw = tl.sum(x * y, 1) / s
@@ -102,8 +110,8 @@ def taumode_lambda_bwd_kernel(
         xy = tl.zeros([BLOCK_T], dtype=tl.float32)
         for fo in range(0, BLOCK_F, BLOCK_K):
             offs_c = fo + tl.arange(0, BLOCK_K)
-            x_c = _x_tile(X_bh, offs_t, offs_c, stride_x_t, stride_x_f, T, F, True, MASK_F)
-            y_c = _y_tile(X_bh, LAP, offs_t, fo, stride_x_t, stride_x_f, T, F,
+            x_c = _x_tile(X_bh, offs_t, offs_c, stride_x_t, stride_x_f, t_left, F, True, MASK_F)
+            y_c = _y_tile(X_bh, LAP, offs_t, fo, stride_x_t, stride_x_f, t_left, F,
                           BLOCK_T, BLOCK_F, BLOCK_K, True, MASK_F, DOT_PRECISION)
             sq += tl.sum(x_c * x_c, 1)
             xy += tl.sum(x_c * y_c, 1)
@@ -116,7 +124,7 @@ def taumode_lambda_bwd_kernel(
     d_energy = tl.where(e_raw >= 0, dlam * tau * inv_denom, 0.0)
     coef = 2.0 * d_energy / s
     dtau = tl.sum(tl.where(row_ok, -dlam * energy * inv_denom, 0.0), 0)
-    tl.store(DTAU_PART + pid_bh * tl.num_programs(0) + pid_t, dtau)
+    tl.store(DTAU_PART + pid_bh * num_tb + pid_t, dtau)
 
     if BLOCK_K == BLOCK_F:
         dx = coef[:, None] * (y - e_raw[:, None] * x)
@@ -125,8 +133,8 @@ def taumode_lambda_bwd_kernel(
     else:
         for fo in range(0, BLOCK_F, BLOCK_K):
             offs_c = fo + tl.arange(0, BLOCK_K)
-            x_c = _x_tile(X_bh, offs_t, offs_c, stride_x_t, stride_x_f, T, F, True, MASK_F)
-            y_c = _y_tile(X_bh, LAP, offs_t, fo, stride_x_t, stride_x_f, T, F,
+            x_c = _x_tile(X_bh, offs_t, offs_c, stride_x_t, stride_x_f, t_left, F, True, MASK_F)
+            y_c = _y_tile(X_bh, LAP, offs_t, fo, stride_x_t, stride_x_f, t_left, F,
                           BLOCK_T, BLOCK_F, BLOCK_K, True, MASK_F, DOT_PRECISION)
             dx = coef[:, None] * (y_c - e_raw[:, None] * x_c)
             ptrs = DX_bh + offs_t[:, None] * stride_dx_t + offs_c[None, :] * stride_dx_f

@@ -34,7 +34,7 @@ def oracle_attention(q, k, v, laplacian, tau_kv, temperature, alibi_slopes=None,
 def relative_error(out: torch.Tensor, ref: torch.Tensor, floor: float = 1e-300) -> float:
     """‖out − ref‖ / max(‖ref‖, floor) in float64. A floor keeps gradients that are exactly zero in the
     reference (one key per row: softmax is constant) from dividing rounding noise by zero."""
-    out, ref = out.detach().double(), ref.detach().double()
+    out, ref = out.detach().double().cpu(), ref.detach().double().cpu()  # either may be on the GPU
     return ((out - ref).norm() / ref.norm().clamp_min(floor)).item()
 
 

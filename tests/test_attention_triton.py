@@ -161,7 +161,7 @@ def test_query_blocks_taller_than_key_blocks(alibi, monkeypatch):
     """BLOCK_M = 2·BLOCK_N as on the GPU: the diagonal spans several key blocks, Tk - Tq not a multiple."""
     from tauformer_kernels import attention_triton
 
-    monkeypatch.setitem(attention_triton._INTERPRET_CONFIG, "BLOCK_N", 32)
+    monkeypatch.setitem(attention_triton._INTERPRET_TILES, "BLOCK_N", 32)
     lq, lk, v, temp, slopes = inputs(1, 2, 1, 150, 181, 40, torch.float32, 0.05, alibi=alibi)
     check(lq, lk, v, temp, slopes)
     check(lq, lk, v, temp, slopes, is_causal=False)

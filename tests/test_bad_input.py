@@ -12,12 +12,14 @@ from tauformer_kernels import chain_laplacian, reference, taumode_attention, tau
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 BACKENDS = ["reference", "loglinear"] + (["triton"] if HAS_TRITON else [])
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # the Triton backend's device (else the interpreter)
 
 
 def _good():
-    q, k, v = random_heads(2, 4, 2, 6, 6, 8, 8, dtype=torch.float32)
-    return dict(q=q, k=k, v=v, laplacian=chain_laplacian(8), tau=torch.ones(2), temperature=torch.full((4,), 0.1),
-                eps=1e-6, is_causal=True, alibi_slopes=None, check_finite=False)
+    q, k, v = random_heads(2, 4, 2, 6, 6, 8, 8, dtype=torch.float32, device=DEVICE)
+    return dict(q=q, k=k, v=v, laplacian=chain_laplacian(8).to(DEVICE), tau=torch.ones(2, device=DEVICE),
+                temperature=torch.full((4,), 0.1, device=DEVICE), eps=1e-6, is_causal=True, alibi_slopes=None,
+                check_finite=False)
 
 
 def _nan_at(t):
@@ -31,38 +33,38 @@ ATTENTION_CASES = [
     ("q 3-D", lambda a: dict(q=a["q"][0]), ValueError, "q"),
     ("q int", lambda a: dict(q=a["q"].int(), k=a["k"].int()), TypeError, "q"),
     ("k batch", lambda a: dict(k=a["k"][:1], v=a["v"][:1]), ValueError, "batch"),
-    ("k heads", lambda a: dict(k=torch.randn(2, 3, 6, 8), v=torch.randn(2, 3, 6, 8)), ValueError, "kv heads"),
-    ("k no heads", lambda a: dict(k=torch.randn(2, 0, 6, 8), v=torch.randn(2, 0, 6, 8)), ValueError, "kv heads"),
+    ("k heads", lambda a: dict(k=torch.randn(2, 3, 6, 8, device=DEVICE), v=torch.randn(2, 3, 6, 8, device=DEVICE)), ValueError, "kv heads"),
+    ("k no heads", lambda a: dict(k=torch.randn(2, 0, 6, 8, device=DEVICE), v=torch.randn(2, 0, 6, 8, device=DEVICE)), ValueError, "kv heads"),
     ("k head dim", lambda a: dict(k=a["k"][..., :4]), ValueError, "head dim"),
     ("k dtype", lambda a: dict(k=a["k"].double()), TypeError, "dtype"),
     ("v length", lambda a: dict(v=a["v"][:, :, :5]), ValueError, "v"),
     ("v 3-D", lambda a: dict(v=a["v"][0]), ValueError, "v"),
     ("v dtype", lambda a: dict(v=a["v"].double()), TypeError, "dtype"),
-    ("Tq > Tk", lambda a: dict(q=torch.randn(2, 4, 7, 8)), ValueError, "Tq <= Tk"),
-    ("Tq = 0", lambda a: dict(q=torch.randn(2, 4, 0, 8)), ValueError, "sequence lengths"),
-    ("laplacian size", lambda a: dict(laplacian=torch.eye(7)), ValueError, "laplacian"),
-    ("laplacian 1-D", lambda a: dict(laplacian=torch.ones(8)), ValueError, "laplacian"),
-    ("laplacian int", lambda a: dict(laplacian=torch.eye(8, dtype=torch.int64)), TypeError, "laplacian"),
+    ("Tq > Tk", lambda a: dict(q=torch.randn(2, 4, 7, 8, device=DEVICE)), ValueError, "Tq <= Tk"),
+    ("Tq = 0", lambda a: dict(q=torch.randn(2, 4, 0, 8, device=DEVICE)), ValueError, "sequence lengths"),
+    ("laplacian size", lambda a: dict(laplacian=torch.eye(7, device=DEVICE)), ValueError, "laplacian"),
+    ("laplacian 1-D", lambda a: dict(laplacian=torch.ones(8, device=DEVICE)), ValueError, "laplacian"),
+    ("laplacian int", lambda a: dict(laplacian=torch.eye(8, dtype=torch.int64, device=DEVICE)), TypeError, "laplacian"),
     ("laplacian device", lambda a: dict(laplacian=torch.eye(8, device="meta")), ValueError, "laplacian on meta"),
-    ("temperature 0", lambda a: dict(temperature=torch.zeros(4)), ValueError, "temperature must be > 0"),
-    ("temperature < 0", lambda a: dict(temperature=torch.tensor([0.1, -1.0, 0.1, 0.1])), ValueError, "temperature must be > 0"),
-    ("temperature nan", lambda a: dict(temperature=_nan_at(torch.ones(4))), ValueError, "temperature must be > 0"),
-    ("temperature shape", lambda a: dict(temperature=torch.ones(3)), ValueError, "temperature must be a float or a tensor of shape (4,)"),
-    ("temperature int", lambda a: dict(temperature=torch.ones(4, dtype=torch.int64)), TypeError, "temperature"),
-    ("tau < 0", lambda a: dict(tau=torch.tensor([1.0, -0.5])), ValueError, "tau must be > 0"),
-    ("tau nan", lambda a: dict(tau=_nan_at(torch.ones(4))[:2].contiguous() * float("nan")), ValueError, "tau must be > 0"),
-    ("tau shape", lambda a: dict(tau=torch.ones(4)), ValueError, "tau must be a float or a tensor of shape (2,)"),
+    ("temperature 0", lambda a: dict(temperature=torch.zeros(4, device=DEVICE)), ValueError, "temperature must be > 0"),
+    ("temperature < 0", lambda a: dict(temperature=torch.tensor([0.1, -1.0, 0.1, 0.1], device=DEVICE)), ValueError, "temperature must be > 0"),
+    ("temperature nan", lambda a: dict(temperature=_nan_at(torch.ones(4, device=DEVICE))), ValueError, "temperature must be > 0"),
+    ("temperature shape", lambda a: dict(temperature=torch.ones(3, device=DEVICE)), ValueError, "temperature must be a float or a tensor of shape (4,)"),
+    ("temperature int", lambda a: dict(temperature=torch.ones(4, dtype=torch.int64, device=DEVICE)), TypeError, "temperature"),
+    ("tau < 0", lambda a: dict(tau=torch.tensor([1.0, -0.5], device=DEVICE)), ValueError, "tau must be > 0"),
+    ("tau nan", lambda a: dict(tau=_nan_at(torch.ones(4, device=DEVICE))[:2].contiguous() * float("nan")), ValueError, "tau must be > 0"),
+    ("tau shape", lambda a: dict(tau=torch.ones(4, device=DEVICE)), ValueError, "tau must be a float or a tensor of shape (2,)"),
     ("eps < 0", lambda a: dict(eps=-1.0), ValueError, "eps"),
     ("eps nan", lambda a: dict(eps=float("nan")), ValueError, "eps"),
     ("eps inf", lambda a: dict(eps=float("inf")), ValueError, "eps"),
-    ("alibi shape", lambda a: dict(alibi_slopes=torch.ones(3)), ValueError, "alibi_slopes"),
-    ("alibi int", lambda a: dict(alibi_slopes=torch.ones(4, dtype=torch.int64)), TypeError, "alibi_slopes"),
+    ("alibi shape", lambda a: dict(alibi_slopes=torch.ones(3, device=DEVICE)), ValueError, "alibi_slopes"),
+    ("alibi int", lambda a: dict(alibi_slopes=torch.ones(4, dtype=torch.int64, device=DEVICE)), TypeError, "alibi_slopes"),
     ("alibi device", lambda a: dict(alibi_slopes=torch.ones(4, device="meta")), ValueError, "alibi_slopes on meta"),
     ("q nan, checked", lambda a: dict(q=_nan_at(a["q"]), check_finite=True), ValueError, "q contains non-finite"),
     ("k inf, checked", lambda a: dict(k=a["k"] / 0, check_finite=True), ValueError, "k contains non-finite"),
     ("v nan, checked", lambda a: dict(v=_nan_at(a["v"]), check_finite=True), ValueError, "v contains non-finite"),
     ("laplacian nan, checked", lambda a: dict(laplacian=_nan_at(a["laplacian"]), check_finite=True), ValueError, "laplacian contains non-finite"),
-    ("alibi inf, checked", lambda a: dict(alibi_slopes=torch.full((4,), float("inf")), check_finite=True), ValueError, "alibi_slopes contains non-finite"),
+    ("alibi inf, checked", lambda a: dict(alibi_slopes=torch.full((4,), float("inf"), device=DEVICE), check_finite=True), ValueError, "alibi_slopes contains non-finite"),
 ]
 PYTHON_ONLY_CASES = [  # arguments that are not tensors: the ops' schemas refuse them themselves
     ("q not a tensor", lambda a: dict(q=a["q"].tolist()), TypeError, "q must be a torch.Tensor"),
@@ -97,7 +99,8 @@ def test_bad_attention_input_names_the_argument(case, backend, via_ops):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_bad_lambda_and_from_lambda_input(backend):
-    lq, lk, v = torch.rand(1, 2, 4), torch.rand(1, 1, 4), torch.randn(1, 1, 4, 3)
+    lq, lk, v = (torch.rand(1, 2, 4, device=DEVICE), torch.rand(1, 1, 4, device=DEVICE),
+                 torch.randn(1, 1, 4, 3, device=DEVICE))
     cases = [
         (lambda: taumode_attention_from_lambda(lq[0], lk, v, backend=backend), ValueError, "lq must have 3 dimensions"),
         (lambda: taumode_attention_from_lambda(lq, lk.double(), v, backend=backend), TypeError, "lq and lk must share a dtype"),
@@ -146,11 +149,11 @@ def test_value_checks_and_check_finite_under_torch_compile():
 
 @pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
 def test_triton_lambda_keeps_nan_and_inf_rows_non_finite():
-    x = torch.randn(1, 2, 70, 16)
+    x = torch.randn(1, 2, 70, 16, device=DEVICE)
     x[0, 0, 3, 5] = float("nan")
     x[0, 1, 60, 0] = float("inf")
-    lam = taumode_lambda(x, chain_laplacian(16), backend="triton")
-    ref = taumode_lambda(x, chain_laplacian(16), backend="reference")
+    lap = chain_laplacian(16).to(DEVICE)
+    lam, ref = (taumode_lambda(x, lap, backend=backend).cpu() for backend in ("triton", "reference"))
     assert torch.isnan(lam[0, 0, 3]) and torch.isnan(lam[0, 1, 60])
     assert torch.isnan(ref[0, 0, 3]) and torch.isnan(ref[0, 1, 60])
     finite = torch.isfinite(ref)
@@ -212,6 +215,8 @@ def test_negative_slopes_on_the_triton_fast_path(slope):
     lq, lk = torch.rand(1, 2, t), torch.rand(1, 1, t)
     v = torch.randn(1, 1, t, 16)
     slopes = torch.tensor([slope, 0.02])
-    out = taumode_attention_from_lambda(lq, lk, v, temperature=0.5, alibi_slopes=slopes, backend="triton")
+    on = (t.to(DEVICE) for t in (lq, lk, v, slopes))
+    dlq, dlk, dv, dslopes = on
+    out = taumode_attention_from_lambda(dlq, dlk, dv, temperature=0.5, alibi_slopes=dslopes, backend="triton")
     ref = reference.attention_naive(lq.double(), lk.double(), v.double(), per_head(0.5, 2), slopes.double())
     assert torch.isfinite(out).all() and relative_error(out, ref) < 1e-5

@@ -63,8 +63,9 @@ def test_clamp_active():
 
 def test_non_contiguous_x():
     b, h, t, f = 2, 3, 30, 64
-    x = torch.randn(b, t, h, f).transpose(1, 2)  # (B, H, T, F) with strided heads
-    lap, tau, dlam = chain_laplacian(f).float(), 0.5 + torch.rand(h), torch.randn(b, h, t)
+    x = torch.randn(b, t, h, f, device=DEVICE).transpose(1, 2)  # (B, H, T, F) with strided heads
+    lap, tau = chain_laplacian(f).float().to(DEVICE), 0.5 + torch.rand(h, device=DEVICE)
+    dlam = torch.randn(b, h, t, device=DEVICE)
     dx, dtau = lambda_bwd_triton(dlam, x, lap, tau, 1e-6, poison=True)
     want_dx, want_dtau = reference.lambda_bwd_reference(dlam, x, lap, tau, 1e-6)
     assert relative_error(dx, want_dx) < 1e-5 and relative_error(dtau, want_dtau) < 1e-5

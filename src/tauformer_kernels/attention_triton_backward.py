@@ -4,17 +4,22 @@
 -> (dlq, dlk, dv, dtemperature, dalibi)` follows docs/internal-contract.md: inputs are trusted (validated at
 the public API), λ, lse and temperature are fp32, lk and v may be non-contiguous.
 
-Determinism: no atomics. dV and dλk are complete per key-block program (the query heads of a GQA group are
-summed inside it in a fixed order); dλq, dtemperature and dslope come out as per-key-block partials that are
-summed here with fixed-shape torch reductions.
+Determinism: no atomics. dV and dλk are complete per key block (the query heads of a GQA group are summed
+inside its program in a fixed order); dλq comes out as one partial per slot (`partial_slots`: at most
+MAX_SLOTS floats per query row, whatever the length), dtemperature and dslope as one per key block, summed
+here with fixed-shape torch reductions.
+
+Head sizes past MAX_FUSED_DV (512 for fp16/bf16 V, 256 for fp32: the largest tiles the kernel's register
+budget holds) run the chunked PyTorch backward (reference.attention_bwd_chunked): the same gradients, not
+fused.
 """
 from __future__ import annotations
-
-import os
 
 import torch
 import triton
 
+from tauformer_kernels import reference
+from tauformer_kernels.backends import FP_FUSION, arch_of, gpu_launch_configs, on_device, triton_before
 from tauformer_kernels.kernels.taumode_attention_backward import (
     attention_bwd_preprocess_kernel,
     taumode_attention_bwd_kernel,
@@ -31,22 +36,19 @@ _GPU_CONFIGS = {
     256: {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2, "DT_TILE": True},
     512: {"BLOCK_M": 32, "BLOCK_N": 16, "num_warps": 4, "num_stages": 1, "DT_TILE": True},
 }
-# fp32 V: the tf32x3 products hold more registers: smaller tiles. Dv >= 256 runs "ieee" products
-# (dot_precisions) at 16×16, 4 warps, 2 stages, DT_TILE off: the only config found spill-free there on
-# sm_80 and sm_90 for one query head per kv head (causal, non-causal, ALiBi); kernels/NOTES.md.
+# fp32 V: the tf32x3 products hold more registers: smaller tiles. Dv 256 runs "ieee" products
+# (dot_precisions) at 16×16, 8 warps, 2 stages, DT_TILE off: spill-free on sm_80 and sm_90 (causal,
+# non-causal, ALiBi, the GQA split). fp32 Dv > 256 is not fused (MAX_FUSED_DV): the builds spilled 8-24 B
+# at every option tried, and the fused fp32 backward at these sizes was already ~20× the bf16 main loop
+# per score (kernels/NOTES.md), no faster than the chunked PyTorch backward it now runs.
 _GPU_CONFIGS_FP32 = {
     64: {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1, "DT_TILE": True},
     128: {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1, "DT_TILE": True},
-    256: {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 4, "num_stages": 2, "DT_TILE": False},
-    512: {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 4, "num_stages": 2, "DT_TILE": False},
+    256: {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 8, "num_stages": 2, "DT_TILE": False},
 }
 # Under TRITON_INTERPRET=1: one small tile (the interpreter runs each program in numpy); DT_TILE as on a GPU,
 # so the tests run the code path the GPU build runs.
 _INTERPRET_TILES = {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1}
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def block_d_of(dv: int) -> int:
@@ -58,11 +60,11 @@ def backward_config(dtype: torch.dtype, dv: int, *, has_alibi: bool = False, gro
     """Tiles, launch options and the DT_TILE constexpr of `taumode_attention_bwd_kernel` for V's dtype, the
     head size Dv, ALiBi, the GQA group, causality and the sm version (80: A100-class mma.sync, 90: Hopper
     wgmma). The one source of the launch configuration: the launcher and the compile check (`compile_check_backward.entries()`, which
-    proves these configs spill-free on sm_80 and sm_90) both call it. interpret=None reads TRITON_INTERPRET.
+    proves these configs spill-free on sm_80 and sm_90) both call it. interpret=None: the interpreter's small tiles unless backends.gpu_launch_configs().
     Variants that spilled at the table's tiles get their own (ALiBi; fp16/bf16 Dv<=64 non-causal GQA);
     kernels/NOTES.md (Backward) has the spill table."""
     if interpret is None:
-        interpret = _interpreting()
+        interpret = not gpu_launch_configs()
     table = _GPU_CONFIGS_FP32 if dtype == torch.float32 else _GPU_CONFIGS
     cfg = dict(table[max(64, block_d_of(dv))])
     if arch < 90 and dtype != torch.float32 and block_d_of(dv) <= 64:
@@ -85,6 +87,14 @@ def backward_config(dtype: torch.dtype, dv: int, *, has_alibi: bool = False, gro
         elif bd >= 512:
             # 32×16 at 4 warps spilled 8 B; 8 warps: ~195/168 regs
             cfg["num_warps"] = 8
+    if triton_before(3, 9):
+        # Triton 3.6 (the one torch 2.11 pins) allocates registers differently; measured there:
+        if dtype != torch.float32 and block_d_of(dv) <= 64 and arch < 90 and is_causal and not has_alibi:
+            cfg["num_warps"] = 8  # 64×64 spilled 16 B on sm_80
+        if dtype == torch.float32 and block_d_of(dv) <= 128:
+            cfg["num_warps"] = 8  # 8-24 B spilled (D=64 causal sm_90, ALiBi D=64/128 sm_80)
+        if dtype == torch.float32 and block_d_of(dv) == 256 and has_alibi and arch >= 90:
+            cfg["num_warps"] = 4  # at 8 warps ptxas capped the build at 128 registers: 24 B on sm_90
     # the kernel's launches as (WITH_DV, WITH_DLAMBDA, num_warps): normally one for everything. fp32 Dv >= 256
     # with GQA: one program holding the V tile and the dV accumulator across the group spills at every
     # launch option tried, so dV runs in one launch and the rest in another (kernels/NOTES.md, v9); with
@@ -104,13 +114,6 @@ def backward_config(dtype: torch.dtype, dv: int, *, has_alibi: bool = False, gro
 def launch_config(dv: int, dtype: torch.dtype) -> dict:
     """Tile sizes and launch options for a head size Dv and V's dtype (no ALiBi, causal, GROUP=1, sm_90)."""
     return backward_config(dtype, dv)
-
-
-def _arch_of(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 90
-    major, minor = torch.cuda.get_device_capability(device)
-    return 10 * major + minor
 
 
 def preprocess_block_m(block_d: int) -> int:
@@ -136,6 +139,18 @@ def dot_precisions(dtype: torch.dtype, dv: int = 64) -> tuple[str, str]:
     return "ieee", "ieee"
 
 
+# Largest head size of the fused backward by V's dtype (the tables above); the partial-dλq slots per
+# (batch, kv head).
+MAX_FUSED_DV = {torch.float16: 512, torch.bfloat16: 512, torch.float32: 256}
+MAX_SLOTS = 16
+
+
+def partial_slots(num_kb: int, b_hkv: int, device: torch.device) -> int:
+    """Key blocks per launch (= dλq partials per query row) for one (batch, kv head): MAX_SLOTS, or fewer
+    key blocks. 2 on the CPU, so that the interpreter runs several launches adding into their slots."""
+    return max(1, min(num_kb, MAX_SLOTS if device.type == "cuda" else 2))
+
+
 def attention_bwd_triton(dout, lq, lk, v, out, lse, temperature, alibi_slopes, is_causal, *, poison: bool = False):
     """Fused taumode attention backward: (dlq, dlk, dv, dtemperature, dalibi) per docs/internal-contract.md.
 
@@ -144,19 +159,29 @@ def attention_bwd_triton(dout, lq, lk, v, out, lse, temperature, alibi_slopes, i
     """
     b, h, tq = lq.shape
     hkv, tk, dv_dim = lk.shape[1], lk.shape[2], v.shape[-1]
+    if dv_dim > MAX_FUSED_DV[v.dtype]:
+        return reference.attention_bwd_chunked(dout, lq, lk, v, out, lse, temperature, alibi_slopes, is_causal)
+    with on_device(v):
+        return _attention_bwd(dout, lq, lk, v, out, lse, temperature, alibi_slopes, is_causal, poison)
+
+
+def _attention_bwd(dout, lq, lk, v, out, lse, temperature, alibi_slopes, is_causal, poison):
+    b, h, tq = lq.shape
+    hkv, tk, dv_dim = lk.shape[1], lk.shape[2], v.shape[-1]
     group = h // hkv
     device = v.device
     cfg = backward_config(v.dtype, dv_dim, has_alibi=alibi_slopes is not None, group=group,
-                          is_causal=bool(is_causal), arch=_arch_of(device))
+                          is_causal=bool(is_causal), arch=arch_of(device))
     block_m, block_n = cfg["BLOCK_M"], cfg["BLOCK_N"]
     block_d = block_d_of(dv_dim)
     num_kb = triton.cdiv(tk, block_n)
+    slots = partial_slots(num_kb, b * hkv, device)
 
     new = torch.full if poison else (lambda shape, _fill, **kw: torch.empty(shape, **kw))
     nan = float("nan")
     dv = new((b, hkv, tk, dv_dim), nan, dtype=v.dtype, device=device)
     dlk = new((b, hkv, tk), nan, dtype=torch.float32, device=device)
-    dlq_part = new((num_kb, b, h, tq), nan, dtype=torch.float32, device=device)
+    dlq_part = new((slots, b, h, tq), nan, dtype=torch.float32, device=device)
     dt_part = new((b, h, num_kb), nan, dtype=torch.float32, device=device)
     dslope_part = new((b, h, num_kb), nan, dtype=torch.float32, device=device) if alibi_slopes is not None else dt_part
     if b * h == 0 or tq == 0 or tk == 0:
@@ -173,27 +198,30 @@ def attention_bwd_triton(dout, lq, lk, v, out, lse, temperature, alibi_slopes, i
     num_qb = triton.cdiv(tq, block_m)
     rows = new((b * h, num_qb, 3, block_m), nan, dtype=torch.float32, device=device)
     pre_m = preprocess_block_m(block_d)
-    attention_bwd_preprocess_kernel[(triton.cdiv(num_qb * block_m, pre_m), b * h)](
+    attention_bwd_preprocess_kernel[(triton.cdiv(num_qb * block_m, pre_m) * b * h,)](
         out, dout, lse, lq, rows, *out.stride(), *dout.stride(), *lq.stride(), h, tq, dv_dim,
-        BLOCK_M=pre_m, BLOCK_D=block_d, ROW_BLOCK=block_m,
+        BLOCK_M=pre_m, BLOCK_D=block_d, ROW_BLOCK=block_m, enable_fp_fusion=FP_FUSION,
     )
     slopes = alibi_slopes.to(torch.float32).contiguous() if alibi_slopes is not None else rows
     dot_prec, red_prec = dot_precisions(v.dtype, dv_dim)
     temp = temperature.to(torch.float32).contiguous()
-    for with_dv, with_dlambda, num_warps in cfg["launches"]:  # one, or dV and then the rest (backward_config)
-        taumode_attention_bwd_kernel[(num_kb, b * hkv)](
-            rows, lk, v, dout, temp, slopes,
-            dv, dlk, dlq_part, dt_part, dslope_part,
-            *lk.stride(), *v.stride(), *dout.stride(), *dv.stride(),
-            b, h, tq, tk, dv_dim,
-            GROUP=group, IS_CAUSAL=bool(is_causal), HAS_ALIBI=alibi_slopes is not None,
-            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
-            EVEN_M=tq % block_m == 0, EVEN_N=tk % block_n == 0, MASK_D=block_d != dv_dim,
-            DOT_PRECISION=dot_prec, RED_PRECISION=red_prec, GPU=not _interpreting(), DT_TILE=cfg["DT_TILE"],
-            WITH_DV=with_dv, WITH_DLAMBDA=with_dlambda,
-            num_warps=num_warps, num_stages=cfg["num_stages"],
-        )
-    # fixed-order reductions of the per-key-block partials
+    # key blocks kb_start .. kb_start + slots - 1 per launch, each adding into its slot (see the kernel); per
+    # group of key blocks one launch, or dV and then the rest (backward_config)
+    for kb_start in range(0, num_kb, slots):
+        for with_dv, with_dlambda, num_warps in cfg["launches"]:
+            taumode_attention_bwd_kernel[(b * hkv * slots,)](
+                rows, lk, v, dout, temp, slopes,
+                dv, dlk, dlq_part, dt_part, dslope_part,
+                *lk.stride(), *v.stride(), *dout.stride(), *dv.stride(),
+                b, h, tq, tk, dv_dim, slots, kb_start,
+                GROUP=group, IS_CAUSAL=bool(is_causal), HAS_ALIBI=alibi_slopes is not None,
+                BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
+                EVEN_M=tq % block_m == 0, EVEN_N=tk % block_n == 0, MASK_D=block_d != dv_dim,
+                DOT_PRECISION=dot_prec, RED_PRECISION=red_prec, GPU=gpu_launch_configs(), DT_TILE=cfg["DT_TILE"],
+                WITH_DV=with_dv, WITH_DLAMBDA=with_dlambda,
+                num_warps=num_warps, num_stages=cfg["num_stages"], enable_fp_fusion=FP_FUSION,
+            )
+    # fixed-order reductions of the per-slot and per-key-block partials
     dlq = dlq_part.sum(0).mul_(-1.0 / temperature.to(torch.float32).view(1, h, 1))
     dtemp = dt_part.sum(dim=(0, 2))
     dalibi = None if alibi_slopes is None else dslope_part.sum(2).to(alibi_slopes.dtype)

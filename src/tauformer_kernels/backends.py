@@ -7,6 +7,7 @@ Backends (docs/internal-contract.md gives each one's functions):
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 
@@ -29,6 +30,44 @@ def triton_available() -> bool:
 def triton_interpreting() -> bool:
     """TRITON_INTERPRET=1 runs the real kernels on CPU tensors (how CI tests them)."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def triton_before(major: int, minor: int) -> bool:
+    """Whether the installed Triton is older than major.minor (launch configs differ where its register
+    allocation does: the compile check proves each version's configs spill-free)."""
+    import triton
+
+    found = tuple(int(part) for part in triton.__version__.split(".")[:2])
+    return found < (major, minor)
+
+
+def gpu_launch_configs() -> bool:
+    """Whether the launchers use their GPU launch configs (tiles, warps, the GPU-only code paths such as the
+    backward's inline-PTX exp2): always on a GPU; under the interpreter only when TAUFORMER_GPU_CONFIGS=1
+    (the tests' --gpu-configs mode, which runs the GPU's code paths on the CPU with the interpreter's
+    numerics emulated, tauformer_kernels/interpreter.py). Otherwise the interpreter gets small tiles."""
+    return not triton_interpreting() or os.environ.get("TAUFORMER_GPU_CONFIGS", "0") not in ("", "0")
+
+
+# Every launch sets enable_fp_fusion (a*b + c as one FMA): the kernels' numerics and their static cycle
+# estimates assume it, and Triton 3.10 turns its default off.
+FP_FUSION = True
+
+# CUDA's limit on grid axes 1 and 2 (axis 0 takes 2^31 - 1 programs)
+MAX_GRID_YZ = 65535
+
+
+def arch_of(device: torch.device) -> int:
+    """The sm version of a CUDA device (90 for CPU tensors: the interpreter runs the sm_90 configs)."""
+    if device.type != "cuda":
+        return 90
+    major, minor = torch.cuda.get_device_capability(device)
+    return 10 * major + minor
+
+
+def on_device(t: torch.Tensor):
+    """The context a launch runs in: the CUDA device of `t` (a tensor on cuda:1 launches on cuda:1)."""
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
 
 
 def check_backend_name(backend) -> None:

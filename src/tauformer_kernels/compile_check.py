@@ -3,11 +3,12 @@
     python -m tauformer_kernels.compile_check --arch 80 90 [--cache DIR] [--only NAME] [--loops]
 
 Per kernel and arch: registers, stack bytes (spills), shared memory, and counts of tensor-core (HMMA/HGMMA)
-and MUFU instructions in the SASS (disassembled with the nvdisasm/cuobjdump that ship inside triton). With
+and MUFU instructions in the SASS (disassembled with the nvdisasm/cuobjdump that ship inside triton), and
+whether the PTX of a 64-bit build forms every batch and head base in 64 bits (`narrow_base_products`). With
 --loops, each loop of the SASS gets a static cycle estimate (the same throughput model as
 ../shared/tools/sass_model.py: tensor FMAs, FP32 ALU, MUFU and issue per SM clock) and, where the kernel
-declares its scores per iteration, cycles per 1,000 scores. Exits non-zero if a kernel fails to compile or
-spills.
+declares its scores per iteration, cycles per 1,000 scores. Exits non-zero if a kernel fails to compile,
+spills, or (a 64-bit build) forms a batch/head base offset in 32 bits.
 
 The kernels are a table (`KERNELS`): one row per (kernel, representative constexprs). Arguments are typed
 the way the JIT specialises them at a launch: pointers and strides divisible by 16 where a real launch's
@@ -63,32 +64,45 @@ def _attention_args(v_dtype: str) -> dict:
     for name in ("lq_b", "lq_h", "lk_b", "lk_h", "v_b", "v_h", "v_t", "o_b", "o_h", "o_t"):
         args[f"stride_{name}"] = "i32:16"
     args.update({"stride_lq_t": "i32:1", "stride_lk_t": "i32:1", "stride_v_d": "i32:1", "stride_o_d": "i32:1"})
-    args.update({"H": "i32", "GROUP": "i32", "Tq": "i32", "Tk": "i32", "Dv": "i32"})
+    args.update({"BH": "i32", "H": "i32", "GROUP": "i32", "Tq": "i32", "Tk": "i32", "Dv": "i32"})
     return args
 
 
-def _attention(name, v_dtype, dv, path, causal=True, alibi=False, block_m=128, block_n=64, warps=4, stages=3):
+def _attention(name, v_dtype, dv, path, causal=True, alibi=False, wide=False):
+    """The forward at the launcher's own configuration (attention_triton.forward_config) per arch."""
+    import torch
     import triton.language as tl
 
+    from tauformer_kernels.attention_triton import forward_config
+
+    tdtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[v_dtype]
+    cfgs = {arch: forward_config(dv, tdtype, has_alibi=alibi, arch=arch, wide=wide, gpu=True) for arch in (80, 90)}
     block_d = min(max(16, 1 << (dv - 1).bit_length()), 128)
-    ce = {"IS_CAUSAL": causal, "HAS_ALIBI": alibi, "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_D": block_d,
-          "MASK_D": dv % block_d != 0, "FAST_SPAN": 8.0 if v_dtype == "fp16" else 64.0, "PATH": path,
-          "FACTOR_DTYPE": tl.float16 if v_dtype == "fp16" and not alibi else tl.float32,
-          "DOT_PRECISION": "tf32x3" if v_dtype == "fp32" else "ieee"}
+    ce = {"IS_CAUSAL": causal, "HAS_ALIBI": alibi, "BLOCK_M": cfgs[90]["BLOCK_M"], "BLOCK_N": cfgs[90]["BLOCK_N"],
+          "BLOCK_D": block_d, "MASK_D": dv % block_d != 0, "FAST_SPAN": 8.0 if v_dtype == "fp16" else 64.0,
+          "PATH": path, "FACTOR_DTYPE": tl.float16 if v_dtype == "fp16" and not alibi else tl.float32,
+          "DOT_PRECISION": "tf32x3" if v_dtype == "fp32" else "ieee", "N_DCHUNK": -(-dv // block_d), "WIDE": wide}
+    per_arch = {arch: {"constexprs": {}, "num_warps": c["warps"][path], "num_stages": c["num_stages"]}
+                for arch, c in cfgs.items()}
     return KernelCase(name, "taumode_attention:taumode_attention_fwd_kernel", _attention_args(v_dtype), ce,
-                      warps, stages, block_m * block_n)
+                      cfgs[90]["warps"][path], cfgs[90]["num_stages"], ce["BLOCK_M"] * ce["BLOCK_N"],
+                      per_arch=per_arch)
 
 
-def _lambda(name, x_dtype, f, block_t=64):
+def _lambda(name, x_dtype, f):
     block_f = max(16, 1 << (f - 1).bit_length())
     args = {"X": f"*{x_dtype}:16", "L_HI": f"*{'fp32' if x_dtype == 'fp32' else x_dtype}:16",
             "L_LO": f"*{'fp32' if x_dtype == 'fp32' else x_dtype}:16", "TAU": "*fp32:16", "LAM": "*fp32:16",
             "stride_xb": "i32:16", "stride_xh": "i32:16", "stride_xt": "i32:16", "stride_xf": "i32:1",
             "Hx": "i32", "T": "i32", "F": "i32", "eps": "fp32"}
-    ce = {"BLOCK_T": block_t, "BLOCK_F": block_f, "BLOCK_C": min(block_f, 64),
-          "BLOCK_K": min(block_f, 64), "SPLIT_L": x_dtype != "fp32",
-          "DOT_PRECISION": "tf32x3" if x_dtype == "fp32" else "ieee"}
-    return KernelCase(name, "taumode_lambda:taumode_lambda_fwd_kernel", args, ce, 4, 2)
+    import torch
+
+    from tauformer_kernels.lambda_triton import launch_config
+
+    cfg = launch_config(f, {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[x_dtype])
+    ce = {"BLOCK_T": cfg["BLOCK_T"], "BLOCK_F": block_f, "BLOCK_C": cfg["BLOCK_C"], "BLOCK_K": cfg["BLOCK_K"],
+          "SPLIT_L": x_dtype != "fp32", "DOT_PRECISION": "tf32x3" if x_dtype == "fp32" else "ieee"}
+    return KernelCase(name, "taumode_lambda:taumode_lambda_fwd_kernel", args, ce, cfg["num_warps"], cfg["num_stages"])
 
 
 # The kernels and representative constexprs. The attention forward runs as two launches of one kernel:
@@ -101,14 +115,20 @@ KERNELS = [
     _attention("attn_fwd general causal D=64 fp16", "fp16", 64, 2),
     _attention("attn_fwd factorised causal D=64 bf16", "bf16", 64, 1),
     _attention("attn_fwd general causal D=64 bf16", "bf16", 64, 2),
-    _attention("attn_fwd factorised causal D=64 fp32", "fp32", 64, 1, block_m=64, block_n=32, stages=2),
-    _attention("attn_fwd general causal D=64 fp32", "fp32", 64, 2, block_m=64, block_n=32, stages=2),
+    _attention("attn_fwd factorised causal D=64 fp32", "fp32", 64, 1),
+    _attention("attn_fwd general causal D=64 fp32", "fp32", 64, 2),
     _attention("attn_fwd factorised causal alibi D=64 fp16", "fp16", 64, 1, alibi=True),
-    _attention("attn_fwd general causal alibi D=64 fp16 (8 warps)", "fp16", 64, 2, alibi=True, warps=8),
+    _attention("attn_fwd general causal alibi D=64 fp16", "fp16", 64, 2, alibi=True),
     _attention("attn_fwd factorised non-causal D=48 fp16", "fp16", 48, 1, causal=False),
     _attention("attn_fwd general non-causal D=48 fp16", "fp16", 48, 2, causal=False),
-    _attention("attn_fwd factorised causal D=384 bf16 (3x128 cols)", "bf16", 384, 1, block_m=64),
-    _attention("attn_fwd general causal D=384 bf16 (3x128 cols)", "bf16", 384, 2, block_m=64),
+    _attention("attn_fwd factorised causal D=384 bf16 (3x128 cols)", "bf16", 384, 1),
+    _attention("attn_fwd general causal D=384 bf16 (3x128 cols)", "bf16", 384, 2),
+    # the 64-bit build (tensors with offsets past 2^31 elements)
+    _attention("attn_fwd factorised causal D=64 bf16 wide", "bf16", 64, 1, wide=True),
+    _attention("attn_fwd general causal D=64 bf16 wide", "bf16", 64, 2, wide=True),
+    _attention("attn_fwd factorised causal D=64 fp16 wide", "fp16", 64, 1, wide=True),
+    _attention("attn_fwd factorised causal D=64 fp32 wide", "fp32", 64, 1, wide=True),
+    _attention("attn_fwd general causal D=64 fp32 wide", "fp32", 64, 2, wide=True),
 ]
 
 
@@ -136,6 +156,8 @@ def compile_case(case: KernelCase, arch: int):
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
+    from tauformer_kernels.backends import FP_FUSION
+
     module, fn_name = case.kernel.split(":")
     fn = getattr(importlib.import_module(f"tauformer_kernels.kernels.{module}"), fn_name)
     signature, constexprs, attrs = {}, dict(case.constexprs), {}
@@ -150,7 +172,8 @@ def compile_case(case: KernelCase, arch: int):
     signature.update({k: "constexpr" for k in constexprs})
     src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
     return triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                          options={"num_warps": case.num_warps, "num_stages": case.num_stages})
+                          options={"num_warps": case.num_warps, "num_stages": case.num_stages,
+                                   "enable_fp_fusion": FP_FUSION})
 
 
 def _opcodes(lines):
@@ -194,6 +217,27 @@ def estimate(opcodes, arch: int, num_warps: int) -> dict:
     return {"cycles": cycles[bound], "bound": bound, "parts": cycles, "instructions": count["instructions"]}
 
 
+_BASE_STRIDE = re.compile(r"stride_\w+_[bh]|stride_x[bh]")
+_NARROW_PRODUCT = re.compile(r"\b(?:mul|mad)\.lo\.[su]32\s+%r\d+,\s*(%r\d+),\s*(%r\d+)")
+
+
+def narrow_base_products(case: KernelCase, ptx: str) -> list[str]:
+    """The 32-bit multiplies in `ptx` that take a batch or head stride: b·stride_b and h·stride_h pass 2^31
+    elements on large tensors, so a build meant for them must form those products in 64 bits (mul.wide.s32
+    or s64). Empty when none. (The forward's WIDE=False build is 32-bit on purpose: its launcher takes it
+    only when every offset stays below 2^31.)"""
+    params = [name for name, spec in case.args.items() if not spec.endswith(":1")]  # ':1' args are constants
+    registers = {}
+    for m in re.finditer(r"ld\.param\.b32\s+(%r\d+),\s*\[\w+_param_(\d+)\]", ptx):
+        registers.setdefault(params[int(m.group(2))], set()).add(m.group(1))
+    bad = []
+    for name in params:
+        if _BASE_STRIDE.fullmatch(name):
+            bad += [f"{name}: {m.group(0)}" for m in _NARROW_PRODUCT.finditer(ptx)
+                    if set(m.groups()) & registers.get(name, set())]
+    return bad
+
+
 def report(case: KernelCase, arch: int, kernel, show_loops: bool) -> dict:
     cubin = kernel.asm["cubin"]
     usage = _run_tool("cuobjdump", ["--dump-resource-usage"], cubin)
@@ -201,7 +245,8 @@ def report(case: KernelCase, arch: int, kernel, show_loops: bool) -> dict:
     sass = _run_tool("nvdisasm", ["-c"], cubin)
     ops = collections.Counter(op.split(" ")[0].split(".")[0] for op in _opcodes(sass.splitlines()))
     row = {"regs": get("REG"), "stack": get("STACK"), "shared": kernel.metadata.shared,
-           "hmma": ops["HMMA"], "hgmma": ops["HGMMA"], "mufu": ops["MUFU"]}
+           "hmma": ops["HMMA"], "hgmma": ops["HGMMA"], "mufu": ops["MUFU"],
+           "narrow": narrow_base_products(case, kernel.asm["ptx"]) if case.constexprs.get("WIDE", True) else []}
     print(f"{case.name:46s} sm_{arch}  regs={row['regs']:3d} stack={row['stack']:4d} smem={row['shared']:6d}  "
           f"HMMA={row['hmma']:4d} HGMMA={row['hgmma']:3d} MUFU={row['mufu']:4d}")
     if show_loops:
@@ -246,6 +291,7 @@ def main(argv=None) -> int:
             row = report(case, arch, kernel, args.loops)
             if row["stack"]:
                 failures.append(f"{case.name} sm_{arch}: {row['stack']} bytes of stack (spills)")
+            failures += [f"{case.name} sm_{arch}: 32-bit base offset {n}" for n in row["narrow"]]
     for f in failures:
         print("FAIL:", f, file=sys.stderr)
     return 1 if failures else 0

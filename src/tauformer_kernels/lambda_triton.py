@@ -5,16 +5,11 @@ any float dtype and any strides, laplacian (F, F) fp32, tau (Hx,) fp32; lam (B, 
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 
+from tauformer_kernels.backends import FP_FUSION, on_device
 from tauformer_kernels.kernels.taumode_lambda import taumode_lambda_fwd_kernel
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def split_laplacian(laplacian: torch.Tensor, dtype: torch.dtype, block_f: int):
@@ -32,8 +27,10 @@ def split_laplacian(laplacian: torch.Tensor, dtype: torch.dtype, block_f: int):
 
 def launch_config(f: int, dtype: torch.dtype) -> dict:
     block_f = max(16, triton.next_power_of_2(f))
+    # fp32 x: its tf32x3 products hold three operand copies; 32 vectors per program keep sm_80 free of spills
+    # (64 spilled 264 B there with Triton 3.6)
     cfg = {"BLOCK_F": block_f, "BLOCK_C": min(block_f, 64), "BLOCK_K": min(block_f, 64), "num_warps": 4,
-           "num_stages": 2, "BLOCK_T": 64}
+           "num_stages": 2, "BLOCK_T": 32 if dtype == torch.float32 else 64}
     return cfg
 
 
@@ -47,12 +44,13 @@ def lambda_fwd_triton(x, laplacian, tau, eps, *, poison: bool = False):
         return lam
     cfg = launch_config(f, x.dtype)
     l_hi, l_lo = split_laplacian(laplacian, x.dtype, cfg["BLOCK_F"])
-    grid = (triton.cdiv(t, cfg["BLOCK_T"]), b * hx)
-    taumode_lambda_fwd_kernel[grid](
-        x, l_hi, l_lo, tau.to(torch.float32).contiguous(), lam,
-        *x.stride(), hx, t, f, float(eps),
-        BLOCK_T=cfg["BLOCK_T"], BLOCK_F=cfg["BLOCK_F"], BLOCK_C=cfg["BLOCK_C"], BLOCK_K=cfg["BLOCK_K"],
-        SPLIT_L=x.dtype != torch.float32, DOT_PRECISION="tf32x3" if x.dtype == torch.float32 else "ieee",
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-    )
+    grid = (triton.cdiv(t, cfg["BLOCK_T"]) * b * hx,)
+    with on_device(x):
+        taumode_lambda_fwd_kernel[grid](
+            x, l_hi, l_lo, tau.to(torch.float32).contiguous(), lam,
+            *x.stride(), hx, t, f, float(eps),
+            BLOCK_T=cfg["BLOCK_T"], BLOCK_F=cfg["BLOCK_F"], BLOCK_C=cfg["BLOCK_C"], BLOCK_K=cfg["BLOCK_K"],
+            SPLIT_L=x.dtype != torch.float32, DOT_PRECISION="tf32x3" if x.dtype == torch.float32 else "ieee",
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], enable_fp_fusion=FP_FUSION,
+        )
     return lam

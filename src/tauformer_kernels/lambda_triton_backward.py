@@ -6,16 +6,11 @@ dtau is summed from per-program partials in a fixed order (deterministic, no ato
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 
+from tauformer_kernels.backends import FP_FUSION, gpu_launch_configs, on_device
 from tauformer_kernels.kernels.taumode_lambda_backward import taumode_lambda_bwd_kernel
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def block_f_of(f: int) -> int:
@@ -38,7 +33,7 @@ _INTERPRET_CONFIG = {"BLOCK_T": 32, "num_warps": 4, "num_stages": 1}
 def launch_config(f: int, dtype: torch.dtype) -> dict:
     block_f = block_f_of(f)
     cfg = gpu_config(block_f, dtype)
-    if _interpreting():
+    if not gpu_launch_configs():
         cfg = dict(_INTERPRET_CONFIG, BLOCK_K=cfg["BLOCK_K"])
     return cfg
 
@@ -61,11 +56,13 @@ def lambda_bwd_triton(dlam, x, laplacian, tau, eps, *, poison: bool = False):
         return dx.zero_(), torch.zeros(h, dtype=torch.float32, device=x.device)
     dlam = dlam.to(torch.float32)
     lap = laplacian.to(torch.float32).contiguous()
-    taumode_lambda_bwd_kernel[(num_tb, b * h)](
-        dlam, x, lap, tau.to(torch.float32).contiguous(), dx, dtau_part,
-        *dlam.stride(), *x.stride(), *dx.stride(),
-        h, t, f, float(eps),
-        BLOCK_T=cfg["BLOCK_T"], BLOCK_F=block_f, BLOCK_K=cfg["BLOCK_K"], MASK_F=block_f != f,
-        DOT_PRECISION=dot_precision(x.dtype), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-    )
+    with on_device(x):
+        taumode_lambda_bwd_kernel[(num_tb * b * h,)](
+            dlam, x, lap, tau.to(torch.float32).contiguous(), dx, dtau_part,
+            *dlam.stride(), *x.stride(), *dx.stride(),
+            h, t, f, float(eps),
+            BLOCK_T=cfg["BLOCK_T"], BLOCK_F=block_f, BLOCK_K=cfg["BLOCK_K"], MASK_F=block_f != f,
+            DOT_PRECISION=dot_precision(x.dtype), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+            enable_fp_fusion=FP_FUSION,
+        )
     return dx, dtau_part.sum(dim=(0, 2)).to(tau.dtype)
