@@ -182,7 +182,7 @@ def load_state(folder: str | os.PathLike) -> dict:
     try:
         with safe_open(str(found / MODEL_FILE), framework="pt") as f:
             model_meta = f.metadata() or {}
-    except (SafetensorError, OSError) as e:
+    except (SafetensorError, OSError, RuntimeError) as e:  # safetensors reports a missing file as RuntimeError
         raise CheckpointError(f"{found / MODEL_FILE}: not a readable TauGPT checkpoint ({e})") from e
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
