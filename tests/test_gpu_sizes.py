@@ -123,6 +123,39 @@ def test_batch_heads_past_the_grid_axis_limit(cap, monkeypatch):
         assert relative_error(g, r) < 1e-4
 
 
+def test_grids_at_b_h_65536_fit_the_limits(monkeypatch):
+    """At the real size (B·H = 65,540): every launch's grid fits CUDA's limits (axis 0 < 2^31, axes 1 and 2
+    <= 65,535). The launches are recorded, not run (the interpreter would take minutes)."""
+    from tauformer_kernels import attention_triton, lambda_triton, lambda_triton_backward
+
+    grids = []
+
+    class Recorder:
+        def __getitem__(self, grid):
+            grids.append(tuple(grid))
+            return lambda *args, **kwargs: None
+
+    for module, name in ((attention_triton, "taumode_attention_fwd_kernel"),
+                         (bwd, "attention_bwd_preprocess_kernel"), (bwd, "taumode_attention_bwd_kernel"),
+                         (lambda_triton, "taumode_lambda_fwd_kernel"),
+                         (lambda_triton_backward, "taumode_lambda_bwd_kernel")):
+        monkeypatch.setattr(module, name, Recorder())
+    b, h, t, dv = 16385, 4, 1, 16
+    lq, lk, v = _lambdas(b, h, 2, t, dv)
+    temp = torch.full((h,), 0.3, device=DEVICE)
+    out, lse = attention_triton.attention_fwd_triton(lq, lk, v, temp, None, True)
+    bwd.attention_bwd_triton(out, lq, lk, v, out, lse, temp, None, True)
+    x = torch.randn(b, h, t, 16, device=DEVICE)
+    lap = torch.eye(16, device=DEVICE)
+    lambda_triton.lambda_fwd_triton(x, lap, torch.ones(h, device=DEVICE), 1e-6)
+    lambda_triton_backward.lambda_bwd_triton(lq, x, lap, torch.ones(h, device=DEVICE), 1e-6)
+    assert len(grids) >= 5
+    for grid in grids:
+        assert grid[0] < 2**31 and all(n <= 65535 for n in grid[1:]), grid
+    forward = grids[0]
+    assert forward[1] * (forward[2] // 1) >= b * h  # the forward's axes 1 and 2 cover every b·h
+
+
 def test_head_size_600_forward_and_backward():
     """Dv = 600: the forward splits V's columns over programs; the backward past the fused tiles (512) runs
     the chunked PyTorch backward, the same gradients."""
