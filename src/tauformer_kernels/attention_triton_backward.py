@@ -111,11 +111,6 @@ def backward_config(dtype: torch.dtype, dv: int, *, has_alibi: bool = False, gro
     return cfg
 
 
-def launch_config(dv: int, dtype: torch.dtype) -> dict:
-    """Tile sizes and launch options for a head size Dv and V's dtype (no ALiBi, causal, GROUP=1, sm_90)."""
-    return backward_config(dtype, dv)
-
-
 def preprocess_block_m(block_d: int) -> int:
     """Rows per preprocess program: about 8K elements of O and dO each."""
     return max(16, min(64, 8192 // block_d))
