@@ -44,8 +44,8 @@ DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp
 
 # Relative-norm tolerances against the float64 oracle: flash-attention's criterion, error ≤ 2 × the
 # error of the naive version in the same precision (taumode_rows(precise=False), computed on the same
-# rows) + a floor. The floor is SPEC §6 for the forward (fp32 1e-5 scaled by 0.01/temperature as in
-# tests/helpers.temperature_tolerance; bf16 1e-2). Gradients w.r.t. λ cancel (Σ_j dS_ij = 0) and
+# rows) + a floor. The floor for the forward is docs/math.md §Precision and tolerances (fp32 1e-5
+# scaled by 0.01/temperature as in tests/helpers.temperature_tolerance; bf16 1e-2). Gradients w.r.t. λ cancel (Σ_j dS_ij = 0) and
 # 1/temperature amplifies fp32 rounding of λ: at temperature 0.05 the naive fp32 dq is ~6e-4 off.
 FWD_TOL = {torch.float32: 1e-5 * max(1.0, 0.01 / TEMPERATURE), torch.bfloat16: 1e-2, torch.float16: 5e-3}
 GRAD_TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 1e-2}
@@ -145,7 +145,7 @@ def _missing_triton_modules() -> list[str]:
 
 def auto_resolves_to(device: str, dtype: torch.dtype, length: int, needs_grad: bool) -> str:
     """What backend="auto" picks here, for the record."""
-    return backends.resolve_attention_backend("auto", torch.device(device), dtype, length, needs_grad)
+    return backends.resolve("attention", "auto", torch.device(device), dtype, length, needs_grad)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -208,7 +208,8 @@ def taumode_rows(q, k, v, laplacian, tau_heads, temp_heads, rows, precise=True):
     """Taumode attention for the query rows `rows`, differentiable (used for the gradient checks too).
 
     precise: everything in float64 (the oracle). Otherwise the naive version in the inputs' precision
-    (λ and logits fp32 as SPEC §6 says, P·V in v's dtype), whose error sets the tolerance."""
+    (λ and logits fp32, P·V in v's dtype: docs/math.md §Precision and tolerances), whose error sets the
+    tolerance."""
     if precise:
         q, k, v = q.double(), k.double(), v.double()
         laplacian, tau_heads, temp_heads = laplacian.double(), tau_heads.double(), temp_heads.double()
@@ -239,7 +240,7 @@ def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
 # ----------------------------------------------------------------------------------------------------
 
 def lambda_torch(x, laplacian, tau_heads, eps=EPS):
-    """The λ projection as a user would write it in plain torch (fp32 compute, SPEC §1)."""
+    """The λ projection as a user would write it in plain torch (fp32 compute, docs/math.md §The λ projection)."""
     xf = x.float()
     energy = torch.einsum("bhtf,gf,bhtg->bht", xf, laplacian, xf) / ((xf * xf).sum(-1) + eps)
     energy = energy.clamp_min(0)

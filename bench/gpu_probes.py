@@ -12,6 +12,7 @@ sampled rows. Nothing here runs without CUDA.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 import time
@@ -40,20 +41,20 @@ def sampled_error(lq, lk, v, temp, out, rows) -> float:
 
 
 def sweep() -> dict:
-    """The forward's launch options at the floor shape, side by side (forward_config patched per run)."""
+    """The forward's launch options at the floor shape, side by side (forward_launches patched per run)."""
     b, h, t, d = 4, 16, 4096, 64
     g = torch.Generator(device="cuda").manual_seed(0)
     lq, lk = torch.rand(b, h, t, device="cuda", generator=g), torch.rand(b, h, t, device="cuda", generator=g)
     v = torch.randn(b, h, t, d, device="cuda", generator=g, dtype=torch.bfloat16)
     temp = torch.full((h,), 0.05, device="cuda")
-    real = attention_triton.forward_config
+    real = attention_triton.forward_launches
     rows = []
     for stages in (1, 2, 3):
         for warps in (4, 8):
             def patched(*args, **kwargs):
-                cfg = real(*args, **kwargs)
-                return dict(cfg, num_stages=stages, warps={k: warps for k in cfg["warps"]})
-            attention_triton.forward_config = patched
+                return [dataclasses.replace(launch, num_warps=warps, num_stages=stages)
+                        for launch in real(*args, **kwargs)]
+            attention_triton.forward_launches = patched
             try:
                 fn = lambda: attention_triton.attention_fwd_triton(lq, lk, v, temp, None, True)  # noqa: E731
                 fn()
@@ -61,7 +62,7 @@ def sweep() -> dict:
             except Exception as e:  # noqa: BLE001  (a config that fails to compile or launch is a row too)
                 rows.append({"num_stages": stages, "num_warps": warps, "error": f"{type(e).__name__}: {e}"[:300]})
             finally:
-                attention_triton.forward_config = real
+                attention_triton.forward_launches = real
     scores = b * h * t * (t + 1) / 2
     for r in rows:
         if "ms" in r:

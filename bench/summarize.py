@@ -6,7 +6,7 @@
 Writes <out>/<device>.md and <out>/<device>.json, where <device> is derived from the run's device
 (`cpu-<model>-<threads>t` or `cuda-<gpu name>`) unless --name is given. "ours" is `ours-auto`, the path a
 user gets; a ratio below 1 means ours is faster. On CUDA the medians are triton.testing.do_bench's (CUDA
-events); on CPU pytest-benchmark's. Lines of kernels/NOTES.md that state a floor are copied in for GPU
+events); on CPU pytest-benchmark's. Lines of kernels/DESIGN.md that state a floor are copied in for GPU
 runs, so each measured time sits beside what the hardware allows.
 """
 from __future__ import annotations
@@ -25,12 +25,14 @@ PEERS = {  # the ratio columns of each kind's pivot table
     "attn-fwdbwd": ("flex-compiled", "sdpa-dot", "naive-eager", "ours-reference", "ours-loglinear", "ours-triton"),
     "lambda": ("torch-einsum", "ours-reference", "ours-triton"),
     "decode": ("sdpa-dot-cache", "ours-sorted-cache", "ours-reference", "ours-loglinear", "ours-triton"),
+    "varlen-fwdbwd": ("ours-padded",),
 }
 KIND_TITLES = {
     "attn-fwd": "Attention forward (causal)",
     "attn-fwdbwd": "Attention forward + backward (causal)",
     "lambda": "λ projection alone",
     "decode": "Decode step: one query over a cache of N tokens",
+    "varlen-fwdbwd": "Mixed lengths, forward + backward: packed (cu_seqlens) vs padded to the longest (T = real tokens)",
 }
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -109,7 +111,8 @@ def pivot(kind: str, rows: list[dict]) -> list[str]:
     contenders = sorted({r["contender"] for r in rows}, key=_order)
     shapes = sorted({tuple(r["shape"]) + (r["dtype"],) for r in rows}, key=lambda s: (s[3], s[2], s[0], s[1]))
     cell = {(tuple(r["shape"]) + (r["dtype"],), r["contender"]): r for r in rows}
-    peers = [p for p in PEERS[kind] if p in contenders and OURS in contenders]
+    ours_name = "ours-packed" if kind == "varlen-fwdbwd" else OURS
+    peers = [p for p in PEERS[kind] if p in contenders and ours_name in contenders]
     label = "N" if kind == "decode" else "T"
     head = ["B", "H", label, "F", "dtype"] + [f"{c} ms" for c in contenders] + [f"ours/{p}" for p in peers]
     if kind == "decode":
@@ -117,7 +120,7 @@ def pivot(kind: str, rows: list[dict]) -> list[str]:
     lines = [f"### {KIND_TITLES[kind]}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for shape in shapes:
         med = {c: cell[(shape, c)]["median_s"] for c in contenders if (shape, c) in cell}
-        ours = med.get(OURS)
+        ours = med.get(ours_name)
         cols = [str(x) for x in shape]
         cols += [fmt_time(med.get(c)) for c in contenders]
         cols += [fmt_ratio(ours / med[p] if ours is not None and p in med else None) for p in peers]
@@ -146,7 +149,7 @@ def details(rows: list[dict]) -> list[str]:
 
 
 def floors_from_notes(path: str) -> list[str]:
-    """Table rows and lines of kernels/NOTES.md that mention a floor (the kernels' stated lower bounds)."""
+    """Table rows and lines of kernels/DESIGN.md that mention a floor (the kernels' stated lower bounds)."""
     if not os.path.exists(path):
         return [f"(no {os.path.relpath(path, _REPO)} yet: no floors to show)"]
     with open(path) as f:
@@ -161,11 +164,11 @@ def floors_from_notes(path: str) -> list[str]:
             in_table = False
         else:
             in_table = in_table and line.startswith("|")
-    return picked or ["(kernels/NOTES.md states no floor yet)"]
+    return picked or ["(kernels/DESIGN.md states no floor yet)"]
 
 
 def headline(rows: list[dict]) -> list[str]:
-    """The numbers issue 6 asks for: at each attention length, ours / FlexAttention and ours / SDPA."""
+    """The headline ratios: at each attention length, ours / FlexAttention and ours / SDPA."""
     rat = ratios(rows)
     lines = []
     for r in sorted((r for r in rows if r["kind"] == "attn-fwd" and r["contender"] == OURS),
@@ -207,7 +210,7 @@ def render(data: dict, rows: list[dict], source: str) -> str:
     for kind in KIND_TITLES:
         lines += pivot(kind, rows)
     if info.get("device") == "cuda":
-        lines += ["## Floors (kernels/NOTES.md)", ""] + floors_from_notes(os.path.join(_REPO, "kernels", "NOTES.md")) + [""]
+        lines += ["## Floors (kernels/DESIGN.md)", ""] + floors_from_notes(os.path.join(_REPO, "kernels", "DESIGN.md")) + [""]
     skipped = data.get("skipped") or []
     if skipped:
         lines += ["## Skipped", "", "| benchmark | reason |", "|---|---|"]

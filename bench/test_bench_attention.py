@@ -56,7 +56,7 @@ def test_attention_forward_backward(benchmark, bench, attn_case):
     device = bench.settings.device
     reason = None
     if attn_case[2] == "flex-compiled" and device == "cpu":
-        reason = "FlexAttention on CPU is forward-only (its backward raises; notes/toolchain-facts.md)"
+        reason = "FlexAttention on CPU is forward-only (its backward raises)"
     bench.gate("attn-fwdbwd", attn_case[2], attn_case[1], attn_case[0], reason)
     inp, contender, length, head_dim = _start(benchmark, bench, "attn-fwdbwd", attn_case)
     attend = benchlib.attention_callable(contender, inp)

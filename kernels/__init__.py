@@ -1,1 +1,1 @@
-"""Triton device code (@triton.jit only): see NOTES.md for floors and estimates."""
+"""Triton device code (@triton.jit only): DESIGN.md has the design, floors and estimates; NOTES.md the dated log."""

@@ -25,8 +25,8 @@ condition and only the matching launch writes it, so each path is compiled alone
   Valid when σ >= 0 and `span` (the program's λ range in log2 units) keeps every factor finite and every
   dropped (underflowed) product negligible: 1.5·span + σ·N/2 <= 96, and span <= FAST_SPAN, which bounds how far
   the row maximum can fall below the reference: 2^-span must stay inside the range of P's dtype (fp16:
-  the binding limit). The row sums come from the tensor cores (P times a block of ones): they are sums of
-  the same rounded P that multiplies V.
+  the binding limit). The proofs of these bounds are in docs/math.md §Fast path range. The row sums come
+  from the tensor cores (P times a block of ones): they are sums of the same rounded P that multiplies V.
 
 - General (any finite λ, any temperature): an explicit exponential per score with an online maximum
   and rescaling, as in FlashAttention-2, the mask applied only on blocks that need it. A zero product on
@@ -35,6 +35,14 @@ condition and only the matching launch writes it, so each path is compiled alone
 Layouts: λq (B, H, Tq) fp32, λk (B, Hkv, Tk) fp32, V (B, Hkv, Tk, Dv) fp32/fp16/bf16, any strides;
 temperature (H,) fp32; slopes (B, H) fp32 (read only when HAS_ALIBI); kmin/kmax (B, Hkv) fp32 = min/max of
 λk over keys; O (B, H, Tq, Dv) in V's dtype, any strides; LSE (B, H, Tq) fp32 contiguous.
+
+Packed sequences (VARLEN, docs/math.md §Packed sequences): the B sequences of a pack are one batch row,
+λq (1, H, total_q), λk (1, Hkv, total_k), V (1, Hkv, total_k, Dv), O (1, H, total_q, Dv), LSE (1, H, total_q),
+any strides, with int32 offsets CU_Q, CU_K (B + 1,): sequence b owns query rows CU_Q[b] .. CU_Q[b+1] and
+keys CU_K[b] .. CU_K[b+1]. b indexes the sequences (slopes and kmin/kmax have a row per sequence); the
+batch strides are not read. A program reads its sequence's offsets and is then a dense program of a batch
+of one whose rows and keys start at those offsets, with Tq, Tk its sequence's lengths: causality, the ALiBi
+distances and the key masks are per sequence, and no key of another sequence is ever read unmasked.
 """
 import triton
 import triton.language as tl
@@ -42,7 +50,9 @@ import triton.language as tl
 # log2(e) and ln(2): logits are kept in the log2 domain for exp2
 _LOG2E = tl.constexpr(1.4426950408889634)
 _LN2 = tl.constexpr(0.6931471805599453)
-# bound on the exponent magnitudes of the factorised path (log2 units), see the module docstring
+# bound on the exponent magnitudes of the factorised path (log2 units): 1.5·span + σ·N/2 <= 96 keeps every
+# factor within 2^±96 (fp32 spans 2^±126) and what underflow drops below 2^-30 of a row's mass
+# (docs/math.md §Fast path range)
 _FACTOR_LIMIT = tl.constexpr(96.0)
 
 
@@ -58,21 +68,26 @@ def _wide(x, WIDE: tl.constexpr):
 
 
 @triton.jit
-def _key_ptrs(LK_bh, V_bh, offs_n, j0, offs_d, stride_lk_t, stride_v_t, stride_v_d, WIDE: tl.constexpr):
-    """Pointers to λk and V of keys offs_n (the block starting at j0). WIDE: a 64-bit block base plus
-    32-bit offsets inside the block (j·stride_t passes 2^31 elements); else 32-bit offsets from the head."""
+def _key_ptrs(LK_bh, V_bh, k0, offs_n, j0, offs_d, stride_lk_t, stride_v_t, stride_v_d, WIDE: tl.constexpr):
+    """Pointers to λk and V of keys offs_n (the block starting at j0) of a head whose key 0 is row k0 of LK_bh
+    and V_bh (0, or a packed sequence's start). WIDE: a 64-bit block base plus 32-bit offsets inside the block
+    (j·stride_t passes 2^31 elements); else 32-bit offsets from the head."""
+    # k0 joins the key index rather than the base pointers: the bases stay uniform over the warp (derived
+    # from program ids only: uniform registers) and k0 folds into the per-thread offsets that the loop
+    # advances anyway, so a pack costs the factorised loop no register (it runs at the register limit)
     if WIDE:
         rows = offs_n - j0
-        lk_ptrs = (LK_bh + tl.cast(j0, tl.int64) * stride_lk_t) + rows * stride_lk_t
-        v_ptrs = (V_bh + tl.cast(j0, tl.int64) * stride_v_t) + rows[:, None] * stride_v_t + offs_d[None, :] * stride_v_d
+        lk_ptrs = (LK_bh + tl.cast(k0 + j0, tl.int64) * stride_lk_t) + rows * stride_lk_t
+        v_ptrs = ((V_bh + tl.cast(k0 + j0, tl.int64) * stride_v_t) + rows[:, None] * stride_v_t
+                  + offs_d[None, :] * stride_v_d)
     else:
-        lk_ptrs = LK_bh + offs_n * stride_lk_t
-        v_ptrs = V_bh + offs_n[:, None] * stride_v_t + offs_d[None, :] * stride_v_d
+        lk_ptrs = LK_bh + (k0 + offs_n) * stride_lk_t
+        v_ptrs = V_bh + (k0 + offs_n)[:, None] * stride_v_t + offs_d[None, :] * stride_v_d
     return lk_ptrs, v_ptrs
 
 
 @triton.jit
-def _load_keys(LK_bh, V_bh, offs_n, j0, offs_d, stride_lk_t, stride_v_t, stride_v_d, Tk, Dv,
+def _load_keys(LK_bh, V_bh, k0, offs_n, j0, offs_d, stride_lk_t, stride_v_t, stride_v_d, Tk, Dv,
                # True where the block may run past Tk (mask the key loads)
                MASK_KEYS: tl.constexpr,
                # True where BLOCK_D > Dv (mask the feature columns of V)
@@ -80,7 +95,7 @@ def _load_keys(LK_bh, V_bh, offs_n, j0, offs_d, stride_lk_t, stride_v_t, stride_
                # 64-bit offsets (see _wide)
                WIDE: tl.constexpr):
     """λk of the block (fp32) and its V tile (BLOCK_N, BLOCK_D) in V's dtype; masked entries are 0."""
-    lk_ptrs, v_ptrs = _key_ptrs(LK_bh, V_bh, offs_n, j0, offs_d, stride_lk_t, stride_v_t, stride_v_d, WIDE)
+    lk_ptrs, v_ptrs = _key_ptrs(LK_bh, V_bh, k0, offs_n, j0, offs_d, stride_lk_t, stride_v_t, stride_v_d, WIDE=WIDE)
     if MASK_KEYS:
         key_ok = offs_n < Tk
         lam_k = tl.load(lk_ptrs, mask=key_ok, other=0.0)
@@ -98,7 +113,7 @@ def _load_keys(LK_bh, V_bh, offs_n, j0, offs_d, stride_lk_t, stride_v_t, stride_
 
 
 @triton.jit
-def _factorised_tile(acc, acc_l, x_row, r_row, i_rel, j0, ones, LK_bh, V_bh, offs_d, stride_lk_t, stride_v_t,
+def _factorised_tile(acc, acc_l, x_row, r_row, i_rel, j0, ones, LK_bh, V_bh, k0, offs_d, stride_lk_t, stride_v_t,
                      stride_v_d, Tk, Dv, centre, inv_t2, slope2,
                      # ALiBi term present (slope2 is read)
                      HAS_ALIBI: tl.constexpr,
@@ -106,7 +121,7 @@ def _factorised_tile(acc, acc_l, x_row, r_row, i_rel, j0, ones, LK_bh, V_bh, off
                      MASK_D: tl.constexpr,
                      # dtype of the per-score products (fp16 for fp16 V: packed half2 arithmetic; else fp32)
                      FACTOR_DTYPE: tl.constexpr,
-                     # input_precision of the P·V dots ("ieee"/"tf32x3" for fp32 V, ignored for fp16/bf16)
+                     # input_precision of the P·V dots (the launcher passes "tf32x3" for fp32 V; ignored for fp16/bf16)
                      DOT_PRECISION: tl.constexpr,
                      # 64-bit offsets (see _wide)
                      WIDE: tl.constexpr):
@@ -117,8 +132,8 @@ def _factorised_tile(acc, acc_l, x_row, r_row, i_rel, j0, ones, LK_bh, V_bh, off
     min(2^y_j, r_i·2^-y_j) with r_i = 2^(2x_i), one multiply and one min per score. With ALiBi the row
     factors change with the block: M = P = min(u1_i·w1_j, u2_i·w2_j)."""
     offs_n = j0 + tl.arange(0, BLOCK_N)
-    lam_k, v = _load_keys(LK_bh, V_bh, offs_n, j0, offs_d, stride_lk_t, stride_v_t, stride_v_d, Tk, Dv, False,
-                          MASK_D, WIDE)
+    lam_k, v = _load_keys(LK_bh, V_bh, k0, offs_n, j0, offs_d, stride_lk_t, stride_v_t, stride_v_d, Tk, Dv,
+                          MASK_KEYS=False, MASK_D=MASK_D, WIDE=WIDE)
     y = (lam_k - centre) * inv_t2
     if HAS_ALIBI:
         col_alibi = slope2 * (tl.arange(0, BLOCK_N) - BLOCK_N // 2).to(tl.float32)
@@ -140,7 +155,7 @@ def _factorised_tile(acc, acc_l, x_row, r_row, i_rel, j0, ones, LK_bh, V_bh, off
 
 
 @triton.jit
-def _explicit_tile(acc, row_sum, row_ref, lam_q, i_rel, j0, ones, LK_bh, V_bh, offs_d, stride_lk_t, stride_v_t,
+def _explicit_tile(acc, row_sum, row_ref, lam_q, i_rel, j0, ones, LK_bh, V_bh, k0, offs_d, stride_lk_t, stride_v_t,
                    stride_v_d, Tk, Dv, inv_t2, slope2,
                    IS_CAUSAL: tl.constexpr,
                    HAS_ALIBI: tl.constexpr,
@@ -162,15 +177,16 @@ def _explicit_tile(acc, row_sum, row_ref, lam_q, i_rel, j0, ones, LK_bh, V_bh, o
     if MASK:
         # keys past Tk get λk = +inf: their logit is -inf whatever λq (finite) is, so no per-score key mask
         key_ok = offs_n < Tk
-        lk_ptrs, v_ptrs = _key_ptrs(LK_bh, V_bh, offs_n, j0, offs_d, stride_lk_t, stride_v_t, stride_v_d, WIDE)
+        lk_ptrs, v_ptrs = _key_ptrs(LK_bh, V_bh, k0, offs_n, j0, offs_d, stride_lk_t, stride_v_t, stride_v_d, WIDE=WIDE)
         lam_k = tl.load(lk_ptrs, mask=key_ok, other=float("inf"))
         v_mask = key_ok[:, None]
         if MASK_D:
             v_mask = v_mask & (offs_d[None, :] < Dv)
         v = tl.load(v_ptrs, mask=v_mask, other=0.0)
     else:
-        lam_k, v = _load_keys(LK_bh, V_bh, offs_n, j0, offs_d, stride_lk_t, stride_v_t, stride_v_d, Tk, Dv, False,
-                              MASK_D, WIDE)
+        lam_k, v = _load_keys(LK_bh, V_bh, k0, offs_n, j0, offs_d, stride_lk_t, stride_v_t, stride_v_d, Tk, Dv,
+                              MASK_KEYS=False,
+                              MASK_D=MASK_D, WIDE=WIDE)
     BLOCK_M: tl.constexpr = acc.shape[0]
     # a zero product on the tensor cores gives the score tile the accumulator's register layout, so the row
     # reductions are in-thread plus two shuffles and P feeds the next product without a trip through
@@ -204,7 +220,7 @@ def _explicit_tile(acc, row_sum, row_ref, lam_q, i_rel, j0, ones, LK_bh, V_bh, o
 
 
 @triton.jit
-def _factorised_path(acc, lam_q, row_ok, i_rel, lo_end, hi, lam_lo, lam_hi, LK_bh, V_bh, offs_d, stride_lk_t,
+def _factorised_path(acc, lam_q, row_ok, i_rel, lo_end, hi, lam_lo, lam_hi, LK_bh, V_bh, k0, offs_d, stride_lk_t,
                      stride_v_t, stride_v_d, Tk, Dv, inv_t2, slope2,
                      IS_CAUSAL: tl.constexpr, HAS_ALIBI: tl.constexpr, BLOCK_M: tl.constexpr,
                      BLOCK_N: tl.constexpr, MASK_D: tl.constexpr, FACTOR_DTYPE: tl.constexpr,
@@ -227,9 +243,10 @@ def _factorised_path(acc, lam_q, row_ok, i_rel, lo_end, hi, lam_lo, lam_hi, LK_b
     ones = tl.full([BLOCK_N, 16], 1.0, dtype=V_bh.dtype.element_ty)
     acc_l = tl.zeros([BLOCK_M, 16], dtype=tl.float32)
     for j0 in tl.range(0, lo_end, BLOCK_N):
-        acc, acc_l = _factorised_tile(acc, acc_l, x_row, r_row, i_rel, j0, ones, LK_bh, V_bh, offs_d,
+        acc, acc_l = _factorised_tile(acc, acc_l, x_row, r_row, i_rel, j0, ones, LK_bh, V_bh, k0, offs_d,
                                       stride_lk_t, stride_v_t, stride_v_d, Tk, Dv, centre, inv_t2, slope2,
-                                      HAS_ALIBI, BLOCK_N, MASK_D, FACTOR_DTYPE, DOT_PRECISION, WIDE)
+                                      HAS_ALIBI=HAS_ALIBI, BLOCK_N=BLOCK_N, MASK_D=MASK_D, FACTOR_DTYPE=FACTOR_DTYPE,
+                                      DOT_PRECISION=DOT_PRECISION, WIDE=WIDE)
     # blocks on the diagonal or past Tk: an exponential per score (few blocks per row; with ALiBi the sign of
     # i + off - j changes inside them). Masking the factorised products instead (possible without ALiBi)
     # cost more registers than this tile and spilled at BLOCK_M = 128.
@@ -238,22 +255,24 @@ def _factorised_path(acc, lam_q, row_ok, i_rel, lo_end, hi, lam_lo, lam_hi, LK_b
         for k in tl.static_range(BLOCK_M // BLOCK_N + 1):
             j0 = lo_end + k * BLOCK_N
             if j0 < hi:
-                acc, acc_l, row_ref = _explicit_tile(acc, acc_l, row_ref, lam_q, i_rel, j0, ones, LK_bh, V_bh,
+                acc, acc_l, row_ref = _explicit_tile(acc, acc_l, row_ref, lam_q, i_rel, j0, ones, LK_bh, V_bh, k0,
                                                      offs_d, stride_lk_t, stride_v_t, stride_v_d, Tk, Dv, inv_t2,
-                                                     slope2, IS_CAUSAL, HAS_ALIBI, False, True, BLOCK_N, MASK_D,
-                                                     DOT_PRECISION, WIDE)
+                                                     slope2, IS_CAUSAL=IS_CAUSAL, HAS_ALIBI=HAS_ALIBI,
+                                                     ONLINE_MAX=False, MASK=True, BLOCK_N=BLOCK_N, MASK_D=MASK_D,
+                                                     DOT_PRECISION=DOT_PRECISION, WIDE=WIDE)
     else:
         for j0 in tl.range(lo_end, hi, BLOCK_N):
-            acc, acc_l, row_ref = _explicit_tile(acc, acc_l, row_ref, lam_q, i_rel, j0, ones, LK_bh, V_bh, offs_d,
+            acc, acc_l, row_ref = _explicit_tile(acc, acc_l, row_ref, lam_q, i_rel, j0, ones, LK_bh, V_bh, k0, offs_d,
                                                  stride_lk_t, stride_v_t, stride_v_d, Tk, Dv, inv_t2, slope2,
-                                                 IS_CAUSAL, HAS_ALIBI, False, True, BLOCK_N, MASK_D,
-                                                 DOT_PRECISION, WIDE)
+                                                 IS_CAUSAL=IS_CAUSAL, HAS_ALIBI=HAS_ALIBI, ONLINE_MAX=False,
+                                                 MASK=True, BLOCK_N=BLOCK_N, MASK_D=MASK_D,
+                                                 DOT_PRECISION=DOT_PRECISION, WIDE=WIDE)
     row_sum = tl.max(acc_l, 1)
     return acc, row_sum, row_ref
 
 
 @triton.jit
-def _general_path(acc, lam_q, i_rel, lo_end, hi, LK_bh, V_bh, offs_d, stride_lk_t, stride_v_t, stride_v_d, Tk,
+def _general_path(acc, lam_q, i_rel, lo_end, hi, LK_bh, V_bh, k0, offs_d, stride_lk_t, stride_v_t, stride_v_d, Tk,
                   Dv, inv_t2, slope2,
                   IS_CAUSAL: tl.constexpr, HAS_ALIBI: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                   MASK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -263,31 +282,43 @@ def _general_path(acc, lam_q, i_rel, lo_end, hi, LK_bh, V_bh, offs_d, stride_lk_
     row_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
     row_ref = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     for j0 in tl.range(0, lo_end, BLOCK_N):
-        acc, row_sum, row_ref = _explicit_tile(acc, row_sum, row_ref, lam_q, i_rel, j0, 0, LK_bh, V_bh,
+        acc, row_sum, row_ref = _explicit_tile(acc, row_sum, row_ref, lam_q, i_rel, j0, 0, LK_bh, V_bh, k0,
                                                offs_d, stride_lk_t, stride_v_t, stride_v_d, Tk, Dv, inv_t2,
-                                               slope2, IS_CAUSAL, HAS_ALIBI, True, False, BLOCK_N, MASK_D,
-                                               DOT_PRECISION, WIDE)
+                                               slope2, IS_CAUSAL=IS_CAUSAL, HAS_ALIBI=HAS_ALIBI, ONLINE_MAX=True,
+                                               MASK=False, BLOCK_N=BLOCK_N, MASK_D=MASK_D,
+                                               DOT_PRECISION=DOT_PRECISION, WIDE=WIDE)
     for j0 in tl.range(lo_end, hi, BLOCK_N):
-        acc, row_sum, row_ref = _explicit_tile(acc, row_sum, row_ref, lam_q, i_rel, j0, 0, LK_bh, V_bh,
+        acc, row_sum, row_ref = _explicit_tile(acc, row_sum, row_ref, lam_q, i_rel, j0, 0, LK_bh, V_bh, k0,
                                                offs_d, stride_lk_t, stride_v_t, stride_v_d, Tk, Dv, inv_t2,
-                                               slope2, IS_CAUSAL, HAS_ALIBI, True, True, BLOCK_N, MASK_D,
-                                               DOT_PRECISION, WIDE)
+                                               slope2, IS_CAUSAL=IS_CAUSAL, HAS_ALIBI=HAS_ALIBI, ONLINE_MAX=True,
+                                               MASK=True, BLOCK_N=BLOCK_N, MASK_D=MASK_D,
+                                               DOT_PRECISION=DOT_PRECISION, WIDE=WIDE)
 
     return acc, row_sum, row_ref
 
 
 @triton.jit
 def _store_outputs(acc, row_sum, row_ref, OUT, LSE, b, h, pid_bh, i0, offs_m, offs_d, row_ok, write_lse, stride_o_b,
-                   stride_o_h, stride_o_t, stride_o_d, Tq, Dv, WIDE: tl.constexpr):
+                   stride_o_h, stride_o_t, stride_o_d, stride_lse_h, q_start, Tq, Dv,
+                   WIDE: tl.constexpr, VARLEN: tl.constexpr):
     """O = acc / row_sum in OUT's dtype; LSE = (row_ref + log2 row_sum)·ln 2 (where write_lse: the first
-    column block)."""
+    column block). VARLEN: rows offs_m of a sequence that starts at row q_start of the pack."""
     # rows past Tq may see no key at all: keep their (unstored) values finite
     row_sum = tl.where(row_sum > 0, row_sum, 1.0)
     out = acc / row_sum[:, None]
     lse = (row_ref + tl.log2(row_sum)) * _LN2
     if write_lse:
-        tl.store(LSE + _wide(pid_bh, WIDE) * Tq + offs_m, lse, mask=row_ok)
-    if WIDE:
+        if VARLEN:
+            # the pack's LSE (1, H, total_q): the heads are total_q rows apart, not Tq (the sequence's length)
+            lse_ptrs = LSE + (_wide(h, WIDE=WIDE) * stride_lse_h + _wide(q_start, WIDE=WIDE)) + offs_m
+        else:
+            # contiguous (B, H, Tq): the row base is (b·H + h)·Tq
+            lse_ptrs = LSE + _wide(pid_bh, WIDE=WIDE) * Tq + offs_m
+        tl.store(lse_ptrs, lse, mask=row_ok)
+    if VARLEN:
+        o_ptrs = ((OUT + (_wide(h, WIDE=WIDE) * stride_o_h + _wide(q_start + i0, WIDE=WIDE) * stride_o_t))
+                  + (offs_m - i0)[:, None] * stride_o_t + offs_d[None, :] * stride_o_d)
+    elif WIDE:
         o_ptrs = ((OUT + tl.cast(b, tl.int64) * stride_o_b + tl.cast(h, tl.int64) * stride_o_h
                    + tl.cast(i0, tl.int64) * stride_o_t) + (offs_m - i0)[:, None] * stride_o_t
                   + offs_d[None, :] * stride_o_d)
@@ -303,7 +334,12 @@ def taumode_attention_fwd_kernel(
     stride_lk_b, stride_lk_h, stride_lk_t,
     stride_v_b, stride_v_h, stride_v_t, stride_v_d,
     stride_o_b, stride_o_h, stride_o_t, stride_o_d,
+    # VARLEN: B is the number of sequences and Tq, Tk are unused (each program reads its sequence's lengths)
     BH, H, GROUP, Tq, Tk, Dv,
+    # read only when VARLEN: int32 (B + 1,) sequence offsets into the query and key rows, and LSE's head
+    # stride (the dense LSE is contiguous, its rows (b·H + h)·Tq). Last, so that the dense build's other
+    # parameters keep their places (and its code its constant loads).
+    CU_Q, CU_K, stride_lse_h,
     # bottom-right causal mask j <= i + Tk - Tq
     IS_CAUSAL: tl.constexpr,
     # ALiBi slopes given (SLOPES is read)
@@ -326,18 +362,22 @@ def taumode_attention_fwd_kernel(
     # others (general path), 3 all of them with the general path. The launcher runs 1 then 2: each path is
     # its own kernel, so neither pays the other's registers, and the choice needs no host sync.
     PATH: tl.constexpr,
-    # input_precision of tl.dot: "ieee" or "tf32x3" for fp32 V, ignored for fp16/bf16
+    # input_precision of tl.dot: the launcher passes "tf32x3" for fp32 V (tf32 alone misses 1e-5; "ieee" would
+    # be exact but runs on the FMA units); ignored for fp16/bf16
     DOT_PRECISION: tl.constexpr,
     # column blocks of V per head: cdiv(Dv, BLOCK_D) (they share grid axis 2 with the high part of b·h)
     N_DCHUNK: tl.constexpr,
     # some offset (b·stride_b, (b·H + h)·Tq, j·stride_t, ...) may pass 2^31 elements: form them in 64 bits
     WIDE: tl.constexpr,
+    # packed variable-length sequences (CU_Q, CU_K; see the module docstring): False compiles the dense kernel
+    VARLEN: tl.constexpr,
 ):
     """Writes OUT (B, H, Tq, Dv) in V's dtype and LSE (B, H, Tq) fp32 (natural-log logsumexp of the logits).
 
     Grid: (cdiv(Tq, BLOCK_M), min(B·H, 65535), cdiv(B·H, 65535)·N_DCHUNK): b·h = axis-1 index + 65535 ×
     (axis-2 index // N_DCHUNK), so any B·H launches (each axis but 0 takes at most 65535 programs); programs
-    past B·H exit."""
+    past B·H exit. VARLEN: axis 0 covers the longest sequence, cdiv(max_q, BLOCK_M); programs whose block
+    starts at or past their sequence's Tq exit (no padding to max_q is stored)."""
     # longest query blocks first when causal (their key ranges are the longest)
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
     pid_bh = tl.program_id(1) + tl.num_programs(1) * (tl.program_id(2) // N_DCHUNK)
@@ -346,8 +386,22 @@ def taumode_attention_fwd_kernel(
     b = pid_bh // H
     h = pid_bh % H
     hk = h // GROUP
-    off = Tk - Tq
     i0 = pid_m * BLOCK_M
+    if VARLEN:
+        # sequence b as a batch of one (docs/math.md §Packed sequences): its rows and keys start at
+        # q_start, k_start of the pack; Tq, Tk become its lengths, so everything below (masks, key ranges,
+        # i + Tk - Tq, the factorised path's bounds) is per sequence, and a block never reads or writes past
+        # its sequence except through masked lanes
+        q_start = tl.load(CU_Q + b)
+        k_start = tl.load(CU_K + b)
+        Tq = tl.load(CU_Q + b + 1) - q_start
+        Tk = tl.load(CU_K + b + 1) - k_start
+        if i0 >= Tq:
+            return
+    else:
+        q_start = 0
+        k_start = 0
+    off = Tk - Tq
     offs_m = i0 + tl.arange(0, BLOCK_M)
     # Dv > BLOCK_D is split over grid axis 2: each program recomputes P (cheap) for its BLOCK_D columns
     offs_d = (tl.program_id(2) % N_DCHUNK) * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -356,7 +410,13 @@ def taumode_attention_fwd_kernel(
     # i + Tk - Tq: a key j is causally visible to row i when j <= i_rel
     i_rel = offs_m + off
 
-    if WIDE:
+    if VARLEN:
+        # the pack is batch row 0 (b indexes the sequences), and the sequence's start joins the head's
+        # offset in one sum: one base per tensor, as in the dense build. _wide: start·stride_t passes 2^31
+        # elements exactly where the pack's offsets do (the launcher's WIDE).
+        lq_ptrs = (LQ + (_wide(h, WIDE=WIDE) * stride_lq_h + _wide(q_start + i0, WIDE=WIDE) * stride_lq_t)
+                   + tl.arange(0, BLOCK_M) * stride_lq_t)
+    elif WIDE:
         lq_ptrs = (LQ + tl.cast(b, tl.int64) * stride_lq_b + tl.cast(h, tl.int64) * stride_lq_h
                    + tl.cast(i0, tl.int64) * stride_lq_t) + tl.arange(0, BLOCK_M) * stride_lq_t
     else:
@@ -367,8 +427,13 @@ def taumode_attention_fwd_kernel(
         slope2 = tl.load(SLOPES + b * H + h) * _LOG2E
     else:
         slope2 = 0.0
-    LK_bh = LK + _wide(b, WIDE) * stride_lk_b + _wide(hk, WIDE) * stride_lk_h
-    V_bh = V + _wide(b, WIDE) * stride_v_b + _wide(hk, WIDE) * stride_v_h
+    if VARLEN:
+        # the head's keys start at row k_start of the pack: the tiles add it to the key index (_key_ptrs)
+        LK_bh = LK + _wide(hk, WIDE=WIDE) * stride_lk_h
+        V_bh = V + _wide(hk, WIDE=WIDE) * stride_v_h
+    else:
+        LK_bh = LK + _wide(b, WIDE=WIDE) * stride_lk_b + _wide(hk, WIDE=WIDE) * stride_lk_h
+        V_bh = V + _wide(b, WIDE=WIDE) * stride_v_b + _wide(hk, WIDE=WIDE) * stride_v_h
 
     # key ranges: [0, lo_end) fully visible full blocks; [lo_end, hi) blocks that need a mask
     last_row = tl.minimum(i0 + BLOCK_M, Tq) - 1
@@ -383,6 +448,14 @@ def taumode_attention_fwd_kernel(
         else:
             lo_end = full_end
         hi = Tk
+    if VARLEN:
+        # the bound of the masked key loads: keys at or past hi are invisible to every stored row of this
+        # block (causal: hi is past its last visible key; otherwise hi = Tk), so hi serves as well as Tk and
+        # the sequence's Tk need not stay in a register across the main loop (the dense build reads its Tk
+        # argument instead)
+        key_end = hi
+    else:
+        key_end = Tk
 
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
@@ -396,21 +469,26 @@ def taumode_attention_fwd_kernel(
     span = (lam_hi - lam_lo) * inv_t2
     # a negative slope rewards distance: the row maximum is then far from the fixed reference (and the
     # row factors grow without bound with i - j0), so only slopes >= 0 take the factorised path
+    # (docs/math.md §Fast path range)
     fast = (span <= FAST_SPAN) & (1.5 * span + slope2 * (BLOCK_N // 2) <= _FACTOR_LIMIT) & (slope2 >= 0.0)
 
     # PATH 1 writes the programs where the factorised path is exact, PATH 2 the others (PATH 3: all)
     if PATH == 1:
         if fast:
             acc, row_sum, row_ref = _factorised_path(
-                acc, lam_q, row_ok, i_rel, lo_end, hi, lam_lo, lam_hi, LK_bh, V_bh, offs_d, stride_lk_t,
-                stride_v_t, stride_v_d, Tk, Dv, inv_t2, slope2, IS_CAUSAL, HAS_ALIBI, BLOCK_M, BLOCK_N, MASK_D,
-                FACTOR_DTYPE, DOT_PRECISION, WIDE)
+                acc, lam_q, row_ok, i_rel, lo_end, hi, lam_lo, lam_hi, LK_bh, V_bh, k_start, offs_d,
+                stride_lk_t, stride_v_t, stride_v_d, key_end, Dv, inv_t2, slope2, IS_CAUSAL=IS_CAUSAL,
+                HAS_ALIBI=HAS_ALIBI, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, MASK_D=MASK_D,
+                FACTOR_DTYPE=FACTOR_DTYPE, DOT_PRECISION=DOT_PRECISION, WIDE=WIDE)
             _store_outputs(acc, row_sum, row_ref, OUT, LSE, b, h, pid_bh, i0, offs_m, offs_d, row_ok, write_lse,
-                           stride_o_b, stride_o_h, stride_o_t, stride_o_d, Tq, Dv, WIDE)
+                           stride_o_b, stride_o_h, stride_o_t, stride_o_d, stride_lse_h, q_start, Tq,
+                           Dv, WIDE=WIDE, VARLEN=VARLEN)
     else:
         if (not fast) or (PATH == 3):
             acc, row_sum, row_ref = _general_path(
-                acc, lam_q, i_rel, lo_end, hi, LK_bh, V_bh, offs_d, stride_lk_t, stride_v_t, stride_v_d, Tk,
-                Dv, inv_t2, slope2, IS_CAUSAL, HAS_ALIBI, BLOCK_M, BLOCK_N, MASK_D, DOT_PRECISION, WIDE)
+                acc, lam_q, i_rel, lo_end, hi, LK_bh, V_bh, k_start, offs_d, stride_lk_t, stride_v_t, stride_v_d,
+                key_end, Dv, inv_t2, slope2, IS_CAUSAL=IS_CAUSAL, HAS_ALIBI=HAS_ALIBI, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
+                MASK_D=MASK_D, DOT_PRECISION=DOT_PRECISION, WIDE=WIDE)
             _store_outputs(acc, row_sum, row_ref, OUT, LSE, b, h, pid_bh, i0, offs_m, offs_d, row_ok, write_lse,
-                           stride_o_b, stride_o_h, stride_o_t, stride_o_d, Tq, Dv, WIDE)
+                           stride_o_b, stride_o_h, stride_o_t, stride_o_d, stride_lse_h, q_start, Tq,
+                           Dv, WIDE=WIDE, VARLEN=VARLEN)

@@ -1,4 +1,5 @@
-"""Taumode attention backward (SPEC §2): dλq, dλk, dV, dtemperature, dslope from dO, O and the saved lse.
+"""Taumode attention backward (docs/math.md §Attention logits): dλq, dλk, dV, dtemperature, dslope from dO,
+O and the saved lse.
 
 Device code only; the launcher is `tauformer_kernels.attention_triton_backward.attention_bwd_triton`.
 
@@ -20,7 +21,7 @@ Two kernels:
   The tile is kept transposed (keys × queries, as in the Triton tutorial's dK/dV kernel) so that both
   products take the score tile straight from registers: dV += Pᵀ dO (A operand = P) and dPᵀ = V dOᵀ.
   P is recomputed with one exp2 per score from λq, λk and lse (log2 domain); P <= 1 for every finite λ and
-  every temperature, so there is nothing to overflow.
+  every temperature, so there is nothing to overflow (docs/math.md §Fast path range).
   The sign-weighted reductions are products with one-hot matrices on the tensor cores, not warp shuffles:
   dλk accumulates (dS∘sign) @ e0 over all query blocks and heads (A operand from registers);
   dλq of this key block is e0ᵀ @ (dS∘sign), a (16 × BLOCK_M) product whose row 0 is the column sum.
@@ -32,8 +33,12 @@ Two kernels:
   block's into the slot the previous launch's block of that slot left: stream order, no atomics; the
   scratch is SLOTS floats per query row whatever Tk), all summed by the launcher in a fixed order.
   WITH_DV / WITH_DLAMBDA select the results of a launch: both normally; the launcher runs dV and the rest
-  as two launches where one program holding the V tile and the dV accumulator would spill (fp32 Dv >= 256
-  with GQA): the dV launch reads no V and forms no dPᵀ, the other keeps no dV accumulator.
+  as two launches where one program holding the V tile and the dV accumulator would spill (fp32 at a
+  padded Dv of 256, the largest fp32 head it fuses, with GQA): the dV launch reads no V and forms no dPᵀ,
+  the other keeps no dV accumulator.
+  Products (the launcher's precision rules): fp16/bf16 V feed P, dO and dS∘sign to the tensor cores in V's
+  dtype; fp32 V runs "tf32x3" for every product below a padded Dv of 256 and "ieee" (fp32 FMA) at 256, where
+  the tf32x3 split copies of the V and dO tiles no longer fit in registers.
 
 Layouts: λq (B, H, Tq) fp32, λk (B, Hkv, Tk) fp32, V (B, Hkv, Tk, Dv), dO (B, H, Tq, Dv) in V's dtype, any
 strides; ROWS (B·H, cdiv(Tq, BLOCK_M), 3, BLOCK_M) fp32 contiguous (from the preprocess: λq, the logsumexp
@@ -42,12 +47,56 @@ Outputs: DV (B, Hkv, Tk, Dv) in V's dtype, any strides; DLK (B, Hkv, Tk) fp32 co
 DLQ_PART (SLOTS, B, H, Tq) fp32 contiguous: Σ_j dS_ij sign(λq_i - λk_j) over the keys of the slot's blocks
 (dλq before the factor -1/T_h), every element written (zeros for rows that see none of those keys);
 DT_PART, DSLOPE_PART (B, H, num key blocks) fp32 contiguous (DSLOPE_PART written when HAS_ALIBI).
+
+Packed sequences (VARLEN, docs/math.md §Packed sequences; FlashAttention's cu_seqlens): the pack is one batch
+row and B counts its sequences. CU_Q, CU_K (B + 1,) int32 are the sequences' offsets into the query and key
+rows, read on the device only; Tq and Tk are the pack's total rows (the extents of the packed buffers), and
+each program works on its sequence's own lengths and offsets, exactly as a dense program of that sequence
+(causal bottom-right and ALiBi distances per sequence, slopes row b). Layouts: λq (1, H, total_q),
+λk (1, Hkv, total_k), V (1, Hkv, total_k, Dv), dO (1, H, total_q, Dv), any strides (their batch strides are
+never read); ROWS (H, total_q // BLOCK_M + B, 3, BLOCK_M): sequence b's query blocks start at block
+q_start // BLOCK_M + b of its head (see `_pack_row_block`), blocks between sequences never written nor read;
+DV (1, Hkv, total_k, Dv) any strides; DLK (Hkv, total_k); DLQ_PART (SLOTS, H, DLQ_ROW_ALIGN·(total_q //
+DLQ_ROW_ALIGN + B)): sequence b's rows from `_dlq_rows_of` on (an aligned start, so the loop's partial-dλq
+accesses vectorise), its rows up to a multiple of DLQ_ROW_ALIGN written; DT_PART, DSLOPE_PART (B, H, KB_COLS)
+with KB_COLS = cdiv(max_k, BLOCK_N). Every element that the launcher reads of each sequence's rows and
+columns is written, zeros where a sequence has fewer key blocks than the launches cover; the preprocess
+writes IDX, each query row's DLQ_PART row, for the launcher's gather.
 """
 import triton
 import triton.language as tl
 
+from .grid import block_and_head
+
 # log2(e): logits are formed in the log2 domain for exp2
 _LOG2E = tl.constexpr(1.4426950408889634)
+
+
+@triton.jit
+def _pack_row_block(q_start, b, ROW_BLOCK: tl.constexpr):
+    """The first ROWS block (of one head) of sequence b of a pack, whose query rows start at q_start.
+
+    q_start // ROW_BLOCK + b needs no prefix sum over the sequences and no host read, and the sequences'
+    ranges of cdiv(Tq_b, ROW_BLOCK) blocks never overlap: with q_start = a·R + r (0 <= r < R),
+    cdiv(Tq_b, R) <= floor(Tq_b / R) + 1 <= floor((r + Tq_b) / R) + 1, so sequence b ends at or before
+    (q_start + Tq_b) // R + b + 1, where sequence b + 1 begins. The last ends by total_q // R + B: ROWS holds
+    that many blocks per head."""
+    return q_start // ROW_BLOCK + b
+
+
+# A pack's partial-dλq rows (DLQ_PART) start each sequence at a multiple of this many rows (fp32: one 16-byte
+# vector), so that its loads and stores vectorise as the dense build's; the launcher gathers the rows back
+# (IDX from the preprocess). The same non-overlap argument as `_pack_row_block`, with DLQ_ROW_ALIGN rows of
+# padding at most per sequence.
+DLQ_ROW_ALIGN = tl.constexpr(4)
+
+
+@triton.jit
+def _dlq_rows_of(DLQ_PART, slot_head, total_q, q_start, b, B):
+    """The first partial-dλq row of sequence b (rows from q_start) in slot·H + head `slot_head` of a pack's
+    DLQ_PART (SLOTS, H, DLQ_ROW_ALIGN·(total_q // DLQ_ROW_ALIGN + B))."""
+    return DLQ_PART + (slot_head * (total_q // DLQ_ROW_ALIGN + B) + _pack_row_block(q_start, b, DLQ_ROW_ALIGN)) \
+        * DLQ_ROW_ALIGN
 
 
 @triton.jit
@@ -57,12 +106,18 @@ def attention_bwd_preprocess_kernel(
     stride_do_b, stride_do_h, stride_do_t, stride_do_d,
     stride_lq_b, stride_lq_h, stride_lq_t,
     H, Tq, Dv,
+    # a pack (VARLEN): the sequences' query offsets (B + 1,) int32; IDX (Tq,) int32 receives, per query row,
+    # its row in the main kernel's DLQ_PART layout (`_dlq_rows_of`); the number of sequences; the longest
+    # sequence's queries; Tq is then the pack's total rows. A dense build gets None constants.
+    CU_Q, IDX, B, MAX_Q,
     # query rows per program
     BLOCK_M: tl.constexpr,
     # Dv padded to a power of two
     BLOCK_D: tl.constexpr,
     # the main kernel's BLOCK_M: the block size of the ROWS layout
     ROW_BLOCK: tl.constexpr,
+    # packed sequences (see the module docstring)
+    VARLEN: tl.constexpr,
 ):
     """ROWS (B·H, cdiv(Tq, ROW_BLOCK), 3, ROW_BLOCK) fp32 contiguous: per query block of the main kernel, its
     λq, LSE·log2(e) (the logsumexp in the log2 domain of the main kernel) and D = Σ_d dO∘O in fp32, the
@@ -71,29 +126,60 @@ def attention_bwd_preprocess_kernel(
     the main kernel reads them without masks; 1e30, not +inf, keeps their logits finite where the main
     kernel's layout anchor passes them through the tensor cores.
 
-    Grid: (cdiv(n_qb·ROW_BLOCK, BLOCK_M)·B·H,), the row blocks of one head consecutive."""
-    num_m = tl.cdiv(tl.cdiv(Tq, ROW_BLOCK) * ROW_BLOCK, BLOCK_M)
-    pid_m = tl.program_id(0) % num_m
-    # 64-bit bases: b·stride_b and (b·H + h)·Tq pass 2^31 elements on large tensors
-    pid_bh = tl.cast(tl.program_id(0) // num_m, tl.int64)
-    b = pid_bh // H
-    h = pid_bh % H
-    m0 = pid_m * BLOCK_M
-    rows = tl.arange(0, BLOCK_M)
-    offs_m = m0 + rows
-    offs_d = tl.arange(0, BLOCK_D)
-    mask = (offs_m[:, None] < Tq) & (offs_d[None, :] < Dv)
-    o = tl.load((OUT + b * stride_o_b + h * stride_o_h + tl.cast(m0, tl.int64) * stride_o_t)
-                + rows[:, None] * stride_o_t + offs_d[None, :] * stride_o_d, mask=mask, other=0.0)
-    do = tl.load((DO + b * stride_do_b + h * stride_do_h + tl.cast(m0, tl.int64) * stride_do_t)
-                 + rows[:, None] * stride_do_t + offs_d[None, :] * stride_do_d, mask=mask, other=0.0)
-    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-    row_ok = offs_m < Tq
-    lse = tl.load((LSE + pid_bh * Tq + m0) + rows, mask=row_ok, other=1e30)
-    lam_q = tl.load((LQ + b * stride_lq_b + h * stride_lq_h + tl.cast(m0, tl.int64) * stride_lq_t) + rows * stride_lq_t,
-                    mask=row_ok, other=0.0)
-    n_qb = tl.cdiv(Tq, ROW_BLOCK)
-    dst = ROWS + (pid_bh * n_qb + offs_m // ROW_BLOCK) * (3 * ROW_BLOCK) + offs_m % ROW_BLOCK
+    Grid: (cdiv(n_qb·ROW_BLOCK, BLOCK_M)·B·H,), the row blocks of one head consecutive. A pack (VARLEN):
+    (cdiv(cdiv(MAX_Q, ROW_BLOCK)·ROW_BLOCK, BLOCK_M)·B·H,) over (sequence, head), the programs past their
+    sequence's padded rows exiting; ROWS (H, Tq // ROW_BLOCK + B, 3, ROW_BLOCK) with sequence b's blocks from
+    `_pack_row_block` on (rows past its Tq_b padded as above, the same block layout as a dense sequence);
+    the programs of head 0 also write IDX for their rows."""
+    if VARLEN:
+        num_m = tl.cdiv(tl.cdiv(MAX_Q, ROW_BLOCK) * ROW_BLOCK, BLOCK_M)
+        # b is the sequence; from here Tq is its length, its rows starting at q_start of the pack's total_q
+        pid_m, b, h, pid_bh = block_and_head(num_m, H)
+        q_start = tl.load(CU_Q + b)
+        total_q = Tq
+        Tq = tl.load(CU_Q + b + 1) - q_start
+        n_qb = tl.cdiv(Tq, ROW_BLOCK)
+        m0 = pid_m * BLOCK_M
+        if m0 >= n_qb * ROW_BLOCK:
+            return
+        rows = tl.arange(0, BLOCK_M)
+        offs_m = m0 + rows
+        offs_d = tl.arange(0, BLOCK_D)
+        mask = (offs_m[:, None] < Tq) & (offs_d[None, :] < Dv)
+        # the pack's batch strides are never read: its one batch row is at the base pointers
+        row0 = tl.cast(q_start + m0, tl.int64)
+        o = tl.load((OUT + h * stride_o_h + row0 * stride_o_t)
+                    + rows[:, None] * stride_o_t + offs_d[None, :] * stride_o_d, mask=mask, other=0.0)
+        do = tl.load((DO + h * stride_do_h + row0 * stride_do_t)
+                     + rows[:, None] * stride_do_t + offs_d[None, :] * stride_do_d, mask=mask, other=0.0)
+        delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+        row_ok = offs_m < Tq
+        lse = tl.load((LSE + h * total_q + row0) + rows, mask=row_ok, other=1e30)
+        lam_q = tl.load((LQ + h * stride_lq_h + row0 * stride_lq_t) + rows * stride_lq_t, mask=row_ok, other=0.0)
+        block0 = h * (total_q // ROW_BLOCK + B) + _pack_row_block(q_start, b, ROW_BLOCK)
+        dst = ROWS + (block0 + offs_m // ROW_BLOCK) * (3 * ROW_BLOCK) + offs_m % ROW_BLOCK
+        if h == 0:
+            dlq_row0 = _pack_row_block(q_start, b, DLQ_ROW_ALIGN) * DLQ_ROW_ALIGN
+            tl.store((IDX + q_start + m0) + rows, (dlq_row0 + offs_m).to(tl.int32), mask=row_ok)
+    else:
+        num_m = tl.cdiv(tl.cdiv(Tq, ROW_BLOCK) * ROW_BLOCK, BLOCK_M)
+        pid_m, b, h, pid_bh = block_and_head(num_m, H)
+        m0 = pid_m * BLOCK_M
+        rows = tl.arange(0, BLOCK_M)
+        offs_m = m0 + rows
+        offs_d = tl.arange(0, BLOCK_D)
+        mask = (offs_m[:, None] < Tq) & (offs_d[None, :] < Dv)
+        o = tl.load((OUT + b * stride_o_b + h * stride_o_h + tl.cast(m0, tl.int64) * stride_o_t)
+                    + rows[:, None] * stride_o_t + offs_d[None, :] * stride_o_d, mask=mask, other=0.0)
+        do = tl.load((DO + b * stride_do_b + h * stride_do_h + tl.cast(m0, tl.int64) * stride_do_t)
+                     + rows[:, None] * stride_do_t + offs_d[None, :] * stride_do_d, mask=mask, other=0.0)
+        delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+        row_ok = offs_m < Tq
+        lse = tl.load((LSE + pid_bh * Tq + m0) + rows, mask=row_ok, other=1e30)
+        lam_q = tl.load((LQ + b * stride_lq_b + h * stride_lq_h + tl.cast(m0, tl.int64) * stride_lq_t)
+                        + rows * stride_lq_t, mask=row_ok, other=0.0)
+        n_qb = tl.cdiv(Tq, ROW_BLOCK)
+        dst = ROWS + (pid_bh * n_qb + offs_m // ROW_BLOCK) * (3 * ROW_BLOCK) + offs_m % ROW_BLOCK
     in_pad = offs_m < n_qb * ROW_BLOCK
     tl.store(dst, lam_q, mask=in_pad)
     tl.store(dst + ROW_BLOCK, lse * _LOG2E, mask=in_pad)
@@ -103,7 +189,7 @@ def attention_bwd_preprocess_kernel(
 @triton.jit
 def _bwd_tile(dv_acc, dlk_acc, dt_acc, dsl_acc, lam_k, v, offs_n, start_n, offs_d, start_m, e0_q, e0_k,
               ROWS_bh, DO_bh, DLQP_bh, accumulate, stride_do_t, stride_do_d,
-              Tq, Tk, Dv, off, inv_t2, slope2,
+              Tq, Tq_rows, Tk, Dv, off, inv_t2, slope2,
               IS_CAUSAL: tl.constexpr,
               HAS_ALIBI: tl.constexpr,
               # apply the causal / key-range mask (tiles on the diagonal or past Tk)
@@ -114,9 +200,9 @@ def _bwd_tile(dv_acc, dlk_acc, dt_acc, dsl_acc, lam_k, v, offs_n, start_n, offs_
               MASK_D: tl.constexpr,
               BLOCK_M: tl.constexpr,
               BLOCK_N: tl.constexpr,
-              # input_precision of the dV and dP products
+              # input_precision of the dV and dP products (see the module docstring)
               DOT_PRECISION: tl.constexpr,
-              # input_precision of the one-hot reduction products (dS∘sign is fp32)
+              # input_precision of the one-hot reduction products (dS∘sign enters them in V's dtype)
               RED_PRECISION: tl.constexpr,
               # GPU code generation: layout anchor and inline-PTX exp2 (False in the interpreter)
               GPU: tl.constexpr,
@@ -128,7 +214,8 @@ def _bwd_tile(dv_acc, dlk_acc, dt_acc, dsl_acc, lam_k, v, offs_n, start_n, offs_
               WITH_DLAMBDA: tl.constexpr):
     """One (keys × queries) tile: accumulates dV, dλk (one-hot product), dtemperature (tile or key vector) and
     dslope (key vector) and stores this key block's partial dλq of the BLOCK_M query rows (each part only
-    when its flag is set)."""
+    when its flag is set). With MASK_Q, rows from Tq on read no dO and rows from Tq_rows on store no partial
+    dλq (Tq_rows = Tq, or for a pack Tq rounded up to DLQ_ROW_ALIGN: the sequence's own padding rows)."""
     offs_r = tl.arange(0, BLOCK_M)
     offs_m = start_m + offs_r
     # addresses as (scalar base advanced to start_m) + (loop-invariant per-thread offsets): the compiler folds
@@ -195,14 +282,15 @@ def _bwd_tile(dv_acc, dlk_acc, dt_acc, dsl_acc, lam_k, v, offs_n, start_n, offs_
     if WITH_DLAMBDA:
         dlk_acc, dt_acc, dsl_acc = _bwd_tile_dlambda(
             p, dp, diff, delta, qd, kd, dlk_acc, dt_acc, dsl_acc,
-            e0_q, e0_k, DLQP_bh, accumulate, start_m, offs_r, offs_m, Tq,
-            IS_CAUSAL, HAS_ALIBI, MASK_Q, BLOCK_M, RED_PRECISION, DT_TILE)
+            e0_q, e0_k, DLQP_bh, accumulate, start_m, offs_r, offs_m, Tq_rows,
+            IS_CAUSAL=IS_CAUSAL, HAS_ALIBI=HAS_ALIBI, MASK_Q=MASK_Q, BLOCK_M=BLOCK_M, RED_PRECISION=RED_PRECISION,
+            DT_TILE=DT_TILE)
     return dv_acc, dlk_acc, dt_acc, dsl_acc
 
 
 @triton.jit
 def _bwd_tile_dlambda(p, dp, diff, delta, qd, kd, dlk_acc, dt_acc, dsl_acc, e0_q, e0_k, DLQP_bh, accumulate,
-                      start_m, offs_r, offs_m, Tq,
+                      start_m, offs_r, offs_m, Tq_rows,
                       IS_CAUSAL: tl.constexpr, HAS_ALIBI: tl.constexpr, MASK_Q: tl.constexpr,
                       BLOCK_M: tl.constexpr, RED_PRECISION: tl.constexpr, DT_TILE: tl.constexpr):
     """The tile's λ, temperature and slope gradients from P and dPᵀ: dS and the one-hot reductions."""
@@ -223,7 +311,7 @@ def _bwd_tile_dlambda(p, dp, diff, delta, qd, kd, dlk_acc, dt_acc, dsl_acc, e0_q
         ds_sign = tl.where(diff == 0.0, 0.0, ds_sign)
     else:
         # P∘sign(λq_i - λk_j): the sign bit of the difference moved onto P (one LOP3), and sign(0) = 0 (ties
-        # carry no gradient, as autograd's abs)
+        # carry no gradient, as autograd's abs; docs/math.md §Attention logits)
         p_sign = (p.to(tl.uint32, bitcast=True) ^ (diff.to(tl.uint32, bitcast=True) & 0x80000000)).to(
             tl.float32, bitcast=True)
         p_sign = tl.where(diff == 0.0, 0.0, p_sign)
@@ -240,11 +328,37 @@ def _bwd_tile_dlambda(p, dp, diff, delta, qd, kd, dlk_acc, dt_acc, dsl_acc, e0_q
     dlq = tl.dot(e0_k, ds_sign, input_precision=RED_PRECISION)
     row0 = tl.arange(0, 16)[:, None] == 0
     if MASK_Q:
-        row0 = row0 & (offs_m[None, :] < Tq)
+        row0 = row0 & (offs_m[None, :] < Tq_rows)
     dlq_ptrs = (DLQP_bh + start_m) + offs_r[None, :] + tl.zeros([16, BLOCK_M], dtype=tl.int32)
     dlq += tl.load(dlq_ptrs, mask=row0 & (tl.zeros([16, BLOCK_M], dtype=tl.int32) + accumulate > 0), other=0.0)
     tl.store(dlq_ptrs, dlq, mask=row0)
     return dlk_acc, dt_acc, dsl_acc
+
+
+@triton.jit
+def _zero_missing_blocks(DLQ_PART, DT_PART, DSLOPE_PART, b, hk, slot, pid_n, KB_START, kb_cols, B, H, total_q,
+                         q_seq0, Tq, GROUP: tl.constexpr, HAS_ALIBI: tl.constexpr, BLOCK_M: tl.constexpr):
+    """A pack's program whose key block pid_n is past its sequence's (b) last: the zeros that no program
+    of the sequence writes otherwise, for the GROUP query heads of kv head hk.
+
+    - DT_PART / DSLOPE_PART column pid_n (< kb_cols): the torch sums run over all cdiv(max_k, BLOCK_N)
+      columns of every sequence.
+    - DLQ_PART slot `slot`, the sequence's Tq rows, in the first launch only: a slot with no key block in the
+      first launch gets none in the later ones (their blocks KB_START + slot are further out), so nothing
+      else writes it, and the slot sum reads every slot of every row. This costs a store of the rows only
+      for sequences with fewer key blocks than SLOTS, where a zero-filled DLQ_PART would be a memset of all
+      SLOTS·H·total_q floats and one more launch."""
+    for g in range(GROUP):
+        h = hk * GROUP + g
+        if pid_n < kb_cols:
+            tl.store(DT_PART + (b * H + h) * kb_cols + pid_n, 0.0)
+            if HAS_ALIBI:
+                tl.store(DSLOPE_PART + (b * H + h) * kb_cols + pid_n, 0.0)
+        if KB_START == 0:
+            DLQP_bh = _dlq_rows_of(DLQ_PART, slot * H + h, total_q, q_seq0, b, B)
+            for start_m in range(0, Tq, BLOCK_M):
+                offs_m = start_m + tl.arange(0, BLOCK_M)
+                tl.store(DLQP_bh + offs_m, tl.zeros([BLOCK_M], dtype=tl.float32), mask=offs_m < Tq)
 
 
 @triton.jit
@@ -258,6 +372,10 @@ def taumode_attention_bwd_kernel(
     B, H, Tq, Tk, Dv,
     # partial-dλq slots per (batch, kv head) = the key blocks of one launch; this launch's first key block
     SLOTS, KB_START,
+    # a pack (VARLEN): the sequences' query and key offsets (B + 1,) int32 and the columns of DT_PART /
+    # DSLOPE_PART, cdiv(max_k, BLOCK_N). A dense build gets None constants (it compiles as if they did not
+    # exist)
+    CU_Q, CU_K, KB_COLS,
     # query heads per kv head (H // Hkv)
     GROUP: tl.constexpr,
     # bottom-right causal mask j <= i + Tk - Tq
@@ -276,10 +394,11 @@ def taumode_attention_bwd_kernel(
     EVEN_N: tl.constexpr,
     # BLOCK_D > Dv: mask V's, dO's and dV's feature columns
     MASK_D: tl.constexpr,
-    # input_precision of dV = Pᵀ dO and dPᵀ = V dOᵀ ("ieee" for fp32 V, ignored for fp16/bf16)
+    # input_precision of dV = Pᵀ dO and dPᵀ = V dOᵀ: for fp32 V "tf32x3" below a padded Dv of 256, "ieee" at
+    # 256 (the launcher's precision rules); ignored for fp16/bf16
     DOT_PRECISION: tl.constexpr,
-    # input_precision of the one-hot reductions ("ieee": dS∘sign in fp32 for fp32 V; fp16/bf16 V take it in
-    # V's dtype, as FlashAttention's dS)
+    # input_precision of the one-hot reductions of dS∘sign: for fp32 V the same as DOT_PRECISION (dS∘sign
+    # stays fp32); fp16/bf16 V take dS∘sign in V's dtype, as FlashAttention's dS (ignored)
     RED_PRECISION: tl.constexpr,
     # GPU code generation (a zero product that fixes the score tile's layout, inline-PTX exp2); False under
     # TRITON_INTERPRET=1, where the same math runs with tl.exp2
@@ -289,10 +408,13 @@ def taumode_attention_bwd_kernel(
     DT_TILE: tl.constexpr,
     # the results of this launch: dV (WITH_DV) and the λ, temperature and slope ones (WITH_DLAMBDA). Both in
     # one launch normally; the launcher splits them into two launches where one program holding both the V
-    # tile and the dV accumulator across a GQA group spills (fp32, Dv >= 256): the dV launch needs no V
-    # tile and no dPᵀ, the other no dV accumulator; P is recomputed (one exp2 per score)
+    # tile and the dV accumulator across a GQA group spills (fp32 at a padded Dv of 256 with GQA): the dV
+    # launch needs no V tile and no dPᵀ, the other no dV accumulator; P is recomputed (one exp2 per score)
     WITH_DV: tl.constexpr,
     WITH_DLAMBDA: tl.constexpr,
+    # packed sequences: B counts them, Tq and Tk are the pack's total rows (see the module docstring);
+    # EVEN_M and EVEN_N are False (the lengths are on the device only)
+    VARLEN: tl.constexpr,
 ):
     """Writes DV (WITH_DV), DLK and the partials DLQ_PART, DT_PART, DSLOPE_PART (WITH_DLAMBDA; see the module
     docstring).
@@ -300,18 +422,45 @@ def taumode_attention_bwd_kernel(
     Grid: (SLOTS·B·Hkv,), launched for KB_START = 0, SLOTS, 2·SLOTS, … in turn: program (b, hk, slot) takes
     key block KB_START + slot and adds its partial dλq into slot `slot` of DLQ_PART, where the previous
     launch's block of that slot left its own (stream order makes the sum deterministic, no atomics): the
-    scratch is SLOTS floats per query row whatever Tk."""
+    scratch is SLOTS floats per query row whatever Tk.
+
+    A pack (VARLEN): program (b, hk, slot) is key block KB_START + slot of sequence b, the launches running
+    up to the longest sequence's key blocks; a program past its sequence's blocks exits, after writing the
+    zeros of what no program of its sequence writes otherwise (`_zero_missing_blocks`)."""
     pid = tl.program_id(0)
     slot = pid % SLOTS
     pid_n = KB_START + slot
-    num_kb = tl.cdiv(Tk, BLOCK_N)
-    if pid_n >= num_kb:
-        return
-    # 64-bit from here: batch/head bases and (slot·B + b)·H·Tq pass 2^31 elements on large tensors
-    pid_bk = tl.cast(pid // SLOTS, tl.int64)
-    Hkv = H // GROUP
-    b = pid_bk // Hkv
-    hk = pid_bk % Hkv
+    if VARLEN:
+        # b is the sequence (64-bit, as the dense build's batch: the bases below pass 2^31 elements)
+        pid_bk = tl.cast(pid // SLOTS, tl.int64)
+        Hkv = H // GROUP
+        b = pid_bk // Hkv
+        hk = pid_bk % Hkv
+        # from here Tq and Tk are sequence b's lengths, its rows starting at q_seq0 of the pack's total_q
+        # and its keys at k_seq0 of total_k: every mask and loop bound below is the sequence's own
+        q_seq0 = tl.load(CU_Q + b)
+        k_seq0 = tl.load(CU_K + b)
+        total_q = Tq
+        total_k = Tk
+        Tq = tl.load(CU_Q + b + 1) - q_seq0
+        Tk = tl.load(CU_K + b + 1) - k_seq0
+        num_kb = tl.cdiv(Tk, BLOCK_N)
+        kb_cols = KB_COLS
+        if pid_n >= num_kb:
+            if WITH_DLAMBDA:
+                _zero_missing_blocks(DLQ_PART, DT_PART, DSLOPE_PART, b, hk, slot, pid_n, KB_START, kb_cols, B, H,
+                                     total_q, q_seq0, Tq, GROUP=GROUP, HAS_ALIBI=HAS_ALIBI, BLOCK_M=BLOCK_M)
+            return
+    else:
+        num_kb = tl.cdiv(Tk, BLOCK_N)
+        if pid_n >= num_kb:
+            return
+        # 64-bit from here: batch/head bases and (slot·B + b)·H·Tq pass 2^31 elements on large tensors
+        pid_bk = tl.cast(pid // SLOTS, tl.int64)
+        Hkv = H // GROUP
+        b = pid_bk // Hkv
+        hk = pid_bk % Hkv
+        kb_cols = num_kb
     # the slot's earlier key blocks (previous launches) wrote their partial dλq rows: add to them
     accumulate = (KB_START > 0).to(tl.int32)
     off = Tk - Tq
@@ -319,8 +468,13 @@ def taumode_attention_bwd_kernel(
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
 
-    LK_bh = LK + b * stride_lk_b + hk * stride_lk_h
-    V_bh = V + b * stride_v_b + hk * stride_v_h
+    if VARLEN:
+        # the pack's batch strides are never read: its one batch row is at the base pointers
+        LK_bh = LK + hk * stride_lk_h + tl.cast(k_seq0, tl.int64) * stride_lk_t
+        V_bh = V + hk * stride_v_h + tl.cast(k_seq0, tl.int64) * stride_v_t
+    else:
+        LK_bh = LK + b * stride_lk_b + hk * stride_lk_h
+        V_bh = V + b * stride_v_b + hk * stride_v_h
     v_ptrs = (V_bh + tl.cast(start_n, tl.int64) * stride_v_t) + tl.arange(0, BLOCK_N)[:, None] * stride_v_t \
         + offs_d[None, :] * stride_v_d
     # the V tile is only read by dPᵀ = V dOᵀ (WITH_DLAMBDA)
@@ -356,6 +510,24 @@ def taumode_attention_bwd_kernel(
         if start_n + BLOCK_N > Tk:
             q_mid = Tq
     q_mid = tl.minimum(q_mid, Tq)
+    if VARLEN:
+        # Every iteration of the unmasked loop starts at a provable multiple of BLOCK_M and covers whole
+        # blocks, without the row mask: a bound derived from the sequence's Tq (a loaded value of unknown
+        # divisibility) would split the loop's ROWS loads and its partial-dλq accesses into scalar ones. So
+        # the unmasked loop takes the whole blocks [q_full, q_whole) and the masked loop, besides its
+        # [q_start, q_mid), the last, partial block if it lies past q_mid (one more masked iteration, whose
+        # causal and key masks are all true there).
+        q_full = tl.cdiv(q_mid, BLOCK_M) * BLOCK_M
+        q_whole = (Tq // BLOCK_M) * BLOCK_M
+        n_diag = tl.cdiv(q_mid - q_start, BLOCK_M)
+        n_masked = n_diag + ((q_whole < Tq) & (q_whole >= q_full)).to(tl.int32)
+        # the sequence's DLQ_PART rows include its padding up to a multiple of DLQ_ROW_ALIGN: a row mask
+        # whose bound is a known multiple of the vector width keeps the partial-dλq accesses vectorised
+        Tq_rows = tl.cdiv(Tq, DLQ_ROW_ALIGN) * DLQ_ROW_ALIGN
+    else:
+        q_full = q_mid
+        q_whole = Tq
+        Tq_rows = Tq
 
     # one-hot reduction matrices: column 0 of e0_q is ones; e0_k is all ones (every row of e0_k·dS is the
     # column sum, so any row can be stored). In V's dtype (fp32 for fp32 V).
@@ -373,9 +545,17 @@ def taumode_attention_bwd_kernel(
             slope2 = tl.load(SLOPES + b * H + h) * _LOG2E
         else:
             slope2 = 0.0
-        ROWS_bh = ROWS + (b * H + h) * (tl.cdiv(Tq, BLOCK_M) * 3 * BLOCK_M)
-        DO_bh = DO + b * stride_do_b + h * stride_do_h
-        DLQP_bh = DLQ_PART + ((slot * B + b) * H + h) * Tq
+        if VARLEN:
+            # ROWS (H, total_q // BLOCK_M + B, 3, BLOCK_M) as the preprocess wrote it; DLQ_PART
+            # (SLOTS, H, DLQ_ROW_ALIGN·(total_q // DLQ_ROW_ALIGN + B)), sequence b's rows from the aligned
+            # row `_pack_row_block(q_seq0, b, DLQ_ROW_ALIGN)·DLQ_ROW_ALIGN` (see `_dlq_rows_of`)
+            ROWS_bh = ROWS + (h * (total_q // BLOCK_M + B) + _pack_row_block(q_seq0, b, BLOCK_M)) * (3 * BLOCK_M)
+            DO_bh = DO + h * stride_do_h + tl.cast(q_seq0, tl.int64) * stride_do_t
+            DLQP_bh = _dlq_rows_of(DLQ_PART, slot * H + h, total_q, q_seq0, b, B)
+        else:
+            ROWS_bh = ROWS + (b * H + h) * (tl.cdiv(Tq, BLOCK_M) * 3 * BLOCK_M)
+            DO_bh = DO + b * stride_do_b + h * stride_do_h
+            DLQP_bh = DLQ_PART + ((slot * B + b) * H + h) * Tq
         if WITH_DLAMBDA:
             if KB_START == 0:
                 # rows that see no key of the slot's first block (nor of its later ones): partial dλq 0
@@ -388,42 +568,65 @@ def taumode_attention_bwd_kernel(
         # and causal predicates raise the register pressure there)
         dt_vec = tl.zeros([BLOCK_N], dtype=tl.float32)
         dsl_vec = tl.zeros([BLOCK_N], dtype=tl.float32)
-        for start_m in range(q_start, q_mid, BLOCK_M):
-            dv_acc, dlk_acc, dt_vec, dsl_vec = _bwd_tile(
-                dv_acc, dlk_acc, dt_vec, dsl_vec, lam_k, v, offs_n, start_n, offs_d, start_m, e0_q, e0_k,
-                ROWS_bh, DO_bh, DLQP_bh, accumulate, stride_do_t, stride_do_d,
-                Tq, Tk, Dv, off, inv_t2, slope2,
-                IS_CAUSAL, HAS_ALIBI, True, not EVEN_M, MASK_D, BLOCK_M, BLOCK_N, DOT_PRECISION, RED_PRECISION, GPU,
-                False, WITH_DV, WITH_DLAMBDA)
+        if VARLEN:
+            # the tiles of [q_start, q_mid), then the partial last block when it lies past q_mid
+            for it in range(0, n_masked):
+                start_m = tl.where(it < n_diag, q_start + it * BLOCK_M, q_whole)
+                dv_acc, dlk_acc, dt_vec, dsl_vec = _bwd_tile(
+                    dv_acc, dlk_acc, dt_vec, dsl_vec, lam_k, v, offs_n, start_n, offs_d, start_m, e0_q, e0_k,
+                    ROWS_bh, DO_bh, DLQP_bh, accumulate, stride_do_t, stride_do_d,
+                    Tq, Tq_rows, Tk, Dv, off, inv_t2, slope2,
+                    IS_CAUSAL=IS_CAUSAL, HAS_ALIBI=HAS_ALIBI, MASK=True, MASK_Q=not EVEN_M, MASK_D=MASK_D,
+                    BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, DOT_PRECISION=DOT_PRECISION, RED_PRECISION=RED_PRECISION, GPU=GPU,
+                    DT_TILE=False, WITH_DV=WITH_DV, WITH_DLAMBDA=WITH_DLAMBDA)
+        else:
+            for start_m in range(q_start, q_mid, BLOCK_M):
+                dv_acc, dlk_acc, dt_vec, dsl_vec = _bwd_tile(
+                    dv_acc, dlk_acc, dt_vec, dsl_vec, lam_k, v, offs_n, start_n, offs_d, start_m, e0_q, e0_k,
+                    ROWS_bh, DO_bh, DLQP_bh, accumulate, stride_do_t, stride_do_d,
+                    Tq, Tq_rows, Tk, Dv, off, inv_t2, slope2,
+                    IS_CAUSAL=IS_CAUSAL, HAS_ALIBI=HAS_ALIBI, MASK=True, MASK_Q=not EVEN_M, MASK_D=MASK_D,
+                    BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, DOT_PRECISION=DOT_PRECISION, RED_PRECISION=RED_PRECISION, GPU=GPU,
+                    DT_TILE=False, WITH_DV=WITH_DV, WITH_DLAMBDA=WITH_DLAMBDA)
         if DT_TILE:
             dt_acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
         else:
             dt_acc = dt_vec
-        for start_m in range(q_mid, Tq, BLOCK_M):
+        for start_m in range(q_full, q_whole, BLOCK_M):
             dv_acc, dlk_acc, dt_acc, dsl_vec = _bwd_tile(
                 dv_acc, dlk_acc, dt_acc, dsl_vec, lam_k, v, offs_n, start_n, offs_d, start_m, e0_q, e0_k,
                 ROWS_bh, DO_bh, DLQP_bh, accumulate, stride_do_t, stride_do_d,
-                Tq, Tk, Dv, off, inv_t2, slope2,
-                IS_CAUSAL, HAS_ALIBI, False, not EVEN_M, MASK_D, BLOCK_M, BLOCK_N, DOT_PRECISION, RED_PRECISION, GPU,
-                DT_TILE, WITH_DV, WITH_DLAMBDA)
+                Tq, Tq_rows, Tk, Dv, off, inv_t2, slope2,
+                IS_CAUSAL=IS_CAUSAL, HAS_ALIBI=HAS_ALIBI, MASK=False, MASK_Q=not EVEN_M and not VARLEN,
+                MASK_D=MASK_D, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, DOT_PRECISION=DOT_PRECISION,
+                RED_PRECISION=RED_PRECISION, GPU=GPU, DT_TILE=DT_TILE, WITH_DV=WITH_DV, WITH_DLAMBDA=WITH_DLAMBDA)
         if WITH_DLAMBDA:
             dlk_total += dlk_acc * inv_t
             if DT_TILE:
                 dt = tl.sum(tl.sum(dt_acc, 1) + dt_vec, 0) * (inv_t * inv_t)
             else:
                 dt = tl.sum(dt_acc, 0) * (inv_t * inv_t)
-            tl.store(DT_PART + (b * H + h) * num_kb + pid_n, dt)
+            tl.store(DT_PART + (b * H + h) * kb_cols + pid_n, dt)
             if HAS_ALIBI:
-                tl.store(DSLOPE_PART + (b * H + h) * num_kb + pid_n, -tl.sum(dsl_vec, 0))
+                tl.store(DSLOPE_PART + (b * H + h) * kb_cols + pid_n, -tl.sum(dsl_vec, 0))
 
     if WITH_DLAMBDA:
         dlk = tl.sum(dlk_total, 1)
-        if EVEN_N:
-            tl.store((DLK + pid_bk * Tk + start_n) + tl.arange(0, BLOCK_N), dlk)
+        if VARLEN:
+            # DLK (Hkv, total_k), from the sequence's first key
+            DLK_b = DLK + hk * total_k + k_seq0
         else:
-            tl.store((DLK + pid_bk * Tk + start_n) + tl.arange(0, BLOCK_N), dlk, mask=offs_n < Tk)
+            DLK_b = DLK + pid_bk * Tk
+        if EVEN_N:
+            tl.store((DLK_b + start_n) + tl.arange(0, BLOCK_N), dlk)
+        else:
+            tl.store((DLK_b + start_n) + tl.arange(0, BLOCK_N), dlk, mask=offs_n < Tk)
     if WITH_DV:
-        dv_ptrs = ((DV + b * stride_dv_b + hk * stride_dv_h + tl.cast(start_n, tl.int64) * stride_dv_t)
+        if VARLEN:
+            DV_bh = DV + hk * stride_dv_h + tl.cast(k_seq0, tl.int64) * stride_dv_t
+        else:
+            DV_bh = DV + b * stride_dv_b + hk * stride_dv_h
+        dv_ptrs = ((DV_bh + tl.cast(start_n, tl.int64) * stride_dv_t)
                    + tl.arange(0, BLOCK_N)[:, None] * stride_dv_t + offs_d[None, :] * stride_dv_d)
         dv_out = dv_acc.to(DV.dtype.element_ty)
         if EVEN_N:

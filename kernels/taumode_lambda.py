@@ -1,4 +1,5 @@
-"""Taumode λ projection forward: λ = E / (E + tau[h]), E = max(xᵀLx / (xᵀx + eps), 0).
+"""Taumode λ projection forward: λ = E / (E + tau[h]), E = max(xᵀLx / (xᵀx + eps), 0)
+(docs/math.md §The λ projection).
 
 Device code only; the launcher is `tauformer_kernels.lambda_triton.lambda_fwd_triton`.
 
@@ -8,13 +9,15 @@ Rayleigh quotient, the clamp and the bound are fp32.
 
 Precision of x·L: for fp16/bf16 x the Laplacian arrives split in two terms of x's dtype, L = L_HI + L_LO
 (each exact as x is exact), so two tensor-core products give L to ~16-22 bits; for fp32 x, L_HI is fp32
-and the product runs with DOT_PRECISION (tf32x3 or ieee).
+and the product runs with DOT_PRECISION (the launcher passes "tf32x3": ~fp32 accuracy on the tensor cores).
 
 Layouts: x (B, Hx, T, F) any strides; L_HI, L_LO (BLOCK_F, BLOCK_F) contiguous, zero-padded past F;
 tau (Hx,) fp32; LAM (B, Hx, T) fp32 contiguous.
 """
 import triton
 import triton.language as tl
+
+from .grid import block_and_head
 
 
 @triton.jit
@@ -32,18 +35,14 @@ def taumode_lambda_fwd_kernel(
     BLOCK_K: tl.constexpr,
     # L_LO holds the low part of L (fp16/bf16 x): add its product
     SPLIT_L: tl.constexpr,
-    # input_precision of the fp32 product ("tf32x3" or "ieee"); ignored for fp16/bf16
+    # input_precision of the fp32 product (the launcher passes "tf32x3"); ignored for fp16/bf16
     DOT_PRECISION: tl.constexpr,
 ):
     """Writes LAM[b, h, t] for the BLOCK_T vectors of this program.
 
     Grid: (cdiv(T, BLOCK_T)·B·Hx,), the blocks of one head consecutive (axis 0 takes up to 2^31 - 1)."""
     num_tb = tl.cdiv(T, BLOCK_T)
-    pid_t = tl.program_id(0) % num_tb
-    # 64-bit bases: b·stride_b, t0·stride_t and (b·Hx + h)·T pass 2^31 elements on large tensors
-    pid_bh = tl.cast(tl.program_id(0) // num_tb, tl.int64)
-    b = pid_bh // Hx
-    h = pid_bh % Hx
+    pid_t, b, h, pid_bh = block_and_head(num_tb, Hx)
     t0 = pid_t * BLOCK_T
     rows = tl.arange(0, BLOCK_T)
     offs_t = t0 + rows

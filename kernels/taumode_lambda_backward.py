@@ -1,4 +1,5 @@
-"""Backward of the λ projection (SPEC §1): dx and dtau from dλ, with the chain rule fused.
+"""Backward of the λ projection (docs/math.md §The λ projection): dx and dtau from dλ, with the chain rule
+fused.
 
 Device code only; the launcher is `tauformer_kernels.lambda_triton_backward.lambda_bwd_triton`.
 
@@ -18,6 +19,8 @@ TAU (H,) fp32; DTAU_PART (B, H, number of T blocks) fp32 contiguous: each progra
 """
 import triton
 import triton.language as tl
+
+from .grid import block_and_head
 
 
 @triton.jit
@@ -48,17 +51,18 @@ def _lsym_tile(LAP, offs_r, offs_c, F, MASK_F: tl.constexpr):
 
 
 @triton.jit
-def _y_tile(X_bh, LAP, offs_t, fo, stride_x_t, stride_x_f, T, F,
-            BLOCK_T: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_K: tl.constexpr,
-            MASK_T: tl.constexpr, MASK_F: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """Columns fo .. fo + BLOCK_K of y = x L_sym for the block's rows, fp32."""
+def _column_tiles(X_bh, LAP, offs_t, fo, stride_x_t, stride_x_f, T, F,
+                  BLOCK_T: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_K: tl.constexpr,
+                  MASK_T: tl.constexpr, MASK_F: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Columns fo .. fo + BLOCK_K of x and of y = x L_sym for the block's rows, fp32."""
     offs_c = fo + tl.arange(0, BLOCK_K)
+    x_c = _x_tile(X_bh, offs_t, offs_c, stride_x_t, stride_x_f, T, F, MASK_T=MASK_T, MASK_F=MASK_F)
     y = tl.zeros([BLOCK_T, BLOCK_K], dtype=tl.float32)
     for ki in range(0, BLOCK_F, BLOCK_K):
         offs_k = ki + tl.arange(0, BLOCK_K)
-        x = _x_tile(X_bh, offs_t, offs_k, stride_x_t, stride_x_f, T, F, MASK_T, MASK_F)
-        y = tl.dot(x, _lsym_tile(LAP, offs_k, offs_c, F, MASK_F), y, input_precision=DOT_PRECISION)
-    return y
+        x = _x_tile(X_bh, offs_t, offs_k, stride_x_t, stride_x_f, T, F, MASK_T=MASK_T, MASK_F=MASK_F)
+        y = tl.dot(x, _lsym_tile(LAP, offs_k, offs_c, F, MASK_F=MASK_F), y, input_precision=DOT_PRECISION)
+    return x_c, y
 
 
 @triton.jit
@@ -83,12 +87,9 @@ def taumode_lambda_bwd_kernel(
 
     Grid: (cdiv(T, BLOCK_T)·B·H,), the blocks of one head consecutive."""
     num_tb = tl.cdiv(T, BLOCK_T)
-    pid_t = tl.program_id(0) % num_tb
     # 64-bit bases (batch, head and block offsets pass 2^31 elements on large tensors); the helpers take
     # the block's base and 32-bit offsets inside it: rows 0 .. BLOCK_T of the t_left rows left
-    pid_bh = tl.cast(tl.program_id(0) // num_tb, tl.int64)
-    b = pid_bh // H
-    h = pid_bh % H
+    pid_t, b, h, pid_bh = block_and_head(num_tb, H)
     t0 = pid_t * BLOCK_T
     t_left = T - t0
     offs_t = tl.arange(0, BLOCK_T)
@@ -101,18 +102,17 @@ def taumode_lambda_bwd_kernel(
 
     if BLOCK_K == BLOCK_F:
         offs_f = tl.arange(0, BLOCK_F)
-        x = _x_tile(X_bh, offs_t, offs_f, stride_x_t, stride_x_f, t_left, F, True, MASK_F)
-        y = tl.dot(x, _lsym_tile(LAP, offs_f, offs_f, F, MASK_F), input_precision=DOT_PRECISION)
+        x = _x_tile(X_bh, offs_t, offs_f, stride_x_t, stride_x_f, t_left, F, MASK_T=True, MASK_F=MASK_F)
+        y = tl.dot(x, _lsym_tile(LAP, offs_f, offs_f, F, MASK_F=MASK_F), input_precision=DOT_PRECISION)
         s = tl.sum(x * x, 1) + eps
         e_raw = tl.sum(x * y, 1) / s
     else:
         sq = tl.zeros([BLOCK_T], dtype=tl.float32)
         xy = tl.zeros([BLOCK_T], dtype=tl.float32)
         for fo in range(0, BLOCK_F, BLOCK_K):
-            offs_c = fo + tl.arange(0, BLOCK_K)
-            x_c = _x_tile(X_bh, offs_t, offs_c, stride_x_t, stride_x_f, t_left, F, True, MASK_F)
-            y_c = _y_tile(X_bh, LAP, offs_t, fo, stride_x_t, stride_x_f, t_left, F,
-                          BLOCK_T, BLOCK_F, BLOCK_K, True, MASK_F, DOT_PRECISION)
+            x_c, y_c = _column_tiles(X_bh, LAP, offs_t, fo, stride_x_t, stride_x_f, t_left, F, BLOCK_T=BLOCK_T,
+                                     BLOCK_F=BLOCK_F, BLOCK_K=BLOCK_K, MASK_T=True, MASK_F=MASK_F,
+                                     DOT_PRECISION=DOT_PRECISION)
             sq += tl.sum(x_c * x_c, 1)
             xy += tl.sum(x_c * y_c, 1)
         s = sq + eps
@@ -133,9 +133,9 @@ def taumode_lambda_bwd_kernel(
     else:
         for fo in range(0, BLOCK_F, BLOCK_K):
             offs_c = fo + tl.arange(0, BLOCK_K)
-            x_c = _x_tile(X_bh, offs_t, offs_c, stride_x_t, stride_x_f, t_left, F, True, MASK_F)
-            y_c = _y_tile(X_bh, LAP, offs_t, fo, stride_x_t, stride_x_f, t_left, F,
-                          BLOCK_T, BLOCK_F, BLOCK_K, True, MASK_F, DOT_PRECISION)
+            x_c, y_c = _column_tiles(X_bh, LAP, offs_t, fo, stride_x_t, stride_x_f, t_left, F, BLOCK_T=BLOCK_T,
+                                     BLOCK_F=BLOCK_F, BLOCK_K=BLOCK_K, MASK_T=True, MASK_F=MASK_F,
+                                     DOT_PRECISION=DOT_PRECISION)
             dx = coef[:, None] * (y_c - e_raw[:, None] * x_c)
             ptrs = DX_bh + offs_t[:, None] * stride_dx_t + offs_c[None, :] * stride_dx_f
             tl.store(ptrs, dx.to(DX.dtype.element_ty), mask=row_ok[:, None] & (offs_c[None, :] < F))

@@ -1,4 +1,6 @@
-"""Input factories shared by the tests."""
+"""Input factories, the float64 oracle and the tolerances shared by the tests."""
+from typing import NamedTuple, Optional
+
 import torch
 
 from tauformer_kernels import reference
@@ -41,3 +43,149 @@ def relative_error(out: torch.Tensor, ref: torch.Tensor, floor: float = 1e-300) 
 def temperature_tolerance(base: float, temperature: float) -> float:
     """fp32 rounding of λ (~6e-8) is amplified by 1/temperature in the logits: scale the tolerance."""
     return base * max(1.0, 0.01 / temperature)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The float64 attention oracle and flash-attention's criterion
+# ----------------------------------------------------------------------------------------------------
+
+GRADIENTS = ("dlq", "dlk", "dv", "dtemperature", "dalibi")
+
+# Bounds on the relative error against the float64 oracle, by V's dtype: the forward output, the
+# logsumexp (judged per row against max(|lse|, 1)) and the gradients. fp32 1e-5 and bf16 1e-2 forward
+# are the specification's; the gradients', fp16's and the logsumexp's are the Triton kernels' measured
+# bounds that their tests have held (fp32 gradients: the sign-weighted sums of dS cancel). fp32's are
+# scaled by max(1, 0.01 / temperature) (temperature_tolerance); a low-precision bound is the larger of
+# its own and fp32's scaled one. bf16's gradient bound is fp16's times their epsilon ratio (8).
+BOUNDS = {
+    torch.float32: {"out": 1e-5, "lse": 1e-5, "grad": 1e-4},
+    torch.float16: {"out": 1e-2, "lse": 1e-3, "grad": 2e-2},
+    torch.bfloat16: {"out": 1e-2, "lse": 1e-2, "grad": 1.6e-1},
+}
+# One number per head (per batch × head): sums over every pair that cancel (Σ_j dS_ij = 0)
+SUMS = ("dtemperature", "dalibi")
+
+
+class Attention(NamedTuple):
+    """An attention's results: out, the logsumexp (None: not computed) and the gradients by name
+    (GRADIENTS; None: not computed, or no slopes)."""
+    out: torch.Tensor
+    lse: Optional[torch.Tensor]
+    grads: dict
+
+
+def oracle(lq, lk, v, temperature, alibi_slopes=None, is_causal=True, dout=None, *, exact=True) -> Attention:
+    """reference.attention_naive and plain autograd through it: the oracle, in float64 (exact=True), or
+    the naive attention in the inputs' own precision (exact=False), flash_close's baseline: fp32 λ and
+    logits (as every backend), P·V and its backward in V's dtype when that is fp16/bf16 (autocast).
+
+    temperature (H,); alibi_slopes None, (H,) or (B, H) (its gradient takes its shape); dout None: no
+    gradients. The exact logsumexp is reference.attention_fwd_chunked's in float64: the row maximum and
+    sum of the very logits whose softmax is its output, which tests/test_reference.py checks against the
+    oracle's to 1e-12 (and the logsumexp by hand).
+    """
+    b, h = lq.shape[:2]
+    cast = (lambda t: t.detach().double()) if exact else (lambda t: t.detach())  # noqa: E731
+    wants_grad = dout is not None
+    leaves = [cast(t).requires_grad_(wants_grad) for t in (lq, lk, v, temperature)]
+    slopes = None if alibi_slopes is None else cast(alibi_slopes).requires_grad_(wants_grad)
+    slopes_bh = None if slopes is None else slopes.expand(b, h)
+    low = not exact and v.dtype in (torch.float16, torch.bfloat16)
+    with torch.enable_grad(), torch.autocast(v.device.type, dtype=v.dtype, enabled=low):
+        out = reference.attention_naive(*leaves, slopes_bh, is_causal)
+        grads = dict.fromkeys(GRADIENTS)
+        if wants_grad:
+            wrt = leaves + ([slopes] if slopes is not None else [])
+            found = (torch.autograd.grad(out, wrt, cast(dout).to(out.dtype)) if out.numel()
+                     else [torch.zeros_like(t) for t in wrt])
+            grads.update(zip(GRADIENTS, found))
+    lse = None
+    if exact:
+        detached = [t.detach() for t in leaves] + [None if slopes_bh is None else slopes_bh.detach()]
+        lse = reference.attention_fwd_chunked(*detached, is_causal)[1]
+    return Attention(out.detach(), lse, grads)
+
+
+def _kind(name: str) -> str:
+    return name if name in ("out", "lse") else "grad"
+
+
+def tolerance(name: str, dtype: torch.dtype, temperature: float, lse_rms: float = 1.0) -> tuple[float, float]:
+    """(floor, bound) of flash_close for result `name` ("out", "lse" or a GRADIENTS name) with V of
+    `dtype`, at the smallest temperature; lse_rms: the exact logsumexp's root mean square.
+
+    The floor is what a result may exceed twice the naive error by: 8 fp32 ulps (λ and the logits are
+    fp32 in every dtype) or one ulp of V's dtype, whichever is larger, and for the cancelling sums (SUMS)
+    fp32's bound (1e-5) in units of V's dtype; both scaled by max(1, 0.01 / temperature), since the
+    backends' fast paths form λ/T, whose rounding 1/T amplifies. A gradient's floor is at least one
+    fp32 ulp of the typical |lse| too: the backward recomputes P from the saved fp32 logsumexp, whose
+    rounding every recomputed P carries (the naive autograd keeps P itself)."""
+    eps, eps32 = torch.finfo(dtype).eps, torch.finfo(torch.float32).eps
+    scale = temperature_tolerance(1.0, temperature)
+    bound = max(BOUNDS[dtype][_kind(name)], BOUNDS[torch.float32][_kind(name)] * scale)
+    floor = (1e-5 * max(1.0, eps / eps32) if name in SUMS else max(8 * eps32, eps)) * scale
+    if _kind(name) == "grad":
+        floor = max(floor, eps32 * lse_rms)
+    return floor, bound
+
+
+def error_floor(name: str, ref: torch.Tensor, v: torch.Tensor, dout, temperature: float) -> float:
+    """The norm below which `ref` is not divided by (helpers.relative_error's floor): the logsumexp is
+    judged per row against max(|lse|, 1); a gradient that is exactly zero (one visible key: the softmax
+    is constant) against a tenth of its natural size, a dP entry (dO_i·v_j) per element, times 1/T for dλ
+    and 1/T² for the temperature."""
+    if name == "out" or ref.numel() == 0:
+        return 1e-300
+    if v.numel() == 0:  # an empty batch: zero gradients of the temperatures, exactly
+        return 1.0
+    if name == "lse":
+        return ref.numel() ** 0.5
+    rms = lambda t: t.detach().double().pow(2).mean().sqrt().item()  # noqa: E731
+    dp = rms(dout) * rms(v) * v.shape[-1] ** 0.5
+    scale = {"dlq": 1 / temperature, "dlk": 1 / temperature, "dtemperature": temperature**-2}.get(name, 1.0)
+    return 0.1 * max(1.0, scale) * dp * ref.numel() ** 0.5
+
+
+def flash_close(got: Attention, exact: Attention, naive: Attention, *, dtype, temperature, v, dout=None,
+                names=None, bound_only=()) -> list[str]:
+    """flash-attention's criterion, result by result: the error against the float64 oracle `exact` at
+    most 2× the naive attention's in the same precision (`naive`, oracle(exact=False)) plus
+    tolerance()'s floor, and below tolerance()'s bound (lse and the results in `bound_only`: the bound
+    alone). `names` restricts the results compared; `got` and `exact` must otherwise have the same ones.
+    Every result must be finite (the kernels' outputs are poisoned with NaN first). Returns the
+    failures, one line each (empty: all pass)."""
+    failures = []
+    lse_rms = 1.0 if exact.lse is None or exact.lse.numel() == 0 else exact.lse.double().pow(2).mean().sqrt().item()
+    results = {"out": (got.out, exact.out, naive.out), "lse": (got.lse, exact.lse, None)}
+    results.update({n: (got.grads.get(n), exact.grads.get(n), naive.grads.get(n)) for n in GRADIENTS})
+    for name, (g, want, base) in results.items():
+        if names is not None and name not in names or (want is None and g is None):
+            continue
+        if want is None or g is None:
+            failures.append(f"{name}: {'missing' if g is None else 'returned, but the oracle has none'}")
+            continue
+        if g.shape != want.shape:
+            failures.append(f"{name}: shape {tuple(g.shape)} != {tuple(want.shape)}")
+            continue
+        if not torch.isfinite(g).all():
+            failures.append(f"{name}: non-finite values (an element never written?)")
+            continue
+        denominator = error_floor(name, want, v, dout, temperature)
+        err = relative_error(g, want, floor=denominator)
+        base_err = 0.0 if base is None else relative_error(base, want, floor=denominator)
+        floor, bound = tolerance(name, dtype, temperature, lse_rms)
+        limit = bound if base is None or name in bound_only else min(2 * base_err + floor, bound)
+        if not err <= limit:
+            failures.append(f"{name}: error {err:.2e} > {limit:.2e} (naive {base_err:.2e}, floor {floor:.1e}, "
+                            f"bound {bound:.1e})")
+    return failures
+
+
+def loglinear_small_blocks(monkeypatch) -> None:
+    """Tiny leaves, scan chunks and dense cut-off, so that short sequences run the loglinear backend's
+    divide and conquer over several levels and a deep recursive scan (its results do not change)."""
+    from tauformer_kernels import loglinear
+
+    monkeypatch.setattr(loglinear, "LEAF", 16)
+    monkeypatch.setattr(loglinear, "SCAN_CHUNK", 4)
+    monkeypatch.setattr(loglinear, "DENSE_QUERIES", 8)

@@ -229,8 +229,10 @@ def test_triton_backend_on_cpu_without_interpreter_is_a_clear_error(monkeypatch)
 
 
 def test_auto_backend_choice_on_cpu():
-    from tauformer_kernels.backends import (CPU_LOGLINEAR_MIN_KEYS, CPU_LOGLINEAR_MIN_KEYS_INFERENCE,
-                                            resolve_attention_backend)
+    from tauformer_kernels.backends import CPU_LOGLINEAR_MIN_KEYS, CPU_LOGLINEAR_MIN_KEYS_INFERENCE, resolve
+
+    def resolve_attention_backend(backend, device, dtype, keys, needs_grad=True):
+        return resolve("attention", backend, device, dtype, keys, needs_grad)
 
     cpu = torch.device("cpu")
     assert resolve_attention_backend("auto", cpu, torch.float32, CPU_LOGLINEAR_MIN_KEYS - 1) == "reference"
@@ -239,6 +241,8 @@ def test_auto_backend_choice_on_cpu():
     for keys, expected in ((CPU_LOGLINEAR_MIN_KEYS_INFERENCE - 1, "reference"), (CPU_LOGLINEAR_MIN_KEYS_INFERENCE, "loglinear")):
         assert resolve_attention_backend("auto", cpu, torch.float32, keys, needs_grad=False) == expected
     assert resolve_attention_backend("reference", cpu, torch.float32, 10**6) == "reference"
+    # the λ projection has no sorted algorithm: "loglinear" and "auto" choose it alike, at any length
+    assert resolve("lambda", "loglinear", cpu, torch.float32, 10**6) == resolve("lambda", "auto", cpu, torch.float32)
 
 
 def test_auto_at_long_context_matches_the_reference():
@@ -247,3 +251,36 @@ def test_auto_at_long_context_matches_the_reference():
     out = taumode_attention_from_lambda(lq, lk, v, temperature=0.05)
     ref = taumode_attention_from_lambda(lq, lk, v, temperature=0.05, backend="reference")
     assert relative_error(out, ref) < 1e-5
+
+
+@pytest.mark.parametrize("entry", ["lambda", "attention", "from_lambda"])
+def test_a_public_call_reaches_the_backend_in_three_frames(entry, monkeypatch):
+    """Eager inference: public function -> its op's implementation -> the backend function (the dispatch
+    decision is taken once, in the public function)."""
+    import inspect
+
+    from tauformer_kernels import api, reference
+
+    depths = []
+
+    def spy(real):
+        def backend_function(*args):
+            names = [frame.function for frame in inspect.stack()[1:4]]
+            depths.append(names)
+            return real(*args)
+        return backend_function
+
+    monkeypatch.setattr(reference, "lambda_fwd_reference", spy(reference.lambda_fwd_reference))
+    monkeypatch.setattr(reference, "attention_fwd_chunked", spy(reference.attention_fwd_chunked))
+    q, k, v = random_heads(1, 2, 1, 5, 5, 8, 4, dtype=torch.float32)
+    lap = chain_laplacian(8)
+    with torch.no_grad():
+        if entry == "lambda":
+            taumode_lambda(q, lap, backend="reference")
+        elif entry == "attention":
+            taumode_attention(q, k, v, lap, backend="reference")
+        else:
+            taumode_attention_from_lambda(q[..., 0], k[..., 0], v, backend="reference")
+    public = {"lambda": api.taumode_lambda, "attention": api.taumode_attention,
+              "from_lambda": api.taumode_attention_from_lambda}[entry].__name__
+    assert depths and all(names[1] == public for names in depths), depths

@@ -16,8 +16,8 @@ triton = pytest.importorskip("triton")
 if torch.cuda.is_available():
     pytest.skip("on a GPU the regular tests run these configs", allow_module_level=True)
 
-from tauformer_kernels.attention_triton import attention_fwd_triton, forward_config  # noqa: E402
-from tauformer_kernels.attention_triton_backward import attention_bwd_triton, backward_config  # noqa: E402
+from tauformer_kernels.attention_triton import attention_fwd_triton, forward_launches  # noqa: E402
+from tauformer_kernels.attention_triton_backward import attention_bwd_triton, backward_launches  # noqa: E402
 from tauformer_kernels.lambda_triton import lambda_fwd_triton  # noqa: E402
 from tauformer_kernels.lambda_triton_backward import lambda_bwd_triton  # noqa: E402
 
@@ -61,7 +61,8 @@ FORWARD_CASES = [  # (dtype, B, H, Hkv, Tq, Tk, Dv, temperature, causal, alibi)
 @pytest.mark.parametrize("case", FORWARD_CASES, ids=lambda c: f"{str(c[0])[6:]}-T{c[4]}x{c[5]}-D{c[6]}")
 def test_forward_with_gpu_configs(case):
     dtype, b, h, hkv, tq, tk, dv, temperature, causal, alibi = case
-    assert forward_config(dv, dtype)["BLOCK_M"] >= 64  # the GPU tiles, not the interpreter's
+    launches = forward_launches(dv, dtype, is_causal=causal, has_alibi=alibi)
+    assert launches == forward_launches(dv, dtype, is_causal=causal, has_alibi=alibi, gpu=True)  # the GPU's
     lq, lk, v, temp, slopes = _inputs(b, h, hkv, tq, tk, dv, dtype, temperature, alibi)
     out, lse = attention_fwd_triton(lq, lk, v, temp, slopes, causal, poison=True)
     ref, _ = _oracle(lq, lk, v, temp, slopes, torch.zeros(b, h, tq, dv), causal)
@@ -85,9 +86,8 @@ BACKWARD_CASES = [  # (dtype, B, H, Hkv, Tq, Tk, Dv, causal, alibi)
 @pytest.mark.parametrize("case", BACKWARD_CASES, ids=lambda c: f"{str(c[0])[6:]}-T{c[4]}x{c[5]}-D{c[6]}-G{c[2] // c[3]}")
 def test_backward_with_gpu_configs(case):
     dtype, b, h, hkv, tq, tk, dv, causal, alibi = case
-    cfg = backward_config(dtype, dv, has_alibi=alibi, group=h // hkv, is_causal=causal)
-    assert cfg["BLOCK_N"] >= 16 and cfg == backward_config(dtype, dv, has_alibi=alibi, group=h // hkv,
-                                                           is_causal=causal, interpret=False)
+    shape = dict(tq=tq, tk=tk, has_alibi=alibi, group=h // hkv, is_causal=causal)
+    assert backward_launches(dtype, dv, **shape) == backward_launches(dtype, dv, **shape, gpu=True)  # the GPU's
     lq, lk, v, temp, slopes = _inputs(b, h, hkv, tq, tk, dv, dtype, 0.05, alibi)
     dout = torch.randn(b, h, tq, dv).to(dtype)
     out, lse = reference.attention_fwd_chunked(lq, lk, v, temp, slopes, causal)

@@ -1,4 +1,4 @@
-"""The Triton λ projection forward against the float64 oracle (SPEC §1).
+"""The Triton λ projection forward against the float64 oracle (docs/math.md §The λ projection).
 
 Under TRITON_INTERPRET=1 on CPU tensors (tests/conftest.py), bf16 on a GPU only. The Laplacians are random
 PSD matrices (not only the chain), F from 1 to 384 (padded to powers of two inside), tau per head.

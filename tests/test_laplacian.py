@@ -1,4 +1,4 @@
-"""Laplacian builders, validation, and the file round trip (SPEC §5)."""
+"""Laplacian builders, validation, and the file round trip (docs/math.md §The Laplacian)."""
 import json
 import os
 

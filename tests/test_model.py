@@ -53,7 +53,7 @@ def test_recency_auto_resolves():
                                                ("taumode", "fixed"), ("dot", "none"), ("dot", "learned"),
                                                ("taumode-lambda-before-rope", "learned")])
 def test_decode_with_cache_matches_full_forward(attention, recency):
-    """SPEC §4: a 100-token prefill in one call, then 64 single-token decodes, with GQA (4 q heads, 2 kv)."""
+    """docs/math.md §The λ cache: a 100-token prefill in one call, then 64 single-token decodes, with GQA (4 q heads, 2 kv)."""
     extra = {"lambda_before_rope": True} if attention.endswith("before-rope") else {}
     model = make_model(attention=attention.split("-")[0], recency=recency, **extra)
     idx = torch.randint(0, 256, (2, 164), generator=torch.Generator().manual_seed(1))

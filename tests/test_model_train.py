@@ -99,8 +99,8 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path, corpus, m
     real_forward = TauGPT.forward
     calls = {"n": 0}
 
-    def poisoned(self, idx, targets=None, cache=None):
-        out = real_forward(self, idx, targets, cache)
+    def poisoned(self, idx, targets=None, **kwargs):
+        out = real_forward(self, idx, targets, **kwargs)
         if self.training and targets is not None:
             calls["n"] += 1
             if calls["n"] == 6:

@@ -1,8 +1,10 @@
 """Launcher of the fused Triton taumode attention forward (kernels/taumode_attention.py).
 
-`attention_fwd_triton(lq, lk, v, temperature, alibi_slopes, is_causal) -> (out, lse)` follows
+`attention_fwd_triton(lq, lk, v, temperature, alibi_slopes, is_causal, seqs=None) -> (out, lse)` follows
 docs/internal-contract.md: inputs are trusted (validated at the public API), λ and temperature are fp32,
-lk and v may be non-contiguous (decode passes slices of a preallocated cache).
+lk and v may be non-contiguous (decode passes slices of a preallocated cache). seqs (varlen.Seqs): a pack
+of variable-length sequences as one batch row (docs/math.md §Packed sequences), run by the kernel's
+VARLEN build with no padding and no host sync.
 """
 from __future__ import annotations
 
@@ -10,7 +12,11 @@ import torch
 import triton
 import triton.language as tl
 
-from tauformer_kernels.backends import FP_FUSION, MAX_GRID_YZ as _MAX_GRID_YZ, arch_of, gpu_launch_configs, on_device
+from tauformer_kernels import varlen as _varlen
+from tauformer_kernels.launch import (
+    MAX_GRID_YZ as _MAX_GRID_YZ, Launch, LaunchShape, Rule, apply_rules, arch_of, block_size, gpu_launch_configs,
+    on_device,
+)
 from tauformer_kernels.kernels.taumode_attention import taumode_attention_fwd_kernel
 
 # Largest λ span (max − min of λq and λk, in log2 units of 1/temperature) for which the factorised path
@@ -20,57 +26,61 @@ from tauformer_kernels.kernels.taumode_attention import taumode_attention_fwd_ke
 # near 1 (and its half2 factors within 2^±12).
 _FAST_SPAN = {torch.float32: 64.0, torch.bfloat16: 64.0, torch.float16: 8.0}
 
-# Tile sizes (BLOCK_M query rows × BLOCK_N keys) and pipeline stages on a GPU, chosen with compile_check's
-# static model (kernels/NOTES.md): 128×64 for Dv <= 64; Dv up to 128 per program needs 64 rows. Larger Dv
-# is split over grid axis 2 (each program recomputes P for its columns). Under TRITON_INTERPRET=1 one
-# config: the interpreter runs each program in numpy (bigger tiles are faster there), and an autotuner
-# with several configs needs a driver.
-_GPU_TILES = {"BLOCK_M": 128, "BLOCK_N": 64, "num_stages": 3}
-_GPU_TILES_DV128 = {"BLOCK_M": 64, "BLOCK_N": 64, "num_stages": 3}  # 64 < BLOCK_D <= 128
-_GPU_TILES_FP32 = {"BLOCK_M": 64, "BLOCK_N": 32, "num_stages": 2}  # tf32x3 triples the operands
-_INTERPRET_TILES = {"BLOCK_M": 64, "BLOCK_N": 64, "num_stages": 1}
+# Tiles (BLOCK_M query rows × BLOCK_N keys), pipeline stages and warps on a GPU, chosen with the compile
+# check's static model (kernels/DESIGN.md): 128×64 for Dv <= 64; 64 rows for Dv up to 128 per program.
+# Larger Dv is split over grid axis 2 (each program recomputes P for its columns). Under TRITON_INTERPRET=1
+# one small config: the interpreter runs each program in numpy.
 _MAX_BLOCK_D = 128
+_FORWARD_BASE = {"BLOCK_M": 128, "BLOCK_N": 64, "num_stages": 3, "warps_factorised": 4, "warps_general": 4}
+_FORWARD_RULES = (
+    Rule(lambda s: s.block_d > 64, {"BLOCK_M": 64}, "Dv up to 128 per program: 64 query rows keep O in registers"),
+    Rule(lambda s: s.fp32, {"BLOCK_M": 64, "BLOCK_N": 32, "num_stages": 2},
+         "tf32x3 triples the P·V operands"),
+    Rule(lambda s: s.has_alibi, {"warps_general": 8},
+         "the general path's ALiBi row values: 8 warps (half the rows per thread) keep it spill-free"),
+    Rule(lambda s: not s.fp32 and s.arch < 90, {"warps_general": 8},
+         "sm_80's mma.sync layouts: the 4-warp general build spilled 8 B at 128×64"),
+    Rule(lambda s: s.wide and not s.fp32, {"warps_factorised": 8, "warps_general": 8},
+         "64-bit offsets hold more registers: 4 warps spilled 24-40 B"),
+)
+_FORWARD_INTERPRET = {"BLOCK_M": 64, "BLOCK_N": 64, "num_stages": 1, "warps_factorised": 4, "warps_general": 4}
 # An offset at or past this many elements needs the kernel's 64-bit (WIDE) build.
 _WIDE_OFFSET = 2**31
 
-# Launches per path choice: "auto" writes each program from the factorised launch where that path is exact
-# and from the general launch otherwise (both launches compute the same condition in the kernel);
-# "general" writes every program from the general path.
+# Launches per path choice: "auto" writes each program from the factorised launch (PATH 1) where that path
+# is exact and from the general launch (PATH 2) otherwise (both launches compute the same condition in the
+# kernel); "general" writes every program from the general path (PATH 3).
 _PATHS = {"auto": (1, 2), "general": (3,)}
 
 
-def forward_config(dv: int, dtype: torch.dtype, *, has_alibi: bool = False, arch: int = 90, wide: bool = False,
-                   gpu: bool | None = None) -> dict:
-    """Tiles, stages and the warps of each launch (PATH 1 factorised, 2 general, 3 general for all) for a
-    head size Dv and V's dtype, ALiBi, the sm version and the 64-bit build. The launcher and the compile
-    check both call it; the warps may differ between the launches, the tiles may not (they define the
-    programs). gpu=None: backends.gpu_launch_configs()."""
-    if not (gpu_launch_configs() if gpu is None else gpu):
-        return dict(_INTERPRET_TILES, warps={1: 4, 2: 4, 3: 4})
-    if dtype == torch.float32:
-        cfg = dict(_GPU_TILES_FP32)
+def forward_launches(dv: int, dtype: torch.dtype, *, is_causal: bool, has_alibi: bool, arch: int = 90,
+                     wide: bool = False, path: str = "auto", gpu: bool | None = None,
+                     varlen: bool = False) -> list[Launch]:
+    """The forward's launches (one per PATH) for head size Dv, V's dtype, causality, ALiBi, the sm version,
+    the 64-bit build and a pack of sequences (varlen: the VARLEN build, same tiles and warps). The launcher
+    and the compile check both call it; the warps may differ between the launches, the tiles may not (they
+    define the programs). gpu=None: launch.gpu_launch_configs()."""
+    block_d = min(block_size(dv), _MAX_BLOCK_D)
+    if gpu_launch_configs() if gpu is None else gpu:
+        cfg = apply_rules(_FORWARD_BASE, _FORWARD_RULES, LaunchShape(dtype, block_d, has_alibi, arch, wide=wide))
     else:
-        cfg = dict(_GPU_TILES if triton.next_power_of_2(dv) <= 64 else _GPU_TILES_DV128)
-    factorised = general = 4
-    if has_alibi:
-        general = 8  # the general path's ALiBi row values: 8 warps (half the rows per thread) keep it spill-free
-    if dtype != torch.float32 and arch < 90:
-        general = 8  # sm_80's mma.sync layouts: the 4-warp general build spilled 8 B at 128×64
-    if wide and dtype != torch.float32:
-        factorised = general = 8  # 64-bit offsets hold more registers: 4 warps spilled 24-40 B
-    cfg["warps"] = {1: factorised, 2: general, 3: general}
-    return cfg
+        cfg = _FORWARD_INTERPRET
+    common = {
+        "IS_CAUSAL": bool(is_causal), "HAS_ALIBI": has_alibi, "BLOCK_M": cfg["BLOCK_M"], "BLOCK_N": cfg["BLOCK_N"],
+        "BLOCK_D": block_d, "MASK_D": dv % block_d != 0, "N_DCHUNK": triton.cdiv(dv, block_d), "WIDE": wide,
+        "VARLEN": bool(varlen),
+        "FAST_SPAN": _FAST_SPAN[dtype], "FACTOR_DTYPE": factor_dtype(dtype, has_alibi),
+        # fp32 needs ~1e-5 relative, which tf32 (10-bit mantissa) misses; tf32x3 (hi/lo split, three
+        # tensor-core passes) keeps ~1e-6. fp16/bf16 P and V are exact inputs.
+        "DOT_PRECISION": "tf32x3" if dtype == torch.float32 else "ieee",
+    }
+    return [Launch(dict(common, PATH=p), cfg["warps_factorised" if p == 1 else "warps_general"], cfg["num_stages"])
+            for p in _PATHS[path]]
 
 
 def max_offset(t: torch.Tensor) -> int:
     """The largest element offset a kernel forms into t: Σ (size - 1)·stride."""
     return sum((n - 1) * abs(st) for n, st in zip(t.shape, t.stride()) if n > 0)
-
-
-def dot_precision(dtype: torch.dtype) -> str:
-    """input_precision of the P·V dots: fp32 needs ~1e-5 relative, which tf32 (10-bit mantissa) misses;
-    tf32x3 (hi/lo split, three tensor-core passes) keeps ~1e-6. fp16/bf16 P and V are exact inputs."""
-    return "tf32x3" if dtype == torch.float32 else "ieee"
 
 
 def factor_dtype(dtype: torch.dtype, has_alibi: bool):
@@ -79,9 +89,14 @@ def factor_dtype(dtype: torch.dtype, has_alibi: bool):
     return tl.float16 if dtype == torch.float16 and not has_alibi else tl.float32
 
 
-def attention_fwd_triton(lq, lk, v, temperature, alibi_slopes, is_causal, *, poison: bool = False,
-                         path: str = "auto"):
+def attention_fwd_triton(lq, lk, v, temperature, alibi_slopes, is_causal, seqs: _varlen.Seqs | None = None, *,
+                         poison: bool = False, path: str = "auto"):
     """Fused taumode attention forward: (out (B, H, Tq, Dv) in v.dtype, lse (B, H, Tq) fp32).
+
+    seqs: a pack (docs/math.md §Packed sequences): lq (1, H, total_q), lk (1, Hkv, total_k), v (1, Hkv,
+    total_k, Dv), any strides, alibi_slopes (B, H) one row per sequence; out is a (1, H, total_q, Dv) view of
+    packed (total_q, H, Dv) memory (out[0].permute(1, 0, 2) is contiguous) and lse (1, H, total_q). Rows past
+    the last sequence are not written.
 
     poison=True fills the outputs with NaN before the kernel runs, so a test sees any element the kernel
     forgets to write. path="general" forces the exponential-per-score path with an online maximum
@@ -89,37 +104,51 @@ def attention_fwd_triton(lq, lk, v, temperature, alibi_slopes, is_causal, *, poi
     """
     b, h, tq = lq.shape
     hkv, tk, dv = lk.shape[1], lk.shape[2], v.shape[-1]
-    out = torch.empty(b, h, tq, dv, dtype=v.dtype, device=v.device)
+    if seqs is None:
+        out = torch.empty(b, h, tq, dv, dtype=v.dtype, device=v.device)
+    else:
+        # packed memory, as the caller's (total_q, H, Dv) layout wants it; the kernel sees (1, H, total_q, Dv)
+        out = torch.empty(tq, h, dv, dtype=v.dtype, device=v.device).permute(1, 0, 2).unsqueeze(0)
+        # λ with unit stride along t, the layout the compile check's VARLEN rows prove spill-free: the bf16
+        # factorised loop runs at 255 registers on sm_90, and a strided λ (a view of packed (total, H) λ,
+        # stride H along t) costs it a spill. A no-op for the λ kernel's own (1, H, total) output; else a
+        # copy of 4 bytes per row and head, against V's Dv elements.
+        lq, lk = lq.contiguous(), lk.contiguous()
     lse = torch.empty(b, h, tq, dtype=torch.float32, device=lq.device)
     if poison:
         out.fill_(float("nan"))
         lse.fill_(float("nan"))
-    if out.numel() == 0:
+    if out.numel() == 0 or (seqs is not None and (seqs.count == 0 or seqs.max_q == 0)):
         return out, lse
-    # per (batch, kv head) range of λk: decides, inside the kernel, whether the factorised path is exact
-    k_lo = lk.amin(dim=-1).to(torch.float32).contiguous()
-    k_hi = lk.amax(dim=-1).to(torch.float32).contiguous()
+    # per (batch row or sequence, kv head) range of λk: decides, inside the kernel, whether the factorised
+    # path is exact (an empty sequence's (+inf, -inf) is never read: its programs exit)
+    k_lo, k_hi = (t.contiguous() for t in _varlen.key_range(lk, seqs))
     slopes = alibi_slopes.to(torch.float32).contiguous() if alibi_slopes is not None else k_lo
     temperature = temperature.to(torch.float32).contiguous()
     has_alibi = alibi_slopes is not None
-    # 64-bit offsets only where one can pass 2^31 elements (the 32-bit build holds fewer registers)
+    # 64-bit offsets only where one can pass 2^31 elements (the 32-bit build holds fewer registers); a pack's
+    # sequence bases lie inside its tensors, so their offsets are bounded the same way
     wide = max(max_offset(t) for t in (lq, lk, v, out, lse)) >= _WIDE_OFFSET
-    cfg = forward_config(dv, v.dtype, has_alibi=has_alibi, arch=arch_of(v.device), wide=wide)
-    block_d = min(max(16, triton.next_power_of_2(dv)), _MAX_BLOCK_D)
-    n_dchunk = triton.cdiv(dv, block_d)
+    launches = forward_launches(dv, v.dtype, is_causal=is_causal, has_alibi=has_alibi, arch=arch_of(v.device),
+                                wide=wide, path=path, varlen=seqs is not None)
+    tiles = launches[0].constexprs
+    if seqs is None:
+        # CU_Q, CU_K are not read by the dense build: any pointer will do
+        cu_q = cu_k = k_lo
+        rows, batch = tq, b
+    else:
+        # the kernel reads sequence b's offsets and lengths; the pack's batch strides go unread
+        cu_q, cu_k = seqs.cu_q.contiguous(), seqs.cu_k.contiguous()
+        rows, batch = seqs.max_q, seqs.count
     # b·h over axes 1 and 2 (each at most 65,535 programs), query blocks on axis 0
-    bh_axis = min(b * h, _MAX_GRID_YZ)
-    grid = (triton.cdiv(tq, cfg["BLOCK_M"]), bh_axis, triton.cdiv(b * h, bh_axis) * n_dchunk)
+    bh = batch * h
+    bh_axis = min(bh, _MAX_GRID_YZ)
+    grid = (triton.cdiv(rows, tiles["BLOCK_M"]), bh_axis, triton.cdiv(bh, bh_axis) * tiles["N_DCHUNK"])
     with on_device(v):
-        for launch in _PATHS[path]:
+        for launch in launches:
             taumode_attention_fwd_kernel[grid](
                 lq, lk, v, temperature, slopes, k_lo, k_hi, out, lse,
                 *lq.stride(), *lk.stride(), *v.stride(), *out.stride(),
-                b * h, h, h // hkv, tq, tk, dv,
-                IS_CAUSAL=bool(is_causal), HAS_ALIBI=has_alibi,
-                BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=block_d, MASK_D=dv % block_d != 0,
-                FAST_SPAN=_FAST_SPAN[v.dtype], FACTOR_DTYPE=factor_dtype(v.dtype, has_alibi),
-                PATH=launch, DOT_PRECISION=dot_precision(v.dtype), N_DCHUNK=n_dchunk, WIDE=wide,
-                num_warps=cfg["warps"][launch], num_stages=cfg["num_stages"], enable_fp_fusion=FP_FUSION,
+                bh, h, h // hkv, tq, tk, dv, cu_q, cu_k, lse.stride(1), **launch.options(),
             )
     return out, lse

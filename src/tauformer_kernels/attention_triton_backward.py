@@ -1,8 +1,15 @@
 """Launcher of the fused Triton taumode attention backward (kernels/taumode_attention_backward.py).
 
-`attention_bwd_triton(dout, lq, lk, v, out, lse, temperature, alibi_slopes, is_causal)
+`attention_bwd_triton(dout, lq, lk, v, out, lse, temperature, alibi_slopes, is_causal, seqs=None)
 -> (dlq, dlk, dv, dtemperature, dalibi)` follows docs/internal-contract.md: inputs are trusted (validated at
 the public API), λ, lse and temperature are fp32, lk and v may be non-contiguous.
+
+Packed sequences (`seqs`, a varlen.Seqs; docs/math.md §Packed sequences): the pack is one batch row, each
+sequence attended to alone; the same kernels with VARLEN set, one program per (key block of a sequence, kv
+head), the offsets read on the device only (no host sync, nothing padded to max_seqlen), deterministic as
+the dense build. dv comes back as a (1, Hkv, total_k, Dv) view of packed (total_k, Hkv, Dv) memory and dalibi
+as (B, H), one row per sequence. A pack's offsets must end at its tensors' rows (cu[-1] = total): rows
+past the last sequence belong to no program, and their dλq, dλk and dV are undefined.
 
 Determinism: no atomics. dV and dλk are complete per key block (the query heads of a GQA group are summed
 inside its program in a fixed order); dλq comes out as one partial per slot (`partial_slots`: at most
@@ -19,125 +26,162 @@ import torch
 import triton
 
 from tauformer_kernels import reference
-from tauformer_kernels.backends import FP_FUSION, arch_of, gpu_launch_configs, on_device, triton_before
+from tauformer_kernels.launch import (
+    Launch, LaunchShape, Rule, apply_rules, arch_of, block_size, gpu_launch_configs, on_device, triton_before,
+)
 from tauformer_kernels.kernels.taumode_attention_backward import (
+    DLQ_ROW_ALIGN,
     attention_bwd_preprocess_kernel,
     taumode_attention_bwd_kernel,
 )
 
-# Tiles (BLOCK_N keys per program × BLOCK_M queries per iteration) and launch options on a GPU, by the
+# Base tiles (BLOCK_N keys per program × BLOCK_M queries per iteration) and launch options on a GPU, by the
 # padded Dv. The dV accumulator (BLOCK_N × BLOCK_D fp32) and the V tile live in registers, so large heads
-# take fewer keys per program. No autotuner: BLOCK_N sets the size of the partial-dλq buffer.
+# take fewer keys per program. No autotuner: BLOCK_N sets the size of the partial buffers.
 # DT_TILE: the unmasked loop keeps dtemperature in a BLOCK_N × BLOCK_M register tile (one FFMA per score)
-# instead of per-iteration row sums; only where the build stays free of spills with it.
-_GPU_CONFIGS = {
+# instead of per-iteration row sums, where the build stays free of spills with it.
+_BASE = {
     64: {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 1, "DT_TILE": True},
     128: {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2, "DT_TILE": True},
     256: {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2, "DT_TILE": True},
     512: {"BLOCK_M": 32, "BLOCK_N": 16, "num_warps": 4, "num_stages": 1, "DT_TILE": True},
 }
-# fp32 V: the tf32x3 products hold more registers: smaller tiles. Dv 256 runs "ieee" products
-# (dot_precisions) at 16×16, 8 warps, 2 stages, DT_TILE off: spill-free on sm_80 and sm_90 (causal,
-# non-causal, ALiBi, the GQA split). fp32 Dv > 256 is not fused (MAX_FUSED_DV): the builds spilled 8-24 B
-# at every option tried, and the fused fp32 backward at these sizes was already ~20× the bf16 main loop
-# per score (kernels/NOTES.md), no faster than the chunked PyTorch backward it now runs.
-_GPU_CONFIGS_FP32 = {
+# fp32 V: the tf32x3 products hold three operand copies: smaller tiles. At Dv 256 the split copies of V and
+# dO no longer fit, so the products run "ieee" (fp32 FMA, exact) at 16×16. fp32 past Dv 256 is not fused.
+_BASE_FP32 = {
     64: {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1, "DT_TILE": True},
     128: {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1, "DT_TILE": True},
     256: {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 8, "num_stages": 2, "DT_TILE": False},
 }
-# Under TRITON_INTERPRET=1: one small tile (the interpreter runs each program in numpy); DT_TILE as on a GPU,
-# so the tests run the code path the GPU build runs.
+# Under TRITON_INTERPRET=1 (without TAUFORMER_GPU_CONFIGS): one small tile, as the interpreter runs each
+# program in numpy; every other setting (precisions, DT_TILE, split launches) as on a GPU.
 _INTERPRET_TILES = {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1}
 
-
-def block_d_of(dv: int) -> int:
-    return max(16, triton.next_power_of_2(dv))
-
-
-def backward_config(dtype: torch.dtype, dv: int, *, has_alibi: bool = False, group: int = 1,
-                    is_causal: bool = True, arch: int = 90, interpret: bool | None = None) -> dict:
-    """Tiles, launch options and the DT_TILE constexpr of `taumode_attention_bwd_kernel` for V's dtype, the
-    head size Dv, ALiBi, the GQA group, causality and the sm version (80: A100-class mma.sync, 90: Hopper
-    wgmma). The one source of the launch configuration: the launcher and the compile check (`compile_check_backward.entries()`, which
-    proves these configs spill-free on sm_80 and sm_90) both call it. interpret=None: the interpreter's small tiles unless backends.gpu_launch_configs().
-    Variants that spilled at the table's tiles get their own (ALiBi; fp16/bf16 Dv<=64 non-causal GQA);
-    kernels/NOTES.md (Backward) has the spill table."""
-    if interpret is None:
-        interpret = not gpu_launch_configs()
-    table = _GPU_CONFIGS_FP32 if dtype == torch.float32 else _GPU_CONFIGS
-    cfg = dict(table[max(64, block_d_of(dv))])
-    if arch < 90 and dtype != torch.float32 and block_d_of(dv) <= 64:
-        # sm_80's mma.sync layouts hold ~13 more registers than wgmma at 64×64: the dtemperature tile
-        # spills there (32 B); row sums keep it spill-free
-        cfg["DT_TILE"] = False
-    if has_alibi:
-        # ALiBi adds the dS∘distance row sums (dS and P∘sign no longer share a register tile): the
-        # dtemperature tile does not fit beside them
-        cfg["DT_TILE"] = False
-        bd = block_d_of(dv)
-        if dtype == torch.float32:
-            if bd <= 128:
-                # tf32x3 at 32×32 spilled 304/392 B (sm_80/sm_90) at Dv=128; 16 keys per program fit
-                cfg["BLOCK_N"] = 16
-        elif bd <= 64:
-            # 64×64 spilled 168-320 B (GQA=4, odd T); 8 warps or BLOCK_M=32 still spilled, 32 keys per program
-            # do not (sm_80 254 regs, sm_90 213)
-            cfg["BLOCK_N"] = 32
-        elif bd >= 512:
-            # 32×16 at 4 warps spilled 8 B; 8 warps: ~195/168 regs
-            cfg["num_warps"] = 8
-    if triton_before(3, 9):
-        # Triton 3.6 (the one torch 2.11 pins) allocates registers differently; measured there:
-        if dtype != torch.float32 and block_d_of(dv) <= 64 and arch < 90 and is_causal and not has_alibi:
-            cfg["num_warps"] = 8  # 64×64 spilled 16 B on sm_80
-        if dtype == torch.float32 and block_d_of(dv) <= 128:
-            cfg["num_warps"] = 8  # 8-24 B spilled (D=64 causal sm_90, ALiBi D=64/128 sm_80)
-        if dtype == torch.float32 and block_d_of(dv) == 256 and has_alibi and arch >= 90:
-            cfg["num_warps"] = 4  # at 8 warps ptxas capped the build at 128 registers: 24 B on sm_90
-    # the kernel's launches as (WITH_DV, WITH_DLAMBDA, num_warps): normally one for everything. fp32 Dv >= 256
-    # with GQA: one program holding the V tile and the dV accumulator across the group spills at every
-    # launch option tried, so dV runs in one launch and the rest in another (kernels/NOTES.md, v9); with
-    # ALiBi the second needs 8 warps (at 4, ptxas caps it at 128 registers and spills 16 B on sm_90)
-    if dtype == torch.float32 and block_d_of(dv) >= 256 and group > 1:
-        cfg["launches"] = ((True, False, cfg["num_warps"]), (False, True, 8 if has_alibi else cfg["num_warps"]))
-    else:
-        cfg["launches"] = ((True, True, cfg["num_warps"]),)
-    if dtype != torch.float32 and block_d_of(dv) <= 64 and not is_causal and group > 1:
-        # the GQA non-causal odd-T build spilled 8/32 B at 64×64 (DT_TILE off did not help): 32 query rows
-        cfg["BLOCK_M"] = 32
-    if interpret:
-        cfg.update(_INTERPRET_TILES)
-    return cfg
-
-
-def preprocess_block_m(block_d: int) -> int:
-    """Rows per preprocess program: about 8K elements of O and dO each."""
-    return max(16, min(64, 8192 // block_d))
-
-
-def dot_precisions(dtype: torch.dtype, dv: int = 64) -> tuple[str, str]:
-    """(input_precision of the dV/dP products, of the one-hot reductions of dS∘sign).
-
-    fp32 V: "tf32x3" for both (the fp32 backward must meet 1e-4 relative, which tf32's 10-bit mantissa
-    does not; the three-pass split keeps ~fp32 accuracy on the tensor cores, where "ieee" products run on
-    the FMA units and spill).
-    fp16/bf16 V: P, dO and dS∘sign enter the tensor cores in V's dtype, as FlashAttention's P and dS do
-    (input_precision does not apply)."""
-    if dtype == torch.float32:
-        if block_d_of(dv) >= 256:
-            # Dv >= 256: the tf32x3 split copies of the V and dO tiles do not fit in registers (ptxas falls
-            # back to 32 registers: 7-8.5 KB of stack at Dv=256, 13-15 KB at 512); "ieee" (fp32 FMA,
-            # exact) at 16×16 tiles does
-            return "ieee", "ieee"
-        return "tf32x3", "tf32x3"
-    return "ieee", "ieee"
-
-
-# Largest head size of the fused backward by V's dtype (the tables above); the partial-dλq slots per
+# Largest head size of the fused backward by V's dtype (the base tables); the partial-dλq slots per
 # (batch, kv head).
 MAX_FUSED_DV = {torch.float16: 512, torch.bfloat16: 512, torch.float32: 256}
 MAX_SLOTS = 16
+
+
+# Applied in order to the base tile of the shape's Dv (measured spills: kernels/NOTES.md, Backward).
+_RULES = (
+    Rule(lambda s: s.fp32 and s.block_d < 256, {"DOT_PRECISION": "tf32x3", "RED_PRECISION": "tf32x3"},
+         "fp32 must meet ~1e-5 relative: the three-pass tf32 split keeps ~fp32 accuracy on the tensor cores"),
+    Rule(lambda s: not s.fp32 and s.arch < 90 and s.block_d <= 64, {"DT_TILE": False},
+         "sm_80's mma.sync layouts hold ~13 more registers than wgmma at 64×64: the dtemperature tile spilled 32 B"),
+    Rule(lambda s: s.has_alibi, {"DT_TILE": False},
+         "ALiBi's dS∘distance row sums leave no room for the dtemperature tile"),
+    Rule(lambda s: s.has_alibi and s.fp32 and s.block_d <= 128, {"BLOCK_N": 16},
+         "fp32 ALiBi at 32×32 spilled 304/392 B (sm_80/sm_90)"),
+    Rule(lambda s: s.has_alibi and not s.fp32 and s.block_d <= 64, {"BLOCK_N": 32},
+         "ALiBi 64×64 spilled 168-320 B (GQA 4, odd T), also at 8 warps or 32 query rows"),
+    Rule(lambda s: s.has_alibi and not s.fp32 and s.block_d >= 512, {"num_warps": 8},
+         "ALiBi Dv 512 at 4 warps spilled 8 B"),
+    Rule(lambda s: s.old_triton and not s.fp32 and s.block_d <= 64 and s.arch < 90 and s.is_causal
+         and not s.has_alibi, {"num_warps": 8}, "Triton 3.6: 64×64 at 4 warps spilled 16 B on sm_80"),
+    Rule(lambda s: s.old_triton and s.fp32 and s.block_d <= 128, {"num_warps": 8},
+         "Triton 3.6: fp32 at 4 warps spilled 8-24 B"),
+    Rule(lambda s: s.old_triton and s.fp32 and s.block_d == 256 and s.has_alibi and s.arch >= 90, {"num_warps": 4},
+         "Triton 3.6: at 8 warps ptxas capped the build at 128 registers (24 B spilled on sm_90)"),
+    Rule(lambda s: s.fp32 and s.block_d >= 256 and s.group > 1, {"SPLIT_DV": True},
+         "one program holding V, dV and the group's gradients spilled at every option: dV launched alone"),
+    Rule(lambda s: s.fp32 and s.block_d >= 256 and s.group > 1 and s.has_alibi, {"warps_dlambda": 8},
+         "the split's gradient launch at 4 warps was capped at 128 registers (16 B spilled on sm_90)"),
+    Rule(lambda s: not s.fp32 and s.block_d <= 64 and not s.is_causal and s.group > 1, {"BLOCK_M": 32},
+         "non-causal GQA at 64×64 spilled 8/32 B (DT_TILE off did not help)"),
+)
+
+# Applied after _RULES to a pack's build (VARLEN): a pack's lengths are on the device, so every build masks
+# its query rows and its key tail, which costs registers where the dense build's even lengths need no masks.
+# Measured on the VARLEN builds (Triton 3.9, sm_80 and sm_90; compile_check's varlen rows).
+_VARLEN_RULES = (
+    Rule(lambda s: not s.fp32 and s.block_d <= 64 and s.is_causal and not s.has_alibi and s.arch >= 90,
+         {"DT_TILE": False}, "causal 64×64 with the dtemperature tile spilled 16 B on sm_90 (main loop +2.6 % without)"),
+    Rule(lambda s: not s.fp32 and s.block_d <= 64 and s.is_causal and not s.has_alibi and s.group > 1,
+         {"BLOCK_M": 32}, "causal GQA at 64×64 spilled 256/32 B (sm_80/sm_90; the dense build 48/96 B at even lengths)"),
+    Rule(lambda s: not s.fp32 and s.block_d <= 64 and s.is_causal and not s.has_alibi and s.group > 1 and s.arch < 90,
+         {"BLOCK_N": 32}, "causal GQA at 32×64 still spilled 64 B on sm_80"),
+    Rule(lambda s: not s.fp32 and s.block_d <= 64 and not s.is_causal and s.group > 1 and s.arch < 90,
+         {"BLOCK_M": 16}, "non-causal GQA at 32×64 spilled 56 B on sm_80; 16 query rows model the same loop"),
+    Rule(lambda s: not s.fp32 and s.block_d == 128, {"BLOCK_N": 32},
+         "64×64 at Dv 128 spilled 8/40 B (sm_80/sm_90); 32 keys per program model the same main loop"),
+    Rule(lambda s: not s.fp32 and s.block_d == 128 and s.arch < 90, {"num_stages": 1},
+         "Dv 128 GQA at 2 stages spilled 16 B on sm_80"),
+    Rule(lambda s: not s.fp32 and s.block_d == 256 and s.has_alibi and s.arch >= 90, {"num_stages": 1},
+         "ALiBi Dv 256 GQA at 2 stages spilled 80 B on sm_90 (1 stage models faster)"),
+    Rule(lambda s: not s.fp32 and s.block_d == 256 and s.has_alibi and s.arch < 90, {"BLOCK_N": 16},
+         "ALiBi Dv 256 GQA at 32×32 spilled 184 B on sm_80 (64 B at 1 stage)"),
+    Rule(lambda s: s.fp32 and s.block_d <= 128 and not s.has_alibi and (s.arch >= 90 or s.block_d > 64),
+         {"BLOCK_N": 16}, "fp32 causal 32×32 spilled 48 B on sm_90 at Dv 64 (also with DT_TILE off, 2 stages or "
+         "8 warps) and 288 B on sm_80 at Dv 128"),
+    Rule(lambda s: s.fp32 and s.block_d <= 128 and s.has_alibi and s.group == 1 and s.arch < 90,
+         {"num_stages": 2}, "fp32 ALiBi Dv 128 at 1 stage spilled 24 B on sm_80"),
+    Rule(lambda s: s.fp32 and s.block_d <= 64 and s.has_alibi and s.group > 1,
+         {"num_stages": 2}, "fp32 ALiBi GQA at 1 stage spilled 32 B on sm_90"),
+    Rule(lambda s: s.fp32 and s.block_d <= 64 and s.has_alibi and s.group > 1 and s.arch < 90,
+         {"num_warps": 8, "num_stages": 1}, "fp32 ALiBi GQA spilled 8-56 B on sm_80 at 4 warps (1 or 2 stages, 16 "
+         "or 64 query rows): the only spill-free option found (main loop +72 %)"),
+    Rule(lambda s: s.fp32 and s.block_d >= 256 and s.group == 1 and not s.has_alibi and s.arch < 90,
+         {"num_warps": 4}, "fp32 Dv 256 at 8 warps was capped at 128 registers on sm_80 (16 B spilled); 4 warps "
+         "model faster"),
+    Rule(lambda s: s.fp32 and s.block_d >= 256 and s.group == 1 and s.has_alibi and s.arch < 90,
+         {"BLOCK_M": 32}, "fp32 ALiBi Dv 256 at 16×16 spilled 16-24 B on sm_80 at 4 or 8 warps; 32 query rows "
+         "at 8 warps model faster"),
+    Rule(lambda s: s.fp32 and s.block_d >= 256 and s.group > 1,
+         {"num_warps": 4, "num_stages": 1, "warps_dlambda": 8, "stages_dlambda": 2},
+         "fp32 Dv 256 GQA: the split's dV launch at 8 warps, 2 stages spilled 8-24 B (sm_80, sm_90), at 4 warps, "
+         "1 stage it models 10 % faster; the gradient launch keeps 8 warps, 2 stages (1 stage spilled 280-1560 B)"),
+    Rule(lambda s: s.old_triton and not s.fp32 and s.block_d <= 64 and not s.is_causal and not s.has_alibi
+         and s.group == 1 and s.arch < 90, {"num_warps": 8}, "Triton 3.6: non-causal 64×64 at 4 warps spilled 8 B "
+         "on sm_80 (as the causal build, which _RULES already gives 8)"),
+    Rule(lambda s: s.old_triton and s.fp32 and s.block_d >= 256 and s.group == 1 and not s.has_alibi and s.arch < 90,
+         {"BLOCK_M": 32}, "Triton 3.6: fp32 Dv 256 at 16×16 spilled 24 B on sm_80 (8 warps too, 1 stage 408 B+); 32 "
+         "query rows do not"),
+)
+
+
+def backward_launches(dtype: torch.dtype, dv: int, *, tq: int, tk: int, has_alibi: bool, group: int,
+                      is_causal: bool, arch: int = 90, gpu: bool | None = None, varlen: bool = False) -> list[Launch]:
+    """The main backward kernel's launches for V's dtype, head size Dv, the lengths (their evenness), ALiBi,
+    the GQA group, causality and the sm version (80: mma.sync, 90: wgmma): one launch, or dV and then the
+    rest (SPLIT_DV). The launcher and the compile check both call it. gpu=None: launch.gpu_launch_configs().
+    varlen: a pack (the VARLEN build); its sequences' lengths are on the device only, so EVEN_M and EVEN_N
+    are False whatever tq and tk (the pack's totals) are, and _VARLEN_RULES apply on top of _RULES."""
+    gpu = gpu_launch_configs() if gpu is None else gpu
+    block_d = block_size(dv)
+    shape = LaunchShape(dtype, block_d, has_alibi, arch, group=group, is_causal=bool(is_causal),
+                        old_triton=triton_before(3, 9))
+    base = (_BASE_FP32 if shape.fp32 else _BASE)[max(64, block_d)]
+    cfg = apply_rules(dict(base, DOT_PRECISION="ieee", RED_PRECISION="ieee", SPLIT_DV=False), _RULES, shape)
+    if varlen:
+        cfg = apply_rules(cfg, _VARLEN_RULES, shape)
+    if not gpu:
+        cfg.update(_INTERPRET_TILES)
+    common = {"GROUP": group, "IS_CAUSAL": bool(is_causal), "HAS_ALIBI": has_alibi, "BLOCK_M": cfg["BLOCK_M"],
+              "BLOCK_N": cfg["BLOCK_N"], "BLOCK_D": block_d, "EVEN_M": not varlen and tq % cfg["BLOCK_M"] == 0,
+              "EVEN_N": not varlen and tk % cfg["BLOCK_N"] == 0, "MASK_D": block_d != dv,
+              "DOT_PRECISION": cfg["DOT_PRECISION"], "RED_PRECISION": cfg["RED_PRECISION"], "GPU": gpu,
+              "DT_TILE": cfg["DT_TILE"], "VARLEN": bool(varlen)}
+    if not varlen:
+        # a dense build takes the pack's arguments as None constants: it compiles as if they did not exist
+        common.update(CU_Q=None, CU_K=None, KB_COLS=None)
+    if not cfg["SPLIT_DV"]:
+        return [Launch(dict(common, WITH_DV=True, WITH_DLAMBDA=True), cfg["num_warps"], cfg["num_stages"])]
+    return [Launch(dict(common, WITH_DV=True, WITH_DLAMBDA=False), cfg["num_warps"], cfg["num_stages"]),
+            Launch(dict(common, WITH_DV=False, WITH_DLAMBDA=True), cfg.get("warps_dlambda", cfg["num_warps"]),
+                   cfg.get("stages_dlambda", cfg["num_stages"]))]
+
+
+def preprocess_launch(dv: int, row_block: int, varlen: bool = False) -> Launch:
+    """The preprocess kernel's launch: about 8K elements of O and dO per program; the main kernel's BLOCK_M
+    (`row_block`) sets the layout of the rows it writes; varlen: a pack (the VARLEN build)."""
+    block_d = block_size(dv)
+    constexprs = {"BLOCK_M": max(16, min(64, 8192 // block_d)), "BLOCK_D": block_d, "ROW_BLOCK": row_block,
+                  "VARLEN": bool(varlen)}
+    if not varlen:
+        # the pack's arguments as None constants (see backward_launches)
+        constexprs.update(CU_Q=None, IDX=None, B=None, MAX_Q=None)
+    return Launch(constexprs, num_warps=4, num_stages=1)
 
 
 def partial_slots(num_kb: int, b_hkv: int, device: torch.device) -> int:
@@ -146,78 +190,100 @@ def partial_slots(num_kb: int, b_hkv: int, device: torch.device) -> int:
     return max(1, min(num_kb, MAX_SLOTS if device.type == "cuda" else 2))
 
 
-def attention_bwd_triton(dout, lq, lk, v, out, lse, temperature, alibi_slopes, is_causal, *, poison: bool = False):
-    """Fused taumode attention backward: (dlq, dlk, dv, dtemperature, dalibi) per docs/internal-contract.md.
+def attention_bwd_triton(dout, lq, lk, v, out, lse, temperature, alibi_slopes, is_causal, seqs=None, *,
+                         poison: bool = False):
+    """Fused taumode attention backward: (dlq, dlk, dv, dtemperature, dalibi) per docs/internal-contract.md;
+    seqs (varlen.Seqs): the inputs are a pack (see the module docstring).
 
     poison=True fills every output and partial buffer with NaN before the kernels run, so a test sees any
     element a kernel forgets to write.
     """
-    b, h, tq = lq.shape
-    hkv, tk, dv_dim = lk.shape[1], lk.shape[2], v.shape[-1]
+    dv_dim = v.shape[-1]
     if dv_dim > MAX_FUSED_DV[v.dtype]:
-        return reference.attention_bwd_chunked(dout, lq, lk, v, out, lse, temperature, alibi_slopes, is_causal)
+        # a pack runs per group of sequences there (it reads the offsets on the host)
+        return reference.attention_bwd_chunked(dout, lq, lk, v, out, lse, temperature, alibi_slopes, is_causal, seqs)
     with on_device(v):
-        return _attention_bwd(dout, lq, lk, v, out, lse, temperature, alibi_slopes, is_causal, poison)
+        return _attention_bwd(dout, lq, lk, v, out, lse, temperature, alibi_slopes, is_causal, seqs, poison)
 
 
-def _attention_bwd(dout, lq, lk, v, out, lse, temperature, alibi_slopes, is_causal, poison):
+def _attention_bwd(dout, lq, lk, v, out, lse, temperature, alibi_slopes, is_causal, seqs, poison):
     b, h, tq = lq.shape
     hkv, tk, dv_dim = lk.shape[1], lk.shape[2], v.shape[-1]
-    group = h // hkv
     device = v.device
-    cfg = backward_config(v.dtype, dv_dim, has_alibi=alibi_slopes is not None, group=group,
-                          is_causal=bool(is_causal), arch=arch_of(device))
-    block_m, block_n = cfg["BLOCK_M"], cfg["BLOCK_N"]
-    block_d = block_d_of(dv_dim)
-    num_kb = triton.cdiv(tk, block_n)
-    slots = partial_slots(num_kb, b * hkv, device)
+    pack = seqs is not None
+    # a pack: b = 1 batch row, tq / tk its total rows, `count` sequences of at most max_k keys
+    count = seqs.count if pack else b
+    launches = backward_launches(v.dtype, dv_dim, tq=tq, tk=tk, has_alibi=alibi_slopes is not None, group=h // hkv,
+                                 is_causal=is_causal, arch=arch_of(device), varlen=pack)
+    block_m, block_n = launches[0].constexprs["BLOCK_M"], launches[0].constexprs["BLOCK_N"]
+    num_kb = triton.cdiv(seqs.max_k if pack else tk, block_n)
+    slots = partial_slots(num_kb, count * hkv, device)
 
     new = torch.full if poison else (lambda shape, _fill, **kw: torch.empty(shape, **kw))
     nan = float("nan")
-    dv = new((b, hkv, tk, dv_dim), nan, dtype=v.dtype, device=device)
+    if pack:
+        # dv in packed (total_k, Hkv, Dv) memory, seen as the pack's one batch row
+        dv = new((tk, hkv, dv_dim), nan, dtype=v.dtype, device=device).permute(1, 0, 2).unsqueeze(0)
+    else:
+        dv = new((b, hkv, tk, dv_dim), nan, dtype=v.dtype, device=device)
     dlk = new((b, hkv, tk), nan, dtype=torch.float32, device=device)
-    dlq_part = new((slots, b, h, tq), nan, dtype=torch.float32, device=device)
-    dt_part = new((b, h, num_kb), nan, dtype=torch.float32, device=device)
-    dslope_part = new((b, h, num_kb), nan, dtype=torch.float32, device=device) if alibi_slopes is not None else dt_part
-    if b * h == 0 or tq == 0 or tk == 0:
+    if pack:
+        # each sequence's partial-dλq rows from a multiple of DLQ_ROW_ALIGN (vectorised accesses), gathered
+        # back into the pack's rows by IDX below
+        align = DLQ_ROW_ALIGN.value
+        dlq_part = new((slots, h, align * (tq // align + count)), nan, dtype=torch.float32, device=device)
+    else:
+        dlq_part = new((slots, b, h, tq), nan, dtype=torch.float32, device=device)
+    # per (sequence, head, key block); a pack's columns run to its longest sequence's key blocks
+    dt_part = new((count, h, num_kb), nan, dtype=torch.float32, device=device)
+    dslope_part = new((count, h, num_kb), nan, dtype=torch.float32, device=device) if alibi_slopes is not None else dt_part
+    if count * h == 0 or tq == 0 or tk == 0 or num_kb == 0:
         dv.zero_()
         dlk.zero_()
         dlq = torch.zeros(b, h, tq, dtype=torch.float32, device=device)
         dtemp = torch.zeros(h, dtype=torch.float32, device=device)
-        dalibi = None if alibi_slopes is None else torch.zeros(b, h, dtype=torch.float32, device=device)
+        dalibi = None if alibi_slopes is None else torch.zeros(count, h, dtype=torch.float32, device=device)
         return dlq, dlk, dv, dtemp, dalibi
 
     dout = dout.to(v.dtype)
     lse = lse.to(torch.float32).contiguous()
-    # per query block of the main kernel: λq, lse·log2e, D (see the preprocess kernel), padded past Tq
-    num_qb = triton.cdiv(tq, block_m)
-    rows = new((b * h, num_qb, 3, block_m), nan, dtype=torch.float32, device=device)
-    pre_m = preprocess_block_m(block_d)
-    attention_bwd_preprocess_kernel[(triton.cdiv(num_qb * block_m, pre_m) * b * h,)](
-        out, dout, lse, lq, rows, *out.stride(), *dout.stride(), *lq.stride(), h, tq, dv_dim,
-        BLOCK_M=pre_m, BLOCK_D=block_d, ROW_BLOCK=block_m, enable_fp_fusion=FP_FUSION,
-    )
+    pre = preprocess_launch(dv_dim, block_m, varlen=pack)
+    if pack:
+        # per (head, query block of a sequence): λq, lse·log2e, D (see the preprocess kernel); total_q //
+        # BLOCK_M + B blocks per head bound the sequences' cdiv(Tq_b, BLOCK_M) blocks without a host read
+        rows = new((h, tq // block_m + count, 3, block_m), nan, dtype=torch.float32, device=device)
+        # zeros: rows past the last sequence (if any) gather row 0 instead of an address outside the buffer
+        idx = torch.zeros(tq, dtype=torch.int32, device=device)
+        pre_grid = triton.cdiv(triton.cdiv(seqs.max_q, block_m) * block_m, pre.constexprs["BLOCK_M"]) * count * h
+        pack_args = (seqs.cu_q, idx, count, seqs.max_q)
+    else:
+        # per query block of the main kernel: λq, lse·log2e, D (see the preprocess kernel), padded past Tq
+        num_qb = triton.cdiv(tq, block_m)
+        rows = new((b * h, num_qb, 3, block_m), nan, dtype=torch.float32, device=device)
+        pre_grid = triton.cdiv(num_qb * block_m, pre.constexprs["BLOCK_M"]) * b * h
+        pack_args = ()
+    if pre_grid:  # a pack whose sequences have no queries: no rows to prepare (none is read)
+        attention_bwd_preprocess_kernel[(pre_grid,)](
+            out, dout, lse, lq, rows, *out.stride(), *dout.stride(), *lq.stride(), h, tq, dv_dim, *pack_args,
+            **pre.options(),
+        )
     slopes = alibi_slopes.to(torch.float32).contiguous() if alibi_slopes is not None else rows
-    dot_prec, red_prec = dot_precisions(v.dtype, dv_dim)
     temp = temperature.to(torch.float32).contiguous()
-    # key blocks kb_start .. kb_start + slots - 1 per launch, each adding into its slot (see the kernel); per
-    # group of key blocks one launch, or dV and then the rest (backward_config)
+    pack_args = (seqs.cu_q, seqs.cu_k, num_kb) if pack else ()
+    # key blocks kb_start .. kb_start + slots - 1 per launch, each adding into its slot (see the kernel)
     for kb_start in range(0, num_kb, slots):
-        for with_dv, with_dlambda, num_warps in cfg["launches"]:
-            taumode_attention_bwd_kernel[(b * hkv * slots,)](
+        for launch in launches:
+            taumode_attention_bwd_kernel[(count * hkv * slots,)](
                 rows, lk, v, dout, temp, slopes,
                 dv, dlk, dlq_part, dt_part, dslope_part,
                 *lk.stride(), *v.stride(), *dout.stride(), *dv.stride(),
-                b, h, tq, tk, dv_dim, slots, kb_start,
-                GROUP=group, IS_CAUSAL=bool(is_causal), HAS_ALIBI=alibi_slopes is not None,
-                BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
-                EVEN_M=tq % block_m == 0, EVEN_N=tk % block_n == 0, MASK_D=block_d != dv_dim,
-                DOT_PRECISION=dot_prec, RED_PRECISION=red_prec, GPU=gpu_launch_configs(), DT_TILE=cfg["DT_TILE"],
-                WITH_DV=with_dv, WITH_DLAMBDA=with_dlambda,
-                num_warps=num_warps, num_stages=cfg["num_stages"], enable_fp_fusion=FP_FUSION,
+                count, h, tq, tk, dv_dim, slots, kb_start, *pack_args, **launch.options(),
             )
     # fixed-order reductions of the per-slot and per-key-block partials
-    dlq = dlq_part.sum(0).mul_(-1.0 / temperature.to(torch.float32).view(1, h, 1))
+    if pack:
+        dlq = dlq_part.sum(0).index_select(1, idx).mul_(-1.0 / temp.view(h, 1)).unsqueeze(0)
+    else:
+        dlq = dlq_part.sum(0).mul_(-1.0 / temp.view(1, h, 1))
     dtemp = dt_part.sum(dim=(0, 2))
     dalibi = None if alibi_slopes is None else dslope_part.sum(2).to(alibi_slopes.dtype)
     return dlq, dlk, dv, dtemp.to(temperature.dtype), dalibi

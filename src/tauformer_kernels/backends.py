@@ -7,9 +7,10 @@ Backends (docs/internal-contract.md gives each one's functions):
 """
 from __future__ import annotations
 
-import contextlib
+import importlib
 import importlib.util
 import os
+from typing import Callable
 
 import torch
 
@@ -30,44 +31,6 @@ def triton_available() -> bool:
 def triton_interpreting() -> bool:
     """TRITON_INTERPRET=1 runs the real kernels on CPU tensors (how CI tests them)."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
-def triton_before(major: int, minor: int) -> bool:
-    """Whether the installed Triton is older than major.minor (launch configs differ where its register
-    allocation does: the compile check proves each version's configs spill-free)."""
-    import triton
-
-    found = tuple(int(part) for part in triton.__version__.split(".")[:2])
-    return found < (major, minor)
-
-
-def gpu_launch_configs() -> bool:
-    """Whether the launchers use their GPU launch configs (tiles, warps, the GPU-only code paths such as the
-    backward's inline-PTX exp2): always on a GPU; under the interpreter only when TAUFORMER_GPU_CONFIGS=1
-    (the tests' --gpu-configs mode, which runs the GPU's code paths on the CPU with the interpreter's
-    numerics emulated, tauformer_kernels/interpreter.py). Otherwise the interpreter gets small tiles."""
-    return not triton_interpreting() or os.environ.get("TAUFORMER_GPU_CONFIGS", "0") not in ("", "0")
-
-
-# Every launch sets enable_fp_fusion (a*b + c as one FMA): the kernels' numerics and their static cycle
-# estimates assume it, and Triton 3.10 turns its default off.
-FP_FUSION = True
-
-# CUDA's limit on grid axes 1 and 2 (axis 0 takes 2^31 - 1 programs)
-MAX_GRID_YZ = 65535
-
-
-def arch_of(device: torch.device) -> int:
-    """The sm version of a CUDA device (90 for CPU tensors: the interpreter runs the sm_90 configs)."""
-    if device.type != "cuda":
-        return 90
-    major, minor = torch.cuda.get_device_capability(device)
-    return 10 * major + minor
-
-
-def on_device(t: torch.Tensor):
-    """The context a launch runs in: the CUDA device of `t` (a tensor on cuda:1 launches on cuda:1)."""
-    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
 
 
 def check_backend_name(backend) -> None:
@@ -97,25 +60,42 @@ def _require_triton(device: torch.device, dtype: torch.dtype) -> None:
             )
 
 
-def resolve_attention_backend(backend: str, device: torch.device, dtype: torch.dtype, keys: int = 0,
-                              needs_grad: bool = True) -> str:
-    """The concrete attention backend for `backend` on tensors of this device and dtype, `keys` long;
-    `needs_grad`: whether the call records a backward (the CPU crossover is lower without one)."""
+# The functions of each (op, backend) pair: (module, forward), (module, backward), imported on first use so
+# that the package imports without triton. Signatures: docs/internal-contract.md.
+_IMPLEMENTATIONS = {
+    "lambda": {
+        "reference": (("reference", "lambda_fwd_reference"), ("reference", "lambda_bwd_reference")),
+        "triton": (("lambda_triton", "lambda_fwd_triton"), ("lambda_triton_backward", "lambda_bwd_triton")),
+    },
+    "attention": {
+        "reference": (("reference", "attention_fwd_chunked"), ("reference", "attention_bwd_chunked")),
+        "triton": (("attention_triton", "attention_fwd_triton"), ("attention_triton_backward", "attention_bwd_triton")),
+        "loglinear": (("loglinear", "attention_fwd_loglinear"), ("loglinear", "attention_bwd_loglinear")),
+    },
+}
+
+
+def implementation(op: str, backend: str) -> tuple[Callable, Callable]:
+    """(forward, backward) of a concrete backend of op "lambda" or "attention"."""
+    return tuple(getattr(importlib.import_module(f"tauformer_kernels.{module}"), name)
+                 for module, name in _IMPLEMENTATIONS[op][backend])
+
+
+def resolve(op: str, backend: str, device: torch.device, dtype: torch.dtype, keys: int = 0,
+            needs_grad: bool = True) -> str:
+    """The concrete backend that runs `op` for the `backend` argument, on tensors of this device and dtype
+    with `keys` keys; `needs_grad`: whether the call records a backward (the CPU crossover is lower
+    without one). "loglinear" is an attention algorithm: the λ projection it is given takes auto's choice."""
     check_backend_name(backend)
+    if op == "lambda" and backend == "loglinear":
+        backend = "auto"
     if backend == "triton":
         _require_triton(device, dtype)
     if backend != "auto":
         return backend
     if device.type == "cuda" and triton_available() and dtype != torch.float64:
         return "triton"
-    if device.type == "cpu" and keys >= (CPU_LOGLINEAR_MIN_KEYS if needs_grad else CPU_LOGLINEAR_MIN_KEYS_INFERENCE):
+    if op == "attention" and device.type == "cpu" and keys >= (
+            CPU_LOGLINEAR_MIN_KEYS if needs_grad else CPU_LOGLINEAR_MIN_KEYS_INFERENCE):
         return "loglinear"
     return "reference"
-
-
-def resolve_lambda_backend(backend: str, device: torch.device, dtype: torch.dtype) -> str:
-    """The λ projection has a reference and a Triton implementation; "loglinear" attention uses auto's."""
-    check_backend_name(backend)
-    if backend == "loglinear":
-        backend = "auto"
-    return resolve_attention_backend(backend, device, dtype)

@@ -5,14 +5,15 @@
 Per kernel and arch: registers, stack bytes (spills), shared memory, and counts of tensor-core (HMMA/HGMMA)
 and MUFU instructions in the SASS (disassembled with the nvdisasm/cuobjdump that ship inside triton), and
 whether the PTX of a 64-bit build forms every batch and head base in 64 bits (`narrow_base_products`). With
---loops, each loop of the SASS gets a static cycle estimate (the same throughput model as
-../shared/tools/sass_model.py: tensor FMAs, FP32 ALU, MUFU and issue per SM clock) and, where the kernel
-declares its scores per iteration, cycles per 1,000 scores. Exits non-zero if a kernel fails to compile,
-spills, or (a 64-bit build) forms a batch/head base offset in 32 bits.
+--loops, each loop of the SASS gets a static cycle estimate (a throughput model: tensor FMAs, FP32 ALU,
+MUFU and issue per SM clock, kernels/DESIGN.md) and, for the attention main loops, cycles per 1,000 scores.
+Exits non-zero if a kernel fails to compile, spills, or (a 64-bit build) forms a batch/head base offset in
+32 bits.
 
-The kernels are a table (`KERNELS`): one row per (kernel, representative constexprs). Arguments are typed
-the way the JIT specialises them at a launch: pointers and strides divisible by 16 where a real launch's
-are, the innermost stride of V and O equal to 1 (a constexpr).
+The rows (`kernel_cases()`, one `KernelCase` each) take their constexprs and launch options from the
+launchers' own config functions (lambda_forward_launch, forward_launches, backward_launches, ...), per sm
+version, so what compiles here is what a launch runs. Arguments are typed the way the JIT specialises them
+at a launch: pointers and strides divisible by 16 where a real launch's are, innermost strides equal to 1.
 """
 from __future__ import annotations
 
@@ -25,7 +26,9 @@ import subprocess
 import sys
 import tempfile
 
-# Per-SM, per-clock throughputs (published figures; see ../shared/notes/gpu-static-model.md): dense fp16
+import torch
+
+# Per-SM, per-clock throughputs (published figures for A100 and H100): dense fp16
 # tensor FMAs, FP32 ALU warp-instructions, MUFU warp-instructions, issue (4 schedulers).
 _SM = {80: {"fma_tc": 1024, "alu": 4.0, "mufu": 0.5, "issue": 4.0},
        90: {"fma_tc": 2048, "alu": 4.0, "mufu": 0.5, "issue": 4.0}}
@@ -34,102 +37,183 @@ _FP_ALU = {"FADD", "FMUL", "FFMA", "FMNMX", "FSEL", "FSETP", "FSWZADD", "HADD2",
 _GUARD = re.compile(r"^@!?U?P\w+\s+")
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class KernelCase:
-    """One compilation: `args` maps each runtime argument to its type, with ':16' for divisibility by 16
-    (pointers, strides, lengths a real launch aligns) or ':1' for a value the JIT specialises to 1."""
+    """One row: a kernel, its runtime arguments, and the launcher's own launch of it per sm version.
+
+    `args` maps each runtime argument to its Triton type, with ':16' for divisibility by 16 (pointers,
+    strides, lengths a real launch aligns) or ':1' for a value the JIT specialises to 1 (the innermost
+    strides). `launches` holds, per arch, the `Launch` the launcher's config function returns there."""
     name: str
-    kernel: str  # "module:function" under tauformer_kernels.kernels
+    kernel: object  # the @triton.jit function
     args: dict
-    constexprs: dict
-    num_warps: int = 4
-    num_stages: int = 3
-    scores_per_iter: int = 0  # BLOCK_M·BLOCK_N of the main loop, for cycles per 1,000 scores
-    # {arch: {"constexprs": {...}, "num_warps": n, "num_stages": n}} where the launcher's config differs by arch
-    per_arch: dict = dataclasses.field(default_factory=dict)
+    launches: dict
+    counts_scores: bool = False  # an attention main loop: report cycles per 1,000 scores (BLOCK_M·BLOCK_N each)
 
-    def for_arch(self, arch: int) -> "KernelCase":
-        """This row as the launcher builds it for sm_<arch>."""
-        over = self.per_arch.get(arch)
-        if not over:
-            return self
-        return dataclasses.replace(self, constexprs=dict(self.constexprs, **over["constexprs"]),
-                                   num_warps=over["num_warps"], num_stages=over["num_stages"])
+    def scores_per_iter(self, arch: int) -> int:
+        ce = self.launches[arch].constexprs
+        return ce["BLOCK_M"] * ce["BLOCK_N"] if self.counts_scores else 0
 
 
-def _attention_args(v_dtype: str) -> dict:
-    ptr = lambda t: f"*{t}:16"  # noqa: E731
-    args = {"LQ": ptr("fp32"), "LK": ptr("fp32"), "V": ptr(v_dtype), "TEMP": ptr("fp32"), "SLOPES": ptr("fp32"),
-            "KMIN": ptr("fp32"), "KMAX": ptr("fp32"), "OUT": ptr(v_dtype), "LSE": ptr("fp32")}
-    for name in ("lq_b", "lq_h", "lk_b", "lk_h", "v_b", "v_h", "v_t", "o_b", "o_h", "o_t"):
-        args[f"stride_{name}"] = "i32:16"
-    args.update({"stride_lq_t": "i32:1", "stride_lk_t": "i32:1", "stride_v_d": "i32:1", "stride_o_d": "i32:1"})
-    args.update({"BH": "i32", "H": "i32", "GROUP": "i32", "Tq": "i32", "Tk": "i32", "Dv": "i32"})
-    return args
+_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+_ARCHS = (80, 90)
 
 
-def _attention(name, v_dtype, dv, path, causal=True, alibi=False, wide=False):
-    """The forward at the launcher's own configuration (attention_triton.forward_config) per arch."""
-    import torch
-    import triton.language as tl
-
-    from tauformer_kernels.attention_triton import forward_config
-
-    tdtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[v_dtype]
-    cfgs = {arch: forward_config(dv, tdtype, has_alibi=alibi, arch=arch, wide=wide, gpu=True) for arch in (80, 90)}
-    block_d = min(max(16, 1 << (dv - 1).bit_length()), 128)
-    ce = {"IS_CAUSAL": causal, "HAS_ALIBI": alibi, "BLOCK_M": cfgs[90]["BLOCK_M"], "BLOCK_N": cfgs[90]["BLOCK_N"],
-          "BLOCK_D": block_d, "MASK_D": dv % block_d != 0, "FAST_SPAN": 8.0 if v_dtype == "fp16" else 64.0,
-          "PATH": path, "FACTOR_DTYPE": tl.float16 if v_dtype == "fp16" and not alibi else tl.float32,
-          "DOT_PRECISION": "tf32x3" if v_dtype == "fp32" else "ieee", "N_DCHUNK": -(-dv // block_d), "WIDE": wide}
-    per_arch = {arch: {"constexprs": {}, "num_warps": c["warps"][path], "num_stages": c["num_stages"]}
-                for arch, c in cfgs.items()}
-    return KernelCase(name, "taumode_attention:taumode_attention_fwd_kernel", _attention_args(v_dtype), ce,
-                      cfgs[90]["warps"][path], cfgs[90]["num_stages"], ce["BLOCK_M"] * ce["BLOCK_N"],
-                      per_arch=per_arch)
+def _signature(pointers: dict, aligned=(), ones=(), plain=()) -> dict:
+    """args of a KernelCase: pointers (name -> element type) and int32 scalars, divisible by 16 (`aligned`),
+    specialised to 1 (`ones`) or neither (`plain`)."""
+    sig = {name: f"*{ty}:16" for name, ty in pointers.items()}
+    sig.update({name: "i32:16" for name in aligned})
+    sig.update({name: "i32:1" for name in ones})
+    sig.update({name: "i32" for name in plain})
+    return sig
 
 
-def _lambda(name, x_dtype, f):
-    block_f = max(16, 1 << (f - 1).bit_length())
-    args = {"X": f"*{x_dtype}:16", "L_HI": f"*{'fp32' if x_dtype == 'fp32' else x_dtype}:16",
-            "L_LO": f"*{'fp32' if x_dtype == 'fp32' else x_dtype}:16", "TAU": "*fp32:16", "LAM": "*fp32:16",
-            "stride_xb": "i32:16", "stride_xh": "i32:16", "stride_xt": "i32:16", "stride_xf": "i32:1",
-            "Hx": "i32", "T": "i32", "F": "i32", "eps": "fp32"}
-    import torch
-
-    from tauformer_kernels.lambda_triton import launch_config
-
-    cfg = launch_config(f, {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[x_dtype])
-    ce = {"BLOCK_T": cfg["BLOCK_T"], "BLOCK_F": block_f, "BLOCK_C": cfg["BLOCK_C"], "BLOCK_K": cfg["BLOCK_K"],
-          "SPLIT_L": x_dtype != "fp32", "DOT_PRECISION": "tf32x3" if x_dtype == "fp32" else "ieee"}
-    return KernelCase(name, "taumode_lambda:taumode_lambda_fwd_kernel", args, ce, cfg["num_warps"], cfg["num_stages"])
+def _strides(tensor: str, dims: str) -> list[str]:
+    return [f"stride_{tensor}_{d}" for d in dims]
 
 
-# The kernels and representative constexprs. The attention forward runs as two launches of one kernel:
-# PATH=1 (factorised path) and PATH=2 (general path); each is compiled here as what it is.
-KERNELS = [
-    _lambda("lambda_fwd F=64 fp16", "fp16", 64),
-    _lambda("lambda_fwd F=64 fp32", "fp32", 64),
-    _lambda("lambda_fwd F=384 bf16", "bf16", 384),
-    _attention("attn_fwd factorised causal D=64 fp16", "fp16", 64, 1),
-    _attention("attn_fwd general causal D=64 fp16", "fp16", 64, 2),
-    _attention("attn_fwd factorised causal D=64 bf16", "bf16", 64, 1),
-    _attention("attn_fwd general causal D=64 bf16", "bf16", 64, 2),
-    _attention("attn_fwd factorised causal D=64 fp32", "fp32", 64, 1),
-    _attention("attn_fwd general causal D=64 fp32", "fp32", 64, 2),
-    _attention("attn_fwd factorised causal alibi D=64 fp16", "fp16", 64, 1, alibi=True),
-    _attention("attn_fwd general causal alibi D=64 fp16", "fp16", 64, 2, alibi=True),
-    _attention("attn_fwd factorised non-causal D=48 fp16", "fp16", 48, 1, causal=False),
-    _attention("attn_fwd general non-causal D=48 fp16", "fp16", 48, 2, causal=False),
-    _attention("attn_fwd factorised causal D=384 bf16 (3x128 cols)", "bf16", 384, 1),
-    _attention("attn_fwd general causal D=384 bf16 (3x128 cols)", "bf16", 384, 2),
-    # the 64-bit build (tensors with offsets past 2^31 elements)
-    _attention("attn_fwd factorised causal D=64 bf16 wide", "bf16", 64, 1, wide=True),
-    _attention("attn_fwd general causal D=64 bf16 wide", "bf16", 64, 2, wide=True),
-    _attention("attn_fwd factorised causal D=64 fp16 wide", "fp16", 64, 1, wide=True),
-    _attention("attn_fwd factorised causal D=64 fp32 wide", "fp32", 64, 1, wide=True),
-    _attention("attn_fwd general causal D=64 fp32 wide", "fp32", 64, 2, wide=True),
-]
+def _lambda_fwd_case(x_dtype: str, f: int) -> KernelCase:
+    from tauformer_kernels.kernels.taumode_lambda import taumode_lambda_fwd_kernel
+    from tauformer_kernels.lambda_triton import lambda_forward_launch
+
+    l_dtype = "fp32" if x_dtype == "fp32" else x_dtype
+    args = _signature({"X": x_dtype, "L_HI": l_dtype, "L_LO": l_dtype, "TAU": "fp32", "LAM": "fp32"},
+                      aligned=("stride_xb", "stride_xh", "stride_xt"), ones=("stride_xf",), plain=("Hx", "T", "F"))
+    args["eps"] = "fp32"
+    launch = lambda_forward_launch(f, _DTYPES[x_dtype])
+    return KernelCase(f"lambda_fwd F={f} {x_dtype}", taumode_lambda_fwd_kernel, args, dict.fromkeys(_ARCHS, launch))
+
+
+def _lambda_bwd_case(x_dtype: str, f: int) -> KernelCase:
+    from tauformer_kernels.kernels.taumode_lambda_backward import taumode_lambda_bwd_kernel
+    from tauformer_kernels.lambda_triton_backward import lambda_backward_launch
+
+    args = _signature({"DLAM": "fp32", "X": x_dtype, "LAP": "fp32", "TAU": "fp32", "DX": x_dtype, "DTAU_PART": "fp32"},
+                      aligned=(*_strides("dlam", "bh"), *_strides("x", "bht"), *_strides("dx", "bht"), "T", "F"),
+                      ones=("stride_dlam_t", "stride_x_f", "stride_dx_f"), plain=("H",))
+    args["eps"] = "fp32"
+    launch = lambda_backward_launch(f, _DTYPES[x_dtype], gpu=True)
+    return KernelCase(f"taumode_lambda_bwd {x_dtype} F={f}", taumode_lambda_bwd_kernel, args,
+                      dict.fromkeys(_ARCHS, launch))
+
+
+def _attention_fwd_case(name: str, v_dtype: str, dv: int, path: int, causal: bool = True, alibi: bool = False,
+                        wide: bool = False, varlen: bool = False) -> KernelCase:
+    """One PATH launch of the forward (1 factorised, 2 general) at the launcher's config per arch."""
+    from tauformer_kernels.attention_triton import forward_launches
+    from tauformer_kernels.kernels.taumode_attention import taumode_attention_fwd_kernel
+
+    args = _signature({"LQ": "fp32", "LK": "fp32", "V": v_dtype, "TEMP": "fp32", "SLOPES": "fp32", "KMIN": "fp32",
+                       "KMAX": "fp32", "OUT": v_dtype, "LSE": "fp32"},
+                      aligned=(*_strides("lq", "bh"), *_strides("lk", "bh"), *_strides("v", "bht"),
+                               *_strides("o", "bht")),
+                      ones=("stride_lq_t", "stride_lk_t", "stride_v_d", "stride_o_d"),
+                      plain=("BH", "H", "GROUP", "Tq", "Tk", "Dv"))
+    # the pack's offsets and LSE's head stride come last in the kernel's signature (narrow_base_products
+    # numbers the PTX parameters in this order)
+    args.update({"CU_Q": "*i32:16", "CU_K": "*i32:16", "stride_lse_h": "i32"})
+    launches = {arch: forward_launches(dv, _DTYPES[v_dtype], is_causal=causal, has_alibi=alibi, arch=arch, wide=wide,
+                                       gpu=True, varlen=varlen)[path - 1] for arch in _ARCHS}
+    return KernelCase(name, taumode_attention_fwd_kernel, args, launches, counts_scores=True)
+
+
+def _attention_bwd_cases(dtype: str, dv: int, causal: bool, alibi: bool, group: int, even: bool = True,
+                         name: str = "", varlen: bool = False) -> list[KernelCase]:
+    """The main backward kernel's launches (one, or the dV and dλ launches of a split config). varlen: a
+    pack's build (the offsets, the partial columns; the pack's totals of no known alignment)."""
+    from tauformer_kernels.attention_triton_backward import backward_launches
+    from tauformer_kernels.kernels.taumode_attention_backward import taumode_attention_bwd_kernel
+
+    args = _signature({"ROWS": "fp32", "LK": "fp32", "V": dtype, "DO": dtype, "TEMP": "fp32", "SLOPES": "fp32",
+                       "DV": dtype, "DLK": "fp32", "DLQ_PART": "fp32", "DT_PART": "fp32", "DSLOPE_PART": "fp32"},
+                      aligned=(*_strides("lk", "bh"), *_strides("v", "bht"), *_strides("do", "bht"),
+                               *_strides("dv", "bht"), "Tq", "Tk"),
+                      ones=("stride_lk_t", "stride_v_d", "stride_do_d", "stride_dv_d"),
+                      plain=("B", "H", "Dv", "SLOTS", "KB_START"))
+    if varlen:
+        args.update({"CU_Q": "*i32:16", "CU_K": "*i32:16", "KB_COLS": "i32", "Tq": "i32", "Tk": "i32"})
+    length = 4096 if even else 4097
+    per_arch = {arch: backward_launches(_DTYPES[dtype], dv, tq=length, tk=length, has_alibi=alibi, group=group,
+                                        is_causal=causal, arch=arch, gpu=True, varlen=varlen) for arch in _ARCHS}
+    name = name or (f"taumode_attention_bwd {'varlen ' if varlen else ''}{dtype} D={dv} causal={causal} "
+                    f"alibi={alibi} G={group}")
+    split = len(per_arch[90]) > 1
+    return [KernelCase(name + (f" {part}" if split else ""), taumode_attention_bwd_kernel, args,
+                       {arch: launches[i] for arch, launches in per_arch.items()}, counts_scores=True)
+            for i, part in enumerate(("dv", "dlambda")[:len(per_arch[90])])]
+
+
+def _preprocess_case(dtype: str, dv: int, varlen: bool = False) -> KernelCase:
+    from tauformer_kernels.attention_triton_backward import backward_launches, preprocess_launch
+    from tauformer_kernels.kernels.taumode_attention_backward import attention_bwd_preprocess_kernel
+
+    args = _signature({"OUT": dtype, "DO": dtype, "LSE": "fp32", "LQ": "fp32", "ROWS": "fp32"},
+                      aligned=(*_strides("o", "bht"), *_strides("do", "bht"), *_strides("lq", "bh"), "Tq"),
+                      ones=("stride_o_d", "stride_do_d", "stride_lq_t"), plain=("H", "Dv"))
+    if varlen:
+        args.update({"CU_Q": "*i32:16", "IDX": "*i32:16", "B": "i32", "MAX_Q": "i32", "Tq": "i32"})
+    launches = {}
+    for arch in _ARCHS:
+        main = backward_launches(_DTYPES[dtype], dv, tq=4096, tk=4096, has_alibi=False, group=1, is_causal=True,
+                                 arch=arch, gpu=True, varlen=varlen)[0]
+        launches[arch] = preprocess_launch(dv, main.constexprs["BLOCK_M"], varlen=varlen)
+    return KernelCase(f"attention_bwd_preprocess {'varlen ' if varlen else ''}{dtype} D={dv}",
+                      attention_bwd_preprocess_kernel, args, launches)
+
+
+def kernel_cases() -> list[KernelCase]:
+    """Every kernel at representative arguments: each dtype, the head sizes whose configs differ, ALiBi,
+    GQA, causal and not, odd lengths, the 64-bit forward, the backward's split launches."""
+    cases = [_lambda_fwd_case("fp16", 64), _lambda_fwd_case("fp32", 64), _lambda_fwd_case("bf16", 384)]
+    fwd = [("causal D=64 fp16", "fp16", 64, {}), ("causal D=64 bf16", "bf16", 64, {}),
+           ("causal D=64 fp32", "fp32", 64, {}), ("causal alibi D=64 fp16", "fp16", 64, {"alibi": True}),
+           ("non-causal D=48 fp16", "fp16", 48, {"causal": False}),
+           ("causal D=384 bf16 (3x128 cols)", "bf16", 384, {}),
+           ("causal D=64 bf16 wide", "bf16", 64, {"wide": True})]
+    for label, dtype, dv, extra in fwd:
+        for path, path_name in ((1, "factorised"), (2, "general")):
+            cases.append(_attention_fwd_case(f"attn_fwd {path_name} {label}", dtype, dv, path, **extra))
+    # packed sequences (cu_seqlens): the same loops with per-sequence bounds
+    varlen_fwd = [("causal D=64 bf16", "bf16", 64, {}), ("causal D=64 fp32", "fp32", 64, {}),
+                  ("causal alibi D=64 fp16", "fp16", 64, {"alibi": True}),
+                  ("non-causal D=48 fp16", "fp16", 48, {"causal": False}), ("causal D=64 bf16 wide", "bf16", 64,
+                                                                              {"wide": True})]
+    for label, dtype, dv, extra in varlen_fwd:
+        for path, path_name in ((1, "factorised"), (2, "general")):
+            cases.append(_attention_fwd_case(f"attn_fwd {path_name} {label} varlen", dtype, dv, path, varlen=True,
+                                             **extra))
+    cases += [_attention_fwd_case("attn_fwd factorised causal D=64 fp16 wide", "fp16", 64, 1, wide=True),
+              _attention_fwd_case("attn_fwd factorised causal D=64 fp32 wide", "fp32", 64, 1, wide=True),
+              _attention_fwd_case("attn_fwd general causal D=64 fp32 wide", "fp32", 64, 2, wide=True)]
+    # (dtype, Dv, causal, alibi, group, even lengths)
+    bwd = [("bf16", 64, True, False, 1, True), ("fp16", 64, True, False, 1, True), ("fp32", 64, True, False, 1, True),
+           ("bf16", 64, True, True, 4, False), ("fp16", 64, False, False, 2, False),
+           ("bf16", 128, True, False, 1, True), ("bf16", 256, True, False, 1, True), ("bf16", 512, True, False, 1, True),
+           ("bf16", 512, True, True, 2, False), ("fp32", 128, True, True, 1, False), ("fp32", 256, True, True, 1, False),
+           ("fp32", 256, True, False, 1, True), ("fp32", 256, False, False, 1, False), ("fp32", 64, True, True, 2, False),
+           # fp32 Dv 256 with GQA: the split launches
+           ("fp32", 256, True, False, 2, False), ("fp32", 256, False, False, 2, False), ("fp32", 256, True, True, 2, False)]
+    for row in bwd:
+        cases += _attention_bwd_cases(*row)
+    # packed sequences (cu_seqlens): the dense rows' configs, and those where _VARLEN_RULES depart from them
+    # (the lengths of a pack are on the device: every build masks its query rows and key tail)
+    bwd_varlen = [row[:5] for row in bwd] + [("bf16", 64, True, False, 2), ("bf16", 128, False, False, 4),
+                                             ("fp16", 256, False, True, 2), ("fp32", 128, True, False, 1),
+                                             ("fp32", 64, False, False, 1)]
+    for row in bwd_varlen:
+        cases += _attention_bwd_cases(*row, varlen=True)
+    cases += [_preprocess_case("bf16", 64), _preprocess_case("fp32", 64), _preprocess_case("bf16", 512)]
+    cases += [_preprocess_case("bf16", 64, varlen=True), _preprocess_case("fp32", 64, varlen=True),
+              _preprocess_case("bf16", 512, varlen=True)]
+    cases += [_lambda_bwd_case(dtype, f) for f in (64, 128, 256, 512) for dtype in ("bf16", "fp32")]
+    # the backward's main loop alone, for the static model: non-causal, even, one query head per kv head,
+    # so the only loop in the SASS is the unmasked tile loop that causal programs spend their time in
+    for dtype in ("bf16", "fp16"):
+        cases += _attention_bwd_cases(dtype, 64, False, False, 1, name=f"bwd main loop {dtype} D=64")
+        cases += _attention_bwd_cases(dtype, 64, False, False, 1, name=f"bwd main loop varlen {dtype} D=64",
+                                      varlen=True)
+    return cases
 
 
 def _bin(tool: str) -> str:
@@ -148,19 +232,14 @@ def _run_tool(tool: str, flags: list, cubin: bytes) -> str:
 
 
 def compile_case(case: KernelCase, arch: int):
-    """triton.compile of one table row for sm_<arch>; returns the compiled kernel."""
-    import importlib
-
-    case = case.for_arch(arch)
+    """triton.compile of one row for sm_<arch>, at that arch's launch; returns the compiled kernel."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from tauformer_kernels.backends import FP_FUSION
-
-    module, fn_name = case.kernel.split(":")
-    fn = getattr(importlib.import_module(f"tauformer_kernels.kernels.{module}"), fn_name)
-    signature, constexprs, attrs = {}, dict(case.constexprs), {}
+    launch = case.launches[arch]
+    fn = case.kernel
+    signature, constexprs, attrs = {}, dict(launch.constexprs), {}
     for name, spec in case.args.items():
         ty, _, hint = spec.partition(":")
         if hint == "1":
@@ -171,9 +250,9 @@ def compile_case(case: KernelCase, arch: int):
             attrs[(fn.arg_names.index(name),)] = [["tt.divisibility", 16]]
     signature.update({k: "constexpr" for k in constexprs})
     src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
-    return triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                          options={"num_warps": case.num_warps, "num_stages": case.num_stages,
-                                   "enable_fp_fusion": FP_FUSION})
+    options = launch.options()
+    options = {k: options[k] for k in ("num_warps", "num_stages", "enable_fp_fusion")}
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
 
 
 def _opcodes(lines):
@@ -221,12 +300,12 @@ _BASE_STRIDE = re.compile(r"stride_\w+_[bh]|stride_x[bh]")
 _NARROW_PRODUCT = re.compile(r"\b(?:mul|mad)\.lo\.[su]32\s+%r\d+,\s*(%r\d+),\s*(%r\d+)")
 
 
-def narrow_base_products(case: KernelCase, ptx: str) -> list[str]:
+def narrow_base_products(args: dict, ptx: str) -> list[str]:
     """The 32-bit multiplies in `ptx` that take a batch or head stride: b·stride_b and h·stride_h pass 2^31
     elements on large tensors, so a build meant for them must form those products in 64 bits (mul.wide.s32
     or s64). Empty when none. (The forward's WIDE=False build is 32-bit on purpose: its launcher takes it
     only when every offset stays below 2^31.)"""
-    params = [name for name, spec in case.args.items() if not spec.endswith(":1")]  # ':1' args are constants
+    params = [name for name, spec in args.items() if not spec.endswith(":1")]  # ':1' args are constants
     registers = {}
     for m in re.finditer(r"ld\.param\.b32\s+(%r\d+),\s*\[\w+_param_(\d+)\]", ptx):
         registers.setdefault(params[int(m.group(2))], set()).add(m.group(1))
@@ -238,23 +317,29 @@ def narrow_base_products(case: KernelCase, ptx: str) -> list[str]:
     return bad
 
 
+def _resource(usage: str, key: str) -> int:
+    """A count from cuobjdump --dump-resource-usage (REG, STACK, ...); 0 where it is not listed."""
+    m = re.search(key + r":(\d+)", usage)
+    return int(m.group(1)) if m else 0
+
+
 def report(case: KernelCase, arch: int, kernel, show_loops: bool) -> dict:
+    launch, scores = case.launches[arch], case.scores_per_iter(arch)
     cubin = kernel.asm["cubin"]
     usage = _run_tool("cuobjdump", ["--dump-resource-usage"], cubin)
-    get = lambda key: int(m.group(1)) if (m := re.search(key + r":(\d+)", usage)) else 0  # noqa: E731
     sass = _run_tool("nvdisasm", ["-c"], cubin)
     ops = collections.Counter(op.split(" ")[0].split(".")[0] for op in _opcodes(sass.splitlines()))
-    row = {"regs": get("REG"), "stack": get("STACK"), "shared": kernel.metadata.shared,
+    row = {"regs": _resource(usage, "REG"), "stack": _resource(usage, "STACK"), "shared": kernel.metadata.shared,
            "hmma": ops["HMMA"], "hgmma": ops["HGMMA"], "mufu": ops["MUFU"],
-           "narrow": narrow_base_products(case, kernel.asm["ptx"]) if case.constexprs.get("WIDE", True) else []}
+           "narrow": narrow_base_products(case.args, kernel.asm["ptx"]) if launch.constexprs.get("WIDE", True) else []}
     print(f"{case.name:46s} sm_{arch}  regs={row['regs']:3d} stack={row['stack']:4d} smem={row['shared']:6d}  "
           f"HMMA={row['hmma']:4d} HGMMA={row['hgmma']:3d} MUFU={row['mufu']:4d}")
     if show_loops:
         for start, end, body in loops(sass):
             if len(body) < 4:  # the end-of-kernel `BRA` to itself
                 continue
-            est = estimate(body, arch, case.num_warps)
-            per_1k = f"  {1000 * est['cycles'] / case.scores_per_iter:6.1f} cycles/1k scores" if case.scores_per_iter else ""
+            est = estimate(body, arch, launch.num_warps)
+            per_1k = f"  {1000 * est['cycles'] / scores:6.1f} cycles/1k scores" if scores else ""
             parts = " ".join(f"{k}={v:.0f}" for k, v in est["parts"].items())
             hist = ", ".join(f"{o} {n}" for o, n in collections.Counter(
                 i.split(" ")[0].split(".")[0] for i in body).most_common(8))
@@ -267,7 +352,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--arch", type=int, nargs="+", default=[80, 90], help="SM versions to compile for (80, 90)")
     ap.add_argument("--cache", help="write the compiled kernels (cubin + json) into this Triton cache directory, "
-                    "for ../shared/tools/sass_model.py --cache DIR")
+                    "(for an external SASS model that reads a Triton cache)")
     ap.add_argument("--only", help="compile only the table rows whose name contains this text")
     ap.add_argument("--loops", action="store_true", help="print a static cycle estimate of every SASS loop")
     args = ap.parse_args(argv)
@@ -275,10 +360,8 @@ def main(argv=None) -> int:
         os.environ["TRITON_CACHE_DIR"] = os.path.abspath(args.cache)
     import triton  # noqa: F401  (after TRITON_CACHE_DIR is set)
 
-    from .compile_check_backward import kernel_cases  # the backward kernels' rows (issue 4)
-
     failures = []
-    for case in KERNELS + kernel_cases():
+    for case in kernel_cases():
         if args.only and args.only not in case.name:
             continue
         for arch in args.arch:

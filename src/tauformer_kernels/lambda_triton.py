@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 import triton
 
-from tauformer_kernels.backends import FP_FUSION, on_device
+from tauformer_kernels.launch import Launch, block_size, on_device
 from tauformer_kernels.kernels.taumode_lambda import taumode_lambda_fwd_kernel
 
 
@@ -25,13 +25,16 @@ def split_laplacian(laplacian: torch.Tensor, dtype: torch.dtype, block_f: int):
     return hi, lo
 
 
-def launch_config(f: int, dtype: torch.dtype) -> dict:
-    block_f = max(16, triton.next_power_of_2(f))
-    # fp32 x: its tf32x3 products hold three operand copies; 32 vectors per program keep sm_80 free of spills
-    # (64 spilled 264 B there with Triton 3.6)
-    cfg = {"BLOCK_F": block_f, "BLOCK_C": min(block_f, 64), "BLOCK_K": min(block_f, 64), "num_warps": 4,
-           "num_stages": 2, "BLOCK_T": 32 if dtype == torch.float32 else 64}
-    return cfg
+def lambda_forward_launch(f: int, dtype: torch.dtype) -> Launch:
+    """The λ forward's launch for head dim f and x's dtype (the compile check builds the same)."""
+    block_f = block_size(f)
+    return Launch(
+        {"BLOCK_T": 32 if dtype == torch.float32 else 64,  # fp32: tf32x3 holds three operand copies (64 spilled 264 B on sm_80)
+         "BLOCK_F": block_f, "BLOCK_C": min(block_f, 64), "BLOCK_K": min(block_f, 64),
+         "SPLIT_L": dtype != torch.float32,
+         # fp32 x: the three-pass tf32 split keeps ~fp32 accuracy; fp16/bf16 x times L's (hi, lo) halves is exact
+         "DOT_PRECISION": "tf32x3" if dtype == torch.float32 else "ieee"},
+        num_warps=4, num_stages=2)
 
 
 def lambda_fwd_triton(x, laplacian, tau, eps, *, poison: bool = False):
@@ -42,15 +45,12 @@ def lambda_fwd_triton(x, laplacian, tau, eps, *, poison: bool = False):
         lam.fill_(float("nan"))
     if lam.numel() == 0:
         return lam
-    cfg = launch_config(f, x.dtype)
-    l_hi, l_lo = split_laplacian(laplacian, x.dtype, cfg["BLOCK_F"])
-    grid = (triton.cdiv(t, cfg["BLOCK_T"]) * b * hx,)
+    launch = lambda_forward_launch(f, x.dtype)
+    l_hi, l_lo = split_laplacian(laplacian, x.dtype, launch.constexprs["BLOCK_F"])
+    grid = (triton.cdiv(t, launch.constexprs["BLOCK_T"]) * b * hx,)
     with on_device(x):
         taumode_lambda_fwd_kernel[grid](
-            x, l_hi, l_lo, tau.to(torch.float32).contiguous(), lam,
-            *x.stride(), hx, t, f, float(eps),
-            BLOCK_T=cfg["BLOCK_T"], BLOCK_F=cfg["BLOCK_F"], BLOCK_C=cfg["BLOCK_C"], BLOCK_K=cfg["BLOCK_K"],
-            SPLIT_L=x.dtype != torch.float32, DOT_PRECISION="tf32x3" if x.dtype == torch.float32 else "ieee",
-            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], enable_fp_fusion=FP_FUSION,
+            x, l_hi, l_lo, tau.to(torch.float32).contiguous(), lam, *x.stride(), hx, t, f, float(eps),
+            **launch.options(),
         )
     return lam

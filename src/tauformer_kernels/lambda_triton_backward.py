@@ -9,47 +9,31 @@ from __future__ import annotations
 import torch
 import triton
 
-from tauformer_kernels.backends import FP_FUSION, gpu_launch_configs, on_device
+from tauformer_kernels.launch import Launch, block_size, gpu_launch_configs, on_device
 from tauformer_kernels.kernels.taumode_lambda_backward import taumode_lambda_bwd_kernel
 
 
-def block_f_of(f: int) -> int:
-    return max(16, triton.next_power_of_2(f))
-
-
-def gpu_config(block_f: int, dtype: torch.dtype = torch.bfloat16) -> dict:
-    """Vectors per program, the L_sym tile and launch options for a padded F. F <= 64 runs in one pass (the
-    x tile, L_sym and y in registers); larger F in 32-wide tiles of L_sym, two passes over x. fp32 x (its
-    three-pass tf32 products hold more registers) takes half the vectors."""
-    block_t = 32 if dtype == torch.float32 else 64
-    if block_f <= 64:
-        return {"BLOCK_T": block_t, "BLOCK_K": block_f, "num_warps": 4, "num_stages": 1}
-    return {"BLOCK_T": block_t, "BLOCK_K": 32, "num_warps": 4, "num_stages": 1}
-
-
-_INTERPRET_CONFIG = {"BLOCK_T": 32, "num_warps": 4, "num_stages": 1}
-
-
-def launch_config(f: int, dtype: torch.dtype) -> dict:
-    block_f = block_f_of(f)
-    cfg = gpu_config(block_f, dtype)
-    if not gpu_launch_configs():
-        cfg = dict(_INTERPRET_CONFIG, BLOCK_K=cfg["BLOCK_K"])
-    return cfg
-
-
-def dot_precision(dtype: torch.dtype) -> str:
-    """x·L_sym on the tensor cores: fp16/bf16 x is exact in tf32 and only L_sym rounds (2^-11 relative);
-    fp32 x takes the three-pass tf32 split (~fp32 accuracy)."""
-    return "tf32x3" if dtype == torch.float32 else "tf32"
+def lambda_backward_launch(f: int, dtype: torch.dtype, *, gpu: bool | None = None) -> Launch:
+    """The λ backward's launch for head dim f and x's dtype (the compile check builds the same).
+    gpu=None: launch.gpu_launch_configs() (otherwise the interpreter's 32 vectors per program)."""
+    block_f = block_size(f)
+    gpu = gpu_launch_configs() if gpu is None else gpu
+    return Launch(
+        {"BLOCK_T": 32 if dtype == torch.float32 or not gpu else 64,  # fp32: its tf32x3 products hold more registers
+         "BLOCK_F": block_f,
+         # F <= 64 in one pass (x, L_sym and y in registers); larger F in 32-wide tiles of L_sym, two passes over x
+         "BLOCK_K": block_f if block_f <= 64 else 32,
+         "MASK_F": block_f != f,
+         # fp16/bf16 x is exact in tf32 and only L_sym rounds (2^-11 relative); fp32 x takes the three-pass split
+         "DOT_PRECISION": "tf32x3" if dtype == torch.float32 else "tf32"},
+        num_warps=4, num_stages=1)
 
 
 def lambda_bwd_triton(dlam, x, laplacian, tau, eps, *, poison: bool = False):
     """Fused λ backward: (dx like x, dtau (Hx,) fp32). poison=True fills the outputs with NaN first."""
     b, h, t, f = x.shape
-    cfg = launch_config(f, x.dtype)
-    block_f = block_f_of(f)
-    num_tb = triton.cdiv(t, cfg["BLOCK_T"])
+    launch = lambda_backward_launch(f, x.dtype)
+    num_tb = triton.cdiv(t, launch.constexprs["BLOCK_T"])
     dx = torch.full_like(x, float("nan")) if poison else torch.empty_like(x)
     dtau_part = torch.full((b, h, num_tb), float("nan") if poison else 0.0, dtype=torch.float32, device=x.device)
     if b * h * t == 0:
@@ -60,9 +44,6 @@ def lambda_bwd_triton(dlam, x, laplacian, tau, eps, *, poison: bool = False):
         taumode_lambda_bwd_kernel[(num_tb * b * h,)](
             dlam, x, lap, tau.to(torch.float32).contiguous(), dx, dtau_part,
             *dlam.stride(), *x.stride(), *dx.stride(),
-            h, t, f, float(eps),
-            BLOCK_T=cfg["BLOCK_T"], BLOCK_F=block_f, BLOCK_K=cfg["BLOCK_K"], MASK_F=block_f != f,
-            DOT_PRECISION=dot_precision(x.dtype), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-            enable_fp_fusion=FP_FUSION,
+            h, t, f, float(eps), **launch.options(),
         )
     return dx, dtau_part.sum(dim=(0, 2)).to(tau.dtype)

@@ -1,4 +1,4 @@
-"""Feature-space graph Laplacians (SPEC §5): build, validate, save, load.
+"""Feature-space graph Laplacians (docs/math.md §The Laplacian): build, validate, save, load.
 
 L is F×F, shared by every head and layer of a model: symmetric, rows summing to 0, positive
 semi-definite. `chain_laplacian` is the reference crate's default; `knn_laplacian` builds the

@@ -1,8 +1,8 @@
 """Exact taumode attention in O(T log T): sorting, prefix sums and divide-and-conquer over time.
 
-`backend="loglinear"` (docs/internal-contract.md). Pure PyTorch ops, device-agnostic.
-
-Why it works (SPEC §2). The logit of query i and key j depends on two scalars:
+`backend="loglinear"` (docs/internal-contract.md). Pure PyTorch ops, device-agnostic. The mathematics,
+and why it is exact, is docs/math.md §Sorted (loglinear) attention; the logits are those of
+docs/math.md §Attention logits:
 
     s_ij = −|λq_i − λk_j| / T − m·|i' − j|,      i' = i + Tk − Tq
 
@@ -15,19 +15,14 @@ key) pair with j ≤ i' is counted exactly once: in the leaf, or at the one leve
 Non-causal attention without slopes is one global level; with slopes it is the causal part plus the
 time-mirrored strictly-anti-causal part.
 
-Stability. With 1/T up to 1e4 the factorisation e^{−λq/T}·e^{λk/T} overflows. Nothing here ever
-exponentiates an absolute quantity: the scan (`_scan`) keeps every prefix sum relative to its own
-reference key — the key with the largest partial logit φ_r = x_r/T + m·y_r (+ c_r) among the keys summed
-(found by `cummax`), so every exponent is ≤ 0 and the dominant term is exactly 1·w. Exponents are formed
-from differences of λ (and of positions), never from λ/T itself, so λ outside [0, 1) (e.g. λk = key
-position with T = 1e-3) keeps full precision. A query then multiplies by e^{φ_ref − φ_q} ≤ 1, and the
-leaf and the levels are combined by a max-shifted running logsumexp.
+Stability. With 1/T up to 1e4 the factorisation e^{−λq/T}·e^{λk/T} overflows, so nothing here
+exponentiates an absolute quantity: the scans (`prefix_scan.two_sided_sums`) keep every prefix sum
+relative to its own reference key, the one with the largest partial logit among the keys summed, so
+every exponent is ≤ 0. A query then multiplies by e^{φ_ref − φ_q} ≤ 1, and the leaf and the levels are
+combined by a max-shifted running logsumexp. Where every logit lies in a bounded range, plain cumulative
+sums replace the referenced scans (`_causal_dc_fast`, docs/math.md §Fast path range).
 
-The scan itself is blocked: dense G×G lower-triangular weights inside chunks of G sorted keys (one
-batched matmul), and the chunk totals are scanned recursively (log_G(S) rounds), so there is no loop over
-tokens; the loops are over the log2(T/C) levels and the recursion depth only.
-
-Backward: `attention_bwd_loglinear` is O(T log T) as well (see its docstring); it reuses the same scan
+Backward: `attention_bwd_loglinear` is O(T log T) as well (see its docstring); it reuses the same scans
 with first moments Σ e·(x_ref − x_r)·w for the temperature and slope gradients.
 """
 from __future__ import annotations
@@ -36,132 +31,17 @@ import math
 
 import torch
 
-from . import reference
+from . import prefix_scan, reference, varlen
 
 # Leaf block (tokens) of the divide-and-conquer: dense C×C attention inside each leaf.
 LEAF = 128
-# Chunk of the blocked scan: dense G×G weights inside each chunk of sorted keys.
-SCAN_CHUNK = 32
+# Chunk of the blocked scans: dense G×G weights inside each chunk of sorted keys. Read at each call, so
+# that a test can shrink it to run deep recursive scans on short sequences.
+SCAN_CHUNK = prefix_scan.CHUNK
 # Below this many queries (or where the D&C does not apply) the dense chunked reference is as fast.
 DENSE_QUERIES = 64
 
 _NEG_INF = float("-inf")
-# Cap on exponents that are ≤ 0 in exact arithmetic (see `_scan`).
-_EXP_CAP = 30.0
-
-
-# ----------------------------------------------------------------------------------------------------
-# The stable blocked scan
-# ----------------------------------------------------------------------------------------------------
-
-def _phi_diff(inv_t, slope, xa, xb, ya, yb, ca, cb):
-    """(xa − xb)·inv_t + slope·(ya − yb) + (ca − cb): a difference of partial logits, formed from
-    differences of the coordinates so that large absolute λ/T never appears."""
-    d = (xa - xb) * inv_t
-    if slope is not None:
-        d = d + slope * (ya - yb)
-    if ca is not None:
-        d = d + (ca - cb)
-    return d
-
-
-def _scan(x, y, c, w, inv_t, slope, moments=False, monotone=False, chunk=SCAN_CHUNK):
-    """Prefix sums relative to a running reference.
-
-    x (Z, n) coordinate (λ or −λ); y (Z, n) position coordinate or None; c (Z, n) log-offset or None;
-    w (Z, n, D) weights; inv_t (Z, 1); slope (Z, 1) or None. With φ_r = x_r·inv_t + slope·y_r + c_r and
-    ref(p) = argmax_{r ≤ p} φ_r, returns
-
-        a_p  = Σ_{r ≤ p} e^{φ_r − φ_ref(p)} w_r                         (Z, n, D)
-        ax_p = Σ_{r ≤ p} e^{φ_r − φ_ref(p)} (x_ref(p) − x_r) w_r      (moments only; likewise ay)
-        xr, yr, cr = the coordinates of ref(p)                          (Z, n) each
-
-    `monotone`: φ is known to be non-decreasing along r, so ref(p) = p (no cummax).
-    """
-    z, n, d = w.shape
-    if monotone:
-        xr, yr, cr = x, y, c
-    else:
-        # approximate φ (only to pick the references); the log-offsets are taken relative to their max,
-        # so that huge negative offsets (−lse of queries that weigh nothing) cannot swamp the rest
-        phi = _phi_diff(inv_t, slope, x, x[:, :1], y, None if y is None else y[:, :1], c,
-                        None if c is None else c.amax(-1, keepdim=True))
-        ref = torch.cummax(phi, dim=-1).indices
-        xr = x.gather(1, ref)
-        yr = None if y is None else y.gather(1, ref)
-        cr = None if c is None else c.gather(1, ref)
-
-    g = min(chunk, n)
-    nc = -(-n // g)
-    pad = nc * g - n
-
-    def padded(t, value=None):
-        if t is None or pad == 0:
-            return t
-        if value is None:  # repeat the last entry: finite, and never read by a real position
-            return torch.cat([t, t[:, -1:].expand(z, pad, *t.shape[2:])], dim=1)
-        return torch.cat([t, t.new_full((z, pad, *t.shape[2:]), value)], dim=1)
-
-    xp, yp, cp = padded(x), padded(y), padded(c)
-    xrp, yrp, crp = padded(xr), padded(yr), padded(cr)
-    wp = padded(w, 0.0)
-
-    def chunks(t):
-        return None if t is None else t.reshape(z, nc, g)
-
-    xc, yc, cc = chunks(xp), chunks(yp), chunks(cp)
-    xrc, yrc, crc = chunks(xrp), chunks(yrp), chunks(crp)
-    wc = wp.reshape(z, nc, g, d)
-    it = inv_t.view(z, 1, 1, 1)
-    sl = None if slope is None else slope.view(z, 1, 1, 1)
-
-    # intra-chunk: E[p, r] = φ_r − φ_ref(p) for r ≤ p in the same chunk
-    col = lambda t: None if t is None else t[:, :, None, :]  # noqa: E731  (index r)
-    row = lambda t: None if t is None else t[:, :, :, None]  # noqa: E731  (index p)
-    e = _phi_diff(it, sl, col(xc), row(xrc), col(yc), row(yrc), col(cc), row(crc))
-    tri = torch.ones(g, g, dtype=torch.bool, device=w.device).tril()
-    # exponents are ≤ 0 up to the rounding of the reference choice; the clamp only matters for items
-    # that weigh nothing (w = 0, log-offset −1e30), whose fp32 φ cannot order them
-    e = torch.exp(e.masked_fill(~tri, _NEG_INF).clamp_max_(_EXP_CAP))
-    a = e @ wc  # (z, nc, g, d)
-    ax = ay = None
-    if moments:
-        ax = (e * (row(xrc) - col(xc))) @ wc
-        if y is not None:
-            ay = (e * (row(yrc) - col(yc))) @ wc
-
-    if nc > 1:
-        # chunk totals (relative to the reference of each chunk's last position), scanned recursively;
-        # the references of chunk ends are cummax values, so φ is non-decreasing over chunks.
-        last = lambda t: None if t is None else t[:, :, -1]  # noqa: E731
-        parts = [a[:, :, -1]]
-        if moments:
-            parts.append(ax[:, :, -1])
-            if y is not None:
-                parts.append(ay[:, :, -1])
-        tot = torch.cat(parts, dim=-1)
-        xe, ye, ce = last(xrc), last(yrc), last(crc)
-        sub = _scan(xe, ye, ce, tot, inv_t, slope, moments=moments, monotone=True, chunk=chunk)
-        # carry the inclusive prefix of chunk c-1 into chunk c
-        prev = lambda t: None if t is None else t[:, :-1, None]  # noqa: E731
-        f = torch.exp(_phi_diff(inv_t.view(z, 1, 1), None if slope is None else slope.view(z, 1, 1), prev(xe), xrc[:, 1:], prev(ye), None if yrc is None else yrc[:, 1:],
-                                prev(ce), None if crc is None else crc[:, 1:]).clamp_max_(_EXP_CAP))[..., None]
-        s0 = sub[0][:, :-1, None, :]
-        a[:, 1:] += f * s0[..., :d]
-        if moments:
-            # Σ e (x_ref − x_r) w = f·[(x_ref − x_refprev)·S0 + Sx]
-            sx = s0[..., d:2 * d] + sub[1][:, :-1, None, :d]
-            ax[:, 1:] += f * (sx + (xrc[:, 1:] - prev(xe))[..., None] * s0[..., :d])
-            if y is not None:
-                sy = s0[..., 2 * d:3 * d] + sub[2][:, :-1, None, :d]
-                ay[:, 1:] += f * (sy + (yrc[:, 1:] - prev(ye))[..., None] * s0[..., :d])
-
-    def unchunk(t):
-        if t is None:
-            return None
-        return t.reshape(z, nc * g, d)[:, :n]
-
-    return unchunk(a), unchunk(ax), unchunk(ay), xr, yr, cr
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -182,47 +62,46 @@ def _sides(xs, ys, cs, w, inv_t, slope, xq, yq, splits=("le", "gt"), moments=Fal
     (scale −inf where there are none). With `moments`: mx = Σ e^{logit − scale}·|xq − x|·w and
     my = Σ e^{logit − scale}·(yq − y)·w (else None).
     """
-    z, s = xs.shape
-    d = w.shape[-1]
-    m = xq.shape[-1]
-    # problem 0: prefixes in ascending x; problem 1: suffixes, as prefixes of the reversed items in −x
-    x2 = torch.cat([xs, -xs.flip(-1)])
-    y2 = None if ys is None else torch.cat([ys, ys.flip(-1)])
-    c2 = None if cs is None else torch.cat([cs, cs.flip(-1)])
-    w2 = torch.cat([w, w.flip(-2)])
-    it2 = inv_t.repeat(2, 1)
-    sl2 = None if slope is None else slope.repeat(2, 1)
-    a, ax, ay, xr, yr, cr = _scan(x2, y2, c2, w2, it2, sl2, moments=moments,
-                                  monotone=ys is None and cs is None)
+    s = xs.shape[1]
+    scans = prefix_scan.two_sided_sums(xs, w, inv_t, pos=ys, slope=slope, offset=cs, moments=moments,
+                                       chunk=SCAN_CHUNK)
     xs_c = xs.contiguous()
     xq_c = xq.contiguous()
     right = torch.searchsorted(xs_c, xq_c, right=True)
     left = torch.searchsorted(xs_c, xq_c, right=False) if "lt" in splits else None
     out = []
     for kind in splits:
-        if kind == "gt":
-            half, idx, empty, q_coord = 1, s - 1 - right, right == s, -xq
-        else:
+        if kind == "gt":  # the s − right largest items: entry s − 1 − right of the descending scan
+            scan, idx, empty, q_coord = scans[1], s - 1 - right, right == s, -xq
+        else:  # the first `split` items: entry split − 1 of the ascending scan
             split = right if kind == "le" else left
-            half, idx, empty, q_coord = 0, split - 1, split == 0, xq
-        idx = idx.clamp_min(0)
-        sel = slice(z * half, z * (half + 1))
-        gather_vec = lambda t: t[sel].gather(1, idx[..., None].expand(z, m, d))  # noqa: E731
-        xk = xr[sel].gather(1, idx)
-        scale = (xk - q_coord) * inv_t
-        if slope is not None:
-            yk = yr[sel].gather(1, idx)
-            scale = scale + slope * (yk - yq)
-        if cs is not None:
-            scale = scale + cr[sel].gather(1, idx)
-        ak = gather_vec(a)
-        mx = my = None
-        if moments:
-            mx = gather_vec(ax) + (q_coord - xk)[..., None] * ak
-            if slope is not None:
-                my = gather_vec(ay) + (yq - yk)[..., None] * ak
-        out.append((scale.masked_fill(empty, _NEG_INF), ak, mx, my))
+            scan, idx, empty, q_coord = scans[0], split - 1, split == 0, xq
+        out.append(_lookup(scan, idx.clamp_min(0), empty, q_coord, yq, inv_t, slope, moments))
     return out
+
+
+def _lookup(scan: prefix_scan.PrefixSums, idx, empty, q_coord, yq, inv_t, slope, moments):
+    """Entry idx (Z, M) of one side's scan for every lookup, as (scale, a, mx, my) of `_sides`.
+
+    The entry's sum is relative to its reference; scale moves it to the lookup's logit, formed from the
+    differences of the reference's coordinates and the lookup's (q_coord is the lookup's coordinate on
+    that side: xq ascending, −xq descending). `empty` marks lookups with no item on that side."""
+    z, m = idx.shape
+    row_idx = idx[..., None].expand(z, m, scan.sums.shape[-1])
+    ref_lam = scan.ref_lam.gather(1, idx)
+    scale = (ref_lam - q_coord) * inv_t
+    if slope is not None:
+        ref_pos = scan.ref_pos.gather(1, idx)
+        scale = scale + slope * (ref_pos - yq)
+    if scan.ref_offset is not None:
+        scale = scale + scan.ref_offset.gather(1, idx)
+    sums = scan.sums.gather(1, row_idx)
+    mx = my = None
+    if moments:  # moments relative to the reference, moved to the lookup: |xq − x| = (q − ref) + (ref − x)
+        mx = scan.lam_moment.gather(1, row_idx) + (q_coord - ref_lam)[..., None] * sums
+        if slope is not None:
+            my = scan.pos_moment.gather(1, row_idx) + (yq - ref_pos)[..., None] * sums
+    return scale.masked_fill(empty, _NEG_INF), sums, mx, my
 
 
 def _combine(m_run, acc, scale, vec):
@@ -231,6 +110,32 @@ def _combine(m_run, acc, scale, vec):
     safe = new.masked_fill(torch.isinf(new), 0.0)
     acc.mul_(torch.exp(m_run - safe)[..., None]).add_(vec * torch.exp(scale - safe)[..., None])
     m_run.copy_(new)
+
+
+def _each_query_head(t, grp, item_dim):
+    """t (B, Hkv, …), per kv head, repeated for the grp query heads of its group and flattened to
+    (problems, items, …): items is dimension `item_dim` of t, problems all dimensions before it, G included."""
+    if t is None:
+        return None
+    return t[:, :, None].expand(*t.shape[:2], grp, *t.shape[2:]).reshape(-1, *t.shape[item_dim:])
+
+
+def _each_block(t, blocks):
+    """A per-head scalar (B, Hkv, G, 1), or None, for each of a level's `blocks` blocks: (B·Hkv·G·blocks, 1)."""
+    if t is None:
+        return None
+    return t[..., None].expand(*t.shape[:3], blocks, 1).reshape(-1, 1)
+
+
+def _half(t, size, k):
+    """Half k (0 left, 1 right) of every block of 2·size positions of a time axis (B, Hkv, G, N, …), as a
+    view (B, Hkv, G, N / (2·size), size, …)."""
+    return t.view(*t.shape[:3], -1, 2, size, *t.shape[4:])[:, :, :, :, k]
+
+
+def _as_weights(scale, lse=None):
+    """e^{scale} (e^{scale − lse} with lse) as a column that weighs rows (…, D)."""
+    return torch.exp(scale if lse is None else scale - lse)[..., None]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -292,14 +197,10 @@ def _causal_dc(lq_ax, lk, v1, inv_t, slope, strict, leaf):
         p = n // (2 * size)
         full = (b, hkv, grp, p, size)
         ks, _, w, yk = _level_keys(lk, v1, size, slope)
-        ex = lambda t: t[:, :, None].expand(*full, *t.shape[4:]).reshape(-1, size, *t.shape[4:])  # noqa: E731
-        q = lq_ax.view(b, hkv, grp, p, 2, size)[:, :, :, :, 1]
-        it = inv_t[..., None].expand(b, hkv, grp, p, 1).reshape(-1, 1)
-        sl = None if slope is None else slope[..., None].expand(b, hkv, grp, p, 1).reshape(-1, 1)
         yq = None if slope is None else torch.arange(size, device=lk.device, dtype=lk.dtype)
-        res = _sides(ex(ks), None if yk is None else ex(yk), None, ex(w), it, sl, q.reshape(-1, size), yq)
-        m_r = m_run.view(b, hkv, grp, p, 2, size)[:, :, :, :, 1]
-        acc_r = acc.view(b, hkv, grp, p, 2, size, d)[:, :, :, :, 1]
+        res = _sides(_each_query_head(ks, grp, 3), _each_query_head(yk, grp, 3), None, _each_query_head(w, grp, 3),
+                     _each_block(inv_t, p), _each_block(slope, p), _half(lq_ax, size, 1).reshape(-1, size), yq)
+        m_r, acc_r = _half(m_run, size, 1), _half(acc, size, 1)
         for scale, vec, _, _ in res:
             _combine(m_r, acc_r, scale.view(full), vec.view(*full, d))
         size *= 2
@@ -315,9 +216,9 @@ def _causal_dc(lq_ax, lk, v1, inv_t, slope, strict, leaf):
 # with c the midpoint of all λ, every factor e^{±(λ − c)/T} lies in [e^{−FAST_RANGE/2}, e^{FAST_RANGE/2}],
 # so prefix sums of e^{(λk − c)/T}·[v, 1] over sorted keys are plain `cumsum`s with no overflow and no
 # underflow, and a query's contribution e^{(c − λq)/T}·prefix is an exact fp32 product (every logit ≤ 0,
-# so the absolute reference 0 replaces the online max: SPEC §2, last bullet). Each level is then one sort,
-# one gather of the keys' rows, two scaled cumsums, one searchsorted and two gathers; nothing else.
-# Outside that range the general path (`_causal_dc`, running references) is used.
+# so the absolute reference 0 replaces the online max; docs/math.md §Fast path range). Each level is then
+# one sort, one gather of the keys' rows, two scaled cumsums, one searchsorted and two gathers; nothing
+# else. Outside that range the general path (`_causal_dc`, running references) is used.
 
 # Largest logit range (nats) for the fast path: factors stay within e^{±30}, logits within e^{−60} of 1.
 FAST_RANGE = 60.0
@@ -345,8 +246,23 @@ def _causal_dc_fast(lq_ax, lk, v1, inv_t, slope, strict, leaf, center):
     the scan at each query's split point times the query's factor.
     """
     b, hkv, grp, n = lq_ax.shape
-    d = v1.shape[-1]
-    nb = n // leaf
+    k_up, k_dn, q_dn, q_up = _fast_factors(lq_ax, lk, inv_t, slope, center)
+    acc = _fast_leaves(k_up, k_dn, q_dn, q_up, v1, strict, leaf)
+    if n > leaf:
+        # rows [v, 1]·factor, prefix side then suffix side: (2·R, D) with R = B·Hkv·G·N
+        rows = (torch.stack([k_up, k_dn])[..., None] * v1[:, :, None]).view(2 * b * hkv * grp * n, v1.shape[-1])
+        q_fac = torch.stack([q_dn, q_up], dim=-1)  # (B, Hkv, G, N, 2)
+        size = leaf
+        while size < n:
+            _fast_level(acc, rows, q_fac, lq_ax, lk, size)
+            size *= 2
+    return lq_ax.new_zeros(b, hkv, grp, n), acc
+
+
+def _fast_factors(lq_ax, lk, inv_t, slope, center):
+    """The fast path's per-position factors (B, Hkv, G, N): keys' prefix and suffix sides, then queries'
+    factors for the prefix side (e^{−(λq − c)/T − m·(i − n/2)}) and the suffix side (e^{+(λq − c)/T − …})."""
+    n = lq_ax.shape[-1]
     xk = (lk - center)[:, :, None] * inv_t  # (B, Hkv, G, N)
     xq = (lq_ax - center) * inv_t
     k_up, k_dn, q_dn, q_up = xk, -xk, -xq, xq
@@ -354,50 +270,53 @@ def _causal_dc_fast(lq_ax, lk, v1, inv_t, slope, strict, leaf, center):
         pos = slope * (torch.arange(n, device=lk.device, dtype=lk.dtype) - n / 2)
         k_up, k_dn, q_dn, q_up = k_up + pos, k_dn + pos, q_dn - pos, q_up - pos
     # the clamp only touches padding (zero rows, λ = 0 may sit far from c): real exponents are ≤ FAST_RANGE/2
-    fac = lambda t: t.clamp_max(FAST_RANGE).exp_()  # noqa: E731
-    k_up, k_dn, q_dn, q_up = fac(k_up), fac(k_dn), fac(q_dn), fac(q_up)
+    return tuple(t.clamp_max(FAST_RANGE).exp_() for t in (k_up, k_dn, q_dn, q_up))
 
-    # leaves: e^{s_ij} = min(e^{−(λq−c)/T}·e^{(λk−c)/T}, e^{(λq−c)/T}·e^{−(λk−c)/T}) (times the slope factors)
-    blk = lambda t: t.view(b, hkv, grp, nb, leaf)  # noqa: E731
-    p_leaf = blk(q_dn)[..., :, None] * blk(k_up)[..., None, :]
-    p_leaf = torch.minimum(p_leaf, blk(q_up)[..., :, None] * blk(k_dn)[..., None, :], out=p_leaf)
-    ar = torch.arange(leaf, device=lk.device)
+
+def _fast_leaves(k_up, k_dn, q_dn, q_up, v1, strict, leaf):
+    """Dense attention inside each leaf from the factors: acc (B, Hkv, G, N, D) = Σ_j e^{s_ij}·[v_j, 1] over
+    the keys j of i's leaf with j ≤ i (j < i when `strict`)."""
+    b, hkv, grp, n = q_up.shape
+    nb, d = n // leaf, v1.shape[-1]
+
+    def per_leaf(t):
+        return t.view(b, hkv, grp, nb, leaf)
+
+    # e^{s_ij} = min(e^{−(λq−c)/T}·e^{(λk−c)/T}, e^{(λq−c)/T}·e^{−(λk−c)/T}) (times the slope factors)
+    p_leaf = per_leaf(q_dn)[..., :, None] * per_leaf(k_up)[..., None, :]
+    p_leaf = torch.minimum(p_leaf, per_leaf(q_up)[..., :, None] * per_leaf(k_dn)[..., None, :], out=p_leaf)
+    ar = torch.arange(leaf, device=v1.device)
     mask = ar[:, None] <= ar[None, :] if strict else ar[:, None] < ar[None, :]
     p_leaf.masked_fill_(mask, 0.0)
-    acc = (p_leaf @ v1.view(b, hkv, 1, nb, leaf, d)).view(b, hkv, grp, n, d)
-    if nb == 1:
-        return lq_ax.new_zeros(b, hkv, grp, n), acc
+    return (p_leaf @ v1.view(b, hkv, 1, nb, leaf, d)).view(b, hkv, grp, n, d)
 
-    # rows [v, 1]·factor, prefix side then suffix side: (2·R, D) with R = B·Hkv·G·N
-    r_all = b * hkv * grp * n
-    w = (torch.stack([k_up, k_dn])[..., None] * v1[:, :, None]).view(2 * r_all, d)
-    q_fac = torch.stack([q_dn, q_up], dim=-1)  # (B, Hkv, G, N, 2)
-    dev = lk.device
+
+def _fast_level(acc, rows, q_fac, lq_ax, lk, size):
+    """One level of the fast path, in place on acc: the queries of every right half of 2·size positions add
+    the cumulative sums of their left half's key rows (`rows`, see `_causal_dc_fast`) at their split point,
+    times their factors q_fac (B, Hkv, G, N, 2)."""
+    b, hkv, grp, n = lq_ax.shape
+    d, dev = acc.shape[-1], lk.device
+    p = n // (2 * size)
+    full = (b, hkv, grp, p, size)
+    r_all, m_all = b * hkv * grp * n, b * hkv * grp * p * size
+    ks, perm = lk.view(b, hkv, p, 2, size)[:, :, :, 0].sort(dim=-1)
+    # whole-row copies with index_select (much cheaper than a gather with an expanded index):
+    # the left halves' rows in ascending λk (prefix side) and in descending λk (suffix side)
     head_base = torch.arange(b * hkv * grp, device=dev).view(b, hkv, grp, 1, 1) * n
-    size = leaf
-    while size < n:
-        p = n // (2 * size)
-        full = (b, hkv, grp, p, size)
-        m_all = b * hkv * grp * p * size
-        ks, perm = lk.view(b, hkv, p, 2, size)[:, :, :, 0].sort(dim=-1)
-        # whole-row copies with index_select (much cheaper than a gather with an expanded index):
-        # the left halves' rows in ascending λk (prefix side) and in descending λk (suffix side)
-        key_rows = (perm + (torch.arange(p, device=dev) * (2 * size)).view(p, 1))[:, :, None] + head_base
-        rows = torch.stack([key_rows, key_rows.flip(-1) + r_all])
-        scan = w.index_select(0, rows.view(-1)).view(2, *full, d).cumsum_(-2).view(2 * m_all, d)
-        # each right-half query: keys with λk ≤ λq are the first cnt ascending, the others the first
-        # size − cnt descending; an empty side reads some finite row with a zero factor
-        q = lq_ax.view(b, hkv, grp, p, 2, size)[:, :, :, :, 1]
-        cnt = torch.searchsorted(ks[:, :, None].expand(full).contiguous(), q.contiguous(), right=True)
-        base = torch.arange(0, m_all, size, device=dev).view(b, hkv, grp, p, 1)
-        look = torch.stack([cnt - 1 + base, (size - 1 + m_all) - cnt + base], dim=-1)  # (…, S, 2)
-        f = q_fac.view(b, hkv, grp, p, 2, size, 2)[:, :, :, :, 1] * torch.stack([cnt > 0, cnt < size], dim=-1)
-        look.clamp_min_(0)
-        g = scan.index_select(0, look.view(-1)).view(*full, 2, d)
-        acc_r = acc.view(b, hkv, grp, p, 2, size, d)[:, :, :, :, 1]
-        acc_r.addcmul_(g[..., 0, :], f[..., 0, None]).addcmul_(g[..., 1, :], f[..., 1, None])
-        size *= 2
-    return lq_ax.new_zeros(b, hkv, grp, n), acc
+    key_rows = (perm + (torch.arange(p, device=dev) * (2 * size)).view(p, 1))[:, :, None] + head_base
+    side_rows = torch.stack([key_rows, key_rows.flip(-1) + r_all])
+    scan = rows.index_select(0, side_rows.view(-1)).view(2, *full, d).cumsum_(-2).view(2 * m_all, d)
+    # each right-half query: keys with λk ≤ λq are the first cnt ascending, the others the first
+    # size − cnt descending; an empty side reads some finite row with a zero factor
+    q = _half(lq_ax, size, 1)
+    cnt = torch.searchsorted(ks[:, :, None].expand(full).contiguous(), q.contiguous(), right=True)
+    base = torch.arange(0, m_all, size, device=dev).view(b, hkv, grp, p, 1)
+    look = torch.stack([cnt - 1 + base, (size - 1 + m_all) - cnt + base], dim=-1)  # (…, S, 2)
+    f = _half(q_fac, size, 1) * torch.stack([cnt > 0, cnt < size], dim=-1)
+    look.clamp_min_(0)
+    g = scan.index_select(0, look.view(-1)).view(*full, 2, d)
+    _half(acc, size, 1).addcmul_(g[..., 0, :], f[..., 0, None]).addcmul_(g[..., 1, :], f[..., 1, None])
 
 
 def _leaf_size(t: int) -> int:
@@ -439,20 +358,23 @@ def _causal_part(lqg, lk, v1, inv_t, slope, strict, q_start):
     leaf = _leaf_size(tk)
     n = _axis_len(tk, leaf)
     lq_ax = _to_axis(lqg, n, -1, q_start)
+    lk_ax, v1_ax = _to_axis(lk, n, -1), _to_axis(v1, n, -2)
     center = _fast_center(lqg, lk, inv_t, slope, n)
-    dc = _causal_dc if center is None else lambda *a: _causal_dc_fast(*a, center)  # noqa: E731
-    m, acc = dc(lq_ax, _to_axis(lk, n, -1), _to_axis(v1, n, -2), inv_t, slope, strict, leaf)
+    if center is None:
+        m, acc = _causal_dc(lq_ax, lk_ax, v1_ax, inv_t, slope, strict, leaf)
+    else:
+        m, acc = _causal_dc_fast(lq_ax, lk_ax, v1_ax, inv_t, slope, strict, leaf, center)
     return m[..., q_start: q_start + tq], acc[..., q_start: q_start + tq, :]
 
 
 def _global_part(lqg, lk, v1, inv_t):
     """Non-causal without slopes: one level over all keys sorted once."""
     b, hkv, grp, tq = lqg.shape
-    tk, d = lk.shape[-1], v1.shape[-1]
+    d = v1.shape[-1]
     ks, perm = lk.sort(dim=-1)
     w = v1.gather(-2, perm[..., None].expand_as(v1))
-    ex = lambda t: t[:, :, None].expand(b, hkv, grp, *t.shape[2:]).reshape(-1, *t.shape[2:])  # noqa: E731
-    res = _sides(ex(ks), None, None, ex(w), inv_t.reshape(-1, 1), None, lqg.reshape(-1, tq), None)
+    res = _sides(_each_query_head(ks, grp, 2), None, None, _each_query_head(w, grp, 2), inv_t.reshape(-1, 1), None,
+                 lqg.reshape(-1, tq), None)
     (s_lo, a_lo, _, _), (s_up, a_up, _, _) = res
     m = torch.maximum(s_lo, s_up)
     acc = a_lo * torch.exp(s_lo - m)[..., None] + a_up * torch.exp(s_up - m)[..., None]
@@ -481,16 +403,18 @@ def _forward_parts(lq, lk, v, temperature, alibi_slopes, is_causal):
     return m, acc
 
 
+@varlen.accepts_packs(varlen.forward_by_sequence)
 def attention_fwd_loglinear(lq, lk, v, temperature, alibi_slopes, is_causal):
     """Exact taumode attention in O(T·D·log T) (see the module docstring). Returns (out, lse).
 
     lq (B, H, Tq); lk (B, Hkv, Tk); v (B, Hkv, Tk, Dv); temperature (H,); alibi_slopes (B, H)
     or None, all in the compute dtype (float64 for float64 inputs, else fp32: the whole computation runs in
     it). Causal is bottom-right aligned (Tq ≤ Tk). out in v.dtype, lse (B, H, Tq) in the compute dtype.
-    Few queries (decode, short prompts) go to the dense chunked path, which is cheaper there.
+    Few queries (decode, short prompts) go to the dense chunked path, which is cheaper there. A pack (a
+    trailing varlen.Seqs) runs per group of sequences: each sorted and scanned alone, O(T log T) in total.
     """
     b, h, tq = lq.shape
-    hkv, tk, dv = lk.shape[1], lk.shape[2], v.shape[-1]
+    tk, dv = lk.shape[2], v.shape[-1]
     if _use_dense(tq, tk, is_causal, alibi_slopes):
         return reference.attention_fwd_chunked(lq, lk, v, temperature, alibi_slopes, is_causal)
     m, acc = _forward_parts(lq, lk, v, temperature, alibi_slopes, is_causal)
@@ -504,8 +428,8 @@ def attention_fwd_loglinear(lq, lk, v, temperature, alibi_slopes, is_causal):
 # Backward
 # ----------------------------------------------------------------------------------------------------
 #
-# With P_ij = e^{s_ij − lse_i}, dS = P∘(dO·v_j − D_i), D_i = dO_i·O_i (SPEC §2), every gradient is a
-# contraction of P-weighted sums that the same machinery computes:
+# With P_ij = e^{s_ij − lse_i}, dS = P∘(dO·v_j − D_i), D_i = dO_i·O_i (docs/math.md §Attention logits,
+# "Gradients"), every gradient is a contraction of P-weighted sums that the same machinery computes:
 #   query side (over keys j, weights [v_j, 1]):
 #     Qsign_i = Σ_j P_ij sign(λq_i − λk_j)[v_j, 1]   → dλq_i = −(1/T)(dO_i·Qsign_v − D_i·Qsign_1)
 #     M_i     = Σ_j P_ij |λq_i − λk_j| [v_j, 1]      → dT   = (1/T²) Σ_i (dO_i·M_v − D_i·M_1)
@@ -523,13 +447,16 @@ def _bwd_leaf(lq_ax, lk, v1, g1, lse_ax, inv_t, slope, strict, leaf, acc):
     ps = p * torch.sign(diff)
     v1b = v1.view(b, hkv, 1, nb, leaf, d)
     g1b = g1.view(b, hkv, grp, nb, leaf, d)
-    view = lambda t: t.view(b, hkv, grp, nb, leaf, d)  # noqa: E731
-    view(acc["qsign"]).add_(ps @ v1b)
-    view(acc["m"]).add_((p * diff.abs_()) @ v1b)
+
+    def add(name, t):
+        acc[name].view(b, hkv, grp, nb, leaf, d).add_(t)
+
+    add("qsign", ps @ v1b)
+    add("m", (p * diff.abs_()) @ v1b)
     if slope is not None:
-        view(acc["n"]).add_((p * dist.clamp_min(0)) @ v1b)
-    view(acc["kall"]).add_(p.transpose(-1, -2) @ g1b)
-    view(acc["ksign"]).add_(ps.transpose(-1, -2) @ g1b)
+        add("n", (p * dist.clamp_min(0)) @ v1b)
+    add("kall", p.transpose(-1, -2) @ g1b)
+    add("ksign", ps.transpose(-1, -2) @ g1b)
 
 
 def _bwd_level(acc, lq_ax, lk, v1, g1, lse_ax, inv_t, slope, size):
@@ -538,40 +465,37 @@ def _bwd_level(acc, lq_ax, lk, v1, g1, lse_ax, inv_t, slope, size):
     d = v1.shape[-1]
     p = n // (2 * size)
     full = (b, hkv, grp, p, size)
-    halves = lambda t, k: t.view(b, hkv, grp, p, 2, size, *t.shape[4:])[:, :, :, :, k]  # noqa: E731
-    flat = lambda t: t.reshape(-1, size, *t.shape[5:])  # noqa: E731
-    ex = lambda t: t[:, :, None].expand(*full, *t.shape[4:])  # noqa: E731
-    it = inv_t[..., None].expand(b, hkv, grp, p, 1).reshape(-1, 1)
-    sl = None if slope is None else slope[..., None].expand(b, hkv, grp, p, 1).reshape(-1, 1)
+    it, sl = _each_block(inv_t, p), _each_block(slope, p)
     ar = torch.arange(size, device=lk.device, dtype=lk.dtype)
-    lse_r = flat(halves(lse_ax, 1))
+    lse_r = _half(lse_ax, size, 1).reshape(-1, size)
+
+    def add(name, half, t):
+        _half(acc[name], size, half).add_(t.view(*full, d))
 
     # query side: items are the left halves' keys sorted by λk; lookups the right halves' queries
     ks, _, w, yk = _level_keys(lk, v1, size, slope)
-    q = flat(halves(lq_ax, 1))
-    res = _sides(flat(ex(ks)), None if yk is None else flat(ex(yk)), None, flat(ex(w)), it, sl, q,
-                 None if slope is None else ar, splits=("le", "lt", "gt"), moments=True)
+    q = _half(lq_ax, size, 1).reshape(-1, size)
+    res = _sides(_each_query_head(ks, grp, 3), _each_query_head(yk, grp, 3), None, _each_query_head(w, grp, 3),
+                 it, sl, q, None if slope is None else ar, splits=("le", "lt", "gt"), moments=True)
     (s_le, _, mx_le, my_le), (s_lt, a_lt, _, _), (s_gt, a_gt, mx_gt, my_gt) = res
-    e = lambda sc: torch.exp(sc - lse_r)[..., None]  # noqa: E731
-    e_le, e_gt = e(s_le), e(s_gt)
-    halves(acc["qsign"], 1).add_((e(s_lt) * a_lt - e_gt * a_gt).view(*full, d))
-    halves(acc["m"], 1).add_((e_le * mx_le + e_gt * mx_gt).view(*full, d))
+    e_le, e_gt = _as_weights(s_le, lse_r), _as_weights(s_gt, lse_r)
+    add("qsign", 1, _as_weights(s_lt, lse_r) * a_lt - e_gt * a_gt)
+    add("m", 1, e_le * mx_le + e_gt * mx_gt)
     if slope is not None:
-        halves(acc["n"], 1).add_((e_le * my_le + e_gt * my_gt).view(*full, d))
+        add("n", 1, e_le * my_le + e_gt * my_gt)
 
     # key side: items are the right halves' queries sorted by λq (per query head), log-offset −lse;
     # lookups the left halves' keys. Item position s − i' = −(i' − s), lookup position s − j.
     qs, qperm = q.sort(dim=-1)
-    wq = flat(halves(g1, 1)).gather(1, qperm[..., None].expand(-1, -1, d))
+    wq = _half(g1, size, 1).reshape(-1, size, d).gather(1, qperm[..., None].expand(-1, -1, d))
     cq = -lse_r.gather(1, qperm)
     yqi = None if slope is None else -qperm.to(lk.dtype)
-    kl = flat(ex(lk.view(b, hkv, p, 2, size)[:, :, :, 0]))
+    kl = _each_query_head(lk.view(b, hkv, p, 2, size)[:, :, :, 0], grp, 3)
     res = _sides(qs, yqi, cq, wq, it, sl, kl, None if slope is None else size - ar, splits=("le", "lt", "gt"))
     (s_le, a_le, _, _), (s_lt, a_lt, _, _), (s_gt, a_gt, _, _) = res
-    e = lambda sc: torch.exp(sc)[..., None]  # noqa: E731
-    e_gt = e(s_gt)
-    halves(acc["kall"], 0).add_((e(s_le) * a_le + e_gt * a_gt).view(*full, d))
-    halves(acc["ksign"], 0).add_((e_gt * a_gt - e(s_lt) * a_lt).view(*full, d))
+    e_gt = _as_weights(s_gt)
+    add("kall", 0, _as_weights(s_le) * a_le + e_gt * a_gt)
+    add("ksign", 0, e_gt * a_gt - _as_weights(s_lt) * a_lt)
 
 
 def _bwd_causal_part(lqg, lk, v1, g1, lse, inv_t, slope, strict, q_start):
@@ -602,31 +526,34 @@ def _bwd_causal_part(lqg, lk, v1, g1, lse, inv_t, slope, strict, q_start):
 def _bwd_global_part(lqg, lk, v1, g1, lse, inv_t):
     """Non-causal without slopes: one level, all keys against all queries."""
     b, hkv, grp, tq = lqg.shape
-    tk, d = lk.shape[-1], v1.shape[-1]
-    ex = lambda t: t[:, :, None].expand(b, hkv, grp, *t.shape[2:]).reshape(-1, *t.shape[2:])  # noqa: E731
+    d = v1.shape[-1]
     it = inv_t.reshape(-1, 1)
     ks, perm = lk.sort(dim=-1)
     w = v1.gather(-2, perm[..., None].expand_as(v1))
     lse_f = lse.reshape(-1, tq)
-    res = _sides(ex(ks), None, None, ex(w), it, None, lqg.reshape(-1, tq), None,
-                 splits=("le", "lt", "gt"), moments=True)
+    res = _sides(_each_query_head(ks, grp, 2), None, None, _each_query_head(w, grp, 2), it, None, lqg.reshape(-1, tq),
+                 None, splits=("le", "lt", "gt"), moments=True)
     (s_le, _, mx_le, _), (s_lt, a_lt, _, _), (s_gt, a_gt, mx_gt, _) = res
-    e = lambda sc: torch.exp(sc - lse_f)[..., None]  # noqa: E731
-    acc = {"qsign": e(s_lt) * a_lt - e(s_gt) * a_gt, "m": e(s_le) * mx_le + e(s_gt) * mx_gt}
+    e_gt = _as_weights(s_gt, lse_f)
+    acc = {"qsign": _as_weights(s_lt, lse_f) * a_lt - e_gt * a_gt, "m": _as_weights(s_le, lse_f) * mx_le + e_gt * mx_gt}
     qs, qperm = lqg.reshape(-1, tq).sort(dim=-1)
     wq = g1.reshape(-1, tq, d).gather(1, qperm[..., None].expand(-1, -1, d))
-    res = _sides(qs, None, -lse_f.gather(1, qperm), wq, it, None, ex(lk), None, splits=("le", "lt", "gt"))
+    res = _sides(qs, None, -lse_f.gather(1, qperm), wq, it, None, _each_query_head(lk, grp, 2), None,
+                 splits=("le", "lt", "gt"))
     (s_le, a_le, _, _), (s_lt, a_lt, _, _), (s_gt, a_gt, _, _) = res
-    acc["kall"] = torch.exp(s_le)[..., None] * a_le + torch.exp(s_gt)[..., None] * a_gt
-    acc["ksign"] = torch.exp(s_gt)[..., None] * a_gt - torch.exp(s_lt)[..., None] * a_lt
+    e_gt = _as_weights(s_gt)
+    acc["kall"] = _as_weights(s_le) * a_le + e_gt * a_gt
+    acc["ksign"] = e_gt * a_gt - _as_weights(s_lt) * a_lt
     return {k: t.view(b, hkv, grp, -1, d) for k, t in acc.items()}
 
 
+@varlen.accepts_packs(varlen.backward_by_sequence)
 def attention_bwd_loglinear(dout, lq, lk, v, out, lse, temperature, alibi_slopes, is_causal):
     """Exact gradients in O(T·D·log T): the forward's D&C run on the query side (P-weighted sums of
     [v, 1] split by sign, with first moments in |Δλ| and |i' − j|) and on the transposed key side (keys
     looking up sums over later queries of e^{−lse}·[dO, D]). Same cases as the forward; few queries go
-    to the dense chunked backward. Returns (dlq, dlk, dv, dtemperature, dalibi) per the contract.
+    to the dense chunked backward. Returns (dlq, dlk, dv, dtemperature, dalibi) per the contract. A pack (a
+    trailing varlen.Seqs) runs per group of sequences.
     """
     b, h, tq = lq.shape
     hkv, tk, dv_dim = lk.shape[1], lk.shape[2], v.shape[-1]

@@ -1,6 +1,7 @@
 """Taumode attention in plain PyTorch: the float64 oracle and the memory-lean CPU default.
 
-Two implementations of SPEC §1–2, written for clarity and checked against each other:
+Two implementations of docs/math.md §The λ projection and §Attention logits, written for clarity and
+checked against each other:
 
 - `lambda_naive` / `attention_naive`: the oracle. Plain autograd, the whole T×T logit matrix in memory.
   Every other backend is tested against these in float64.
@@ -15,6 +16,8 @@ from __future__ import annotations
 
 import torch
 
+from . import varlen
+
 # Elements of one chunk's logit tile (rows × keys); a few such temporaries live at once. 2^21 fp32 logits
 # is 8 MiB: small against any cache-free working set, large enough that per-chunk overhead is negligible.
 _CHUNK_ELEMENTS = 1 << 21
@@ -26,7 +29,7 @@ def compute_dtype(t: torch.Tensor) -> torch.dtype:
 
 
 # ----------------------------------------------------------------------------------------------------
-# λ projection (SPEC §1)
+# λ projection (docs/math.md §The λ projection)
 # ----------------------------------------------------------------------------------------------------
 
 def _rayleigh(x: torch.Tensor, laplacian: torch.Tensor, eps: float):
@@ -89,7 +92,7 @@ def lambda_laplacian_grad(dlam, x, laplacian, tau, eps):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Attention from scalars (SPEC §2)
+# Attention from scalars (docs/math.md §Attention logits)
 # ----------------------------------------------------------------------------------------------------
 
 def key_offsets(tq: int, tk: int, device, rows: tuple[int, int] | None = None, keys: int | None = None) -> torch.Tensor:
@@ -159,8 +162,10 @@ class _ChunkLogits:
         self.logits = logits
 
 
+@varlen.accepts_packs(varlen.forward_by_sequence)
 def attention_fwd_chunked(lq, lk, v, temperature, alibi_slopes, is_causal):
-    """Forward over chunks of queries: returns (out in v.dtype, lse in the compute dtype)."""
+    """Forward over chunks of queries: returns (out in v.dtype, lse in the compute dtype). A pack (a
+    trailing varlen.Seqs) runs per group of sequences."""
     b, h, tq = lq.shape
     hkv, tk, dv = lk.shape[1], lk.shape[2], v.shape[-1]
     group = h // hkv
@@ -182,15 +187,17 @@ def attention_fwd_chunked(lq, lk, v, temperature, alibi_slopes, is_causal):
     return out, lse
 
 
+@varlen.accepts_packs(varlen.backward_by_sequence)
 def attention_bwd_chunked(dout, lq, lk, v, out, lse, temperature, alibi_slopes, is_causal):
-    """Backward over the same chunks (SPEC §2 gradients), P recomputed from the chunk's logits.
+    """Backward over the same chunks (docs/math.md §Attention logits), P recomputed from the chunk's logits.
 
     A chunk holds whole rows, so P is the row's softmax again and D_i = Σ_j P_ij dP_ij comes from that
     same P, as autograd's softmax backward forms it, instead of exp(s − lse) and D_i = dO_i·O_i. The
     temperature and tau gradients are sums of dS·|Δλ| that cancel (Σ_j dS_ij = 0): with P off its
     normalisation by the rounding of lse, or D_i from the stored O, they lost ~2–50× against plain
     fp32 autograd (median over seeds 2.2×); with both from one P they match it. `out` and `lse` are
-    not needed here (the contract passes them for the kernels, which see one key block at a time)."""
+    not needed here (the contract passes them for the kernels, which see one key block at a time).
+    A pack (a trailing varlen.Seqs) runs per group of sequences."""
     b, h, tq = lq.shape
     hkv, tk, dv = lk.shape[1], lk.shape[2], v.shape[-1]
     group = h // hkv
@@ -235,7 +242,8 @@ def remove_translation(dlq: torch.Tensor, dlk: torch.Tensor) -> tuple[torch.Tens
     passes) breaks that by its rounding, and the tau gradient, Σ dλ·dλ/dtau with a weight of one sign,
     picks the violation up whole (loglinear at temperature 1e-4: ~3× the error of plain fp32 autograd).
     Subtracting the mean violation from every entry is the orthogonal projection onto Σ = 0, which holds
-    the true gradient, so it never moves the result further from it (in the 2-norm).
+    the true gradient, so it never moves the result further from it (in the 2-norm; docs/math.md
+    §Attention logits).
     """
     b, h, tq = dlq.shape
     hkv, tk = dlk.shape[1], dlk.shape[2]

@@ -1,7 +1,8 @@
 """Decode with a sorted cache: one step of taumode attention without touching every cached key.
 
 A `SortedCache` holds one layer's keys (λk) and values per (batch, kv head), for one query at the end of
-the cache at a time (decode, SPEC §4). Its logit (SPEC §2, issue 10's slopes, bottom-right aligned):
+the cache at a time (decode: docs/math.md §The λ cache, and §Sorted (loglinear) attention, "Decode with a
+sorted cache"). Its logit (docs/math.md §Attention logits, with recency slopes, bottom-right aligned):
 
     s_j = −|λq − λk_j| / T_h − m_{b,h}·(pos − j),     pos = length − 1 (the query sees every cached key)
 
@@ -14,8 +15,8 @@ and scan of that run, never a combination of tables. A block keeps its keys sort
 query head h of the group, two scans over them, ascending in λk (the keys at or below a query) and
 descending (the keys above). Entry k of a side holds the sum over its first k keys of e^{φ_j −
 φ_ref}·[v_j, 1], where φ is the side's partial logit and ref the key with the largest φ among those
-summed (`loglinear._scan`), so every exponent is ≤ 0; entry 0 is the empty sum, whose reference is so
-far away that it weighs exactly 0.
+summed (`prefix_scan.two_sided_sums`), so every exponent is ≤ 0; entry 0 is the empty sum, whose
+reference is so far away that it weighs exactly 0.
 
 One table holds everything a step reads, as rows [Σ e^{φ−φ_ref}·v, Σ e^{φ−φ_ref}, λ_ref, (j_ref)]: for a
 query with k keys of a block at or below it, the block contributes e^{−|λ_ref − λq|/T − m·(pos − j_ref)}
@@ -54,7 +55,7 @@ from types import SimpleNamespace
 
 import torch
 
-from .loglinear import _scan
+from .prefix_scan import two_sided_sums
 
 # Keys per level-0 block (the longest tail; even, two tail keys share a gathered pair of rows), blocks
 # per merge, and levels: blocks of 32, 512 and 8192 keys. Measured at 64k, per step with λ over a whole
@@ -79,7 +80,8 @@ class SortedCache:
     temperature (H,) > 0 and alibi_slopes (B, H) or None are fixed for the life of the cache (see the
     module docstring); `block` (even), `fanout` and `levels` shape its structure, not its results;
     `capacity`, the number of keys expected, reserves the storage up front so that no step pays for a
-    regrowth, and drops the levels whose blocks would hold more keys than that (more keys may still come). Keys arrive with `append(lk (B, Hkv, n), v (B, Hkv, n, Dv))`, n ≥ 1 (a prefill in one
+    regrowth, and drops the levels whose blocks would hold more keys than that (more keys may still
+    come). Keys arrive with `append(lk (B, Hkv, n), v (B, Hkv, n, Dv))`, n ≥ 1 (a prefill in one
     call, then one key per step); `attend(lq (B, H, 1), temperature, alibi_slopes)` returns out
     (B, H, 1, Dv) in the dtype of the first appended v, for a query at the end of the cache (computed in
     fp32). A non-finite λq gives NaN, as the dense softmax does.
@@ -245,19 +247,13 @@ class SortedCache:
         self._reserve(slot + nb, row + nb * rows)
         ks, perm = lk.sort(dim=-1)
         w = w.gather(-2, perm[..., None].expand(b, hkv, nb, c, d1))
-        # both sides, per query head: (2, B, Hkv, G, nb, S)
-        x = torch.stack([ks, -ks.flip(-1)])[:, :, :, None].expand(2, b, hkv, g, nb, c)
-        w2 = torch.stack([w, w.flip(-2)])[:, :, :, None].expand(2, b, hkv, g, nb, c, d1)
-        z = 2 * b * hkv * g * nb
-        inv_t = self.inv_t[None, :, :, :, None].expand(2, b, hkv, g, nb).reshape(z, 1)
-        y = slope = None
+        pos = slope = None
         if self.slope is not None:
             pos = (first + torch.arange(nb * c, device=lk.device, dtype=torch.float32)).view(nb, c).expand(
-                b, hkv, nb, c).gather(-1, perm)
-            y = torch.stack([pos, pos.flip(-1)])[:, :, :, None].expand(2, b, hkv, g, nb, c).reshape(z, c)
-            slope = self.slope[None, :, :, :, None].expand(2, b, hkv, g, nb).reshape(z, 1)
-        a, _, _, xr, yr, _ = _scan(x.reshape(z, c), y, None, w2.reshape(z, c, d1), inv_t, slope,
-                                   monotone=slope is None)
+                b, hkv, nb, c).gather(-1, perm)[:, :, None]
+            slope = self.slope[..., None, None]
+        # one scan per query head and block, (B, Hkv, G, nb): the keys are shared by the group's heads
+        sides = two_sided_sums(ks[:, :, None], w[:, :, None], self.inv_t[..., None, None], pos=pos, slope=slope)
         self.keys[slot:slot + nb, ..., :c] = ks.movedim(2, 0)
         self.keys[slot:slot + nb, ..., c:] = float("inf")
         # pair k of a block and lane: [ascending entry k, descending entry c − k], the two rows a query
@@ -270,12 +266,13 @@ class SortedCache:
         # coordinate is −λ (its λ_ref column holds λ, so that both sides' factor is e^{−|λ_ref − λq|/T})
         for side, part in ((0, new[..., 1:, 0, :]), (1, new[..., :-1, 1, :])):
             def to_table(t):
-                t = t.view(2, b, hkv, g, nb, c, -1)[side].permute(3, 0, 1, 2, 4, 5)
+                t = t.reshape(b, hkv, g, nb, c, -1).permute(3, 0, 1, 2, 4, 5)  # (nb, B, Hkv, G, S, ·)
                 return t.flip(-2) if side else t
-            part[..., :d1] = to_table(a)
-            part[..., d1] = to_table(xr)[..., 0] * (1 - 2 * side)
-            if y is not None:
-                part[..., d1 + 1] = to_table(yr)[..., 0]
+            scan = sides[side]
+            part[..., :d1] = to_table(scan.sums)
+            part[..., d1] = to_table(scan.ref_lam)[..., 0] * (1 - 2 * side)
+            if pos is not None:
+                part[..., d1 + 1] = to_table(scan.ref_pos)[..., 0]
         lane = torch.arange(self._lanes, device=lk.device).view(b, hkv, g, 1) * (c + 1)
         self.base[..., slot:slot + nb] = row + lane + torch.arange(nb, device=lk.device) * rows
         self.blocks += [(level, row + i * rows) for i in range(nb)]

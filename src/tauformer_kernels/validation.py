@@ -2,8 +2,8 @@
 
 Shape, dtype and device checks work on fake tensors too: the public ops run them, so they also run while
 `torch.compile` traces. Checks that read values (tau and temperature > 0, finiteness) need real tensors:
-the ops' forward bodies run them (ops.lambda_forward / ops.attention_forward), which run eagerly even
-inside a compiled graph, so `torch.ops.tauformer.*` called directly or compiled checks what the Python
+the backend ops' bodies run them (ops.lambda_fwd / ops.attention_fwd; the public functions' direct path
+too), which run eagerly even inside a compiled graph, so `torch.ops.tauformer.*` called directly or compiled checks what the Python
 functions check. Each value check reads one bool back from the device.
 """
 from __future__ import annotations

@@ -25,11 +25,13 @@ class TauGPTConfig:
     attention: str = "taumode"
     # Logit term -slope_h * |i - j| (ALiBi): "none" (the reference crate's model), "fixed" (ALiBi's
     # geometric slopes), "learned" (the same slopes as initial values, learned in log space), or
-    # "auto": "learned" for taumode (what measures best, see docs), "none" for dot (plain SDPA).
+    # "auto": "learned" for taumode (what measures best, bench/results/model-comparison-tiny-cpu.md), "none"
+    # for dot (plain SDPA).
     recency: str = "auto"
     # Initial per-head attention temperature of taumode (learned in log space). λ lies in [0, 1), so
-    # temperature 1 would make attention nearly uniform. Measured on the tiny preset (8 heads of 16,
-    # learned recency and Laplacian, val @600): 0.01 → 1.717, 0.02 → 1.654, 0.05 → 1.633, 0.1 → 1.621.
+    # temperature 1 would make attention nearly uniform (docs/math.md §Defaults). Measured on the tiny preset
+    # (8 heads of 16, learned recency and Laplacian, val @600): 0.01 → 1.717, 0.02 → 1.654, 0.05 → 1.633,
+    # 0.1 → 1.621.
     temperature_init: float = 0.1
     # Initial tau of λ = E / (E + tau); the trainer replaces it by the median E of the first layer's
     # keys over a batch (calibrate_tau). One tau per kv head, shared by all layers.
@@ -45,8 +47,9 @@ class TauGPTConfig:
     # taumode only: learn the edge weights of the given graph (in log space, from the given weights), so
     # L = D − W stays a graph Laplacian (W ≥ 0 on the given edges only), shared by all heads and layers.
     learn_laplacian: bool = False
-    # taumode only, a control (issue 10): False drops the λ term (λq = λk = 0), leaving causal attention
-    # weighted by the recency term alone, to tell the λ term's contribution from the recency term's.
+    # taumode only, a control: False drops the λ term (λq = λk = 0), leaving causal attention weighted by
+    # the recency term alone, to tell the λ term's contribution from the recency term's (docs/math.md §Model).
+    # The comparison is bench/results/model-comparison-tiny-cpu.md.
     lambda_term: bool = True
     rope_base: float = 10000.0
     logit_softcap: float = 15.0

@@ -1,7 +1,9 @@
-"""TauGPT: a small GPT whose attention runs on taumode scalars (SPEC §3), and its (V, λk) cache (SPEC §4).
+"""TauGPT: a small GPT whose attention runs on taumode scalars (docs/math.md §Model), and its (V, λk) cache
+(docs/math.md §The λ cache).
 
 Read top to bottom:
-  rope / rms_norm helpers -> KVCache -> CausalSelfAttention -> MLP -> Block -> TauGPT.
+  rope / rms_norm helpers -> Packing (documents in a window, ragged cache rows) -> KVCache ->
+  CausalSelfAttention -> MLP -> Block -> TauGPT.
 
 attention="taumode": per head, q and k become one scalar each, λ = E / (E + tau) with
 E = xᵀLx / xᵀx (L the F×F Laplacian), and the logits are -|λq_i - λk_j| / temperature_h
@@ -12,6 +14,7 @@ scaled dot product attention: the baseline.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -21,8 +24,8 @@ import tauformer_kernels as tk
 
 from .config import TauGPTConfig
 
-NORM_EPS = 1e-6  # weightless RMS norms (SPEC §3)
-QKV_CLAMP = 5.0  # q, k, v are clamped to ±5 after their projections (SPEC §3)
+NORM_EPS = 1e-6  # weightless RMS norms (docs/math.md §Model)
+QKV_CLAMP = 5.0  # q, k, v are clamped to ±5 after their projections, as in the reference crate (docs/math.md §Model)
 
 
 def rms_norm(x: torch.Tensor) -> torch.Tensor:
@@ -31,9 +34,13 @@ def rms_norm(x: torch.Tensor) -> torch.Tensor:
 
 def rope_cos_sin(head_dim: int, start: int, length: int, base: float, device) -> tuple[torch.Tensor, torch.Tensor]:
     """cos, sin of shape (length, head_dim // 2) for absolute positions start .. start + length - 1."""
-    inv_freq = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim)
-    pos = torch.arange(start, start + length, dtype=torch.float32, device=device)
-    angles = pos[:, None] * inv_freq[None, :]
+    return rope_at(head_dim, torch.arange(start, start + length, device=device), base)
+
+
+def rope_at(head_dim: int, positions: torch.Tensor, base: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin of shape positions.shape + (head_dim // 2,) for the given (integer) positions."""
+    inv_freq = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float32, device=positions.device) / head_dim)
+    angles = positions.to(torch.float32)[..., None] * inv_freq
     return angles.cos(), angles.sin()
 
 
@@ -51,33 +58,112 @@ def alibi_slopes(n_head: int) -> torch.Tensor:
 
 
 def key_energy(x: torch.Tensor, laplacian: torch.Tensor, eps: float) -> torch.Tensor:
-    """E = max(xᵀLx / (xᵀx + eps), 0) over the last dim, in fp32 (SPEC §1)."""
+    """E = max(xᵀLx / (xᵀx + eps), 0) over the last dim, in fp32 (docs/math.md §The λ projection)."""
     x = x.float()
     return (((x @ laplacian) * x).sum(-1) / ((x * x).sum(-1) + eps)).clamp_min(0)
 
 
-class KVCache:
-    """Per-layer cache (SPEC §4); ``model(idx, cache=c)`` writes at ``c.pos`` and advances it.
+class Packing(NamedTuple):
+    """How the B·T tokens of one forward split into sequences that attention never crosses
+    (docs/math.md §Packed sequences): the documents inside training windows, or the rows of a cache that
+    hold different numbers of tokens.
 
-    taumode: ``v[l]`` (B, Hkv, max_len, F) in the model's dtype and ``lam_k[l]`` (B, Hkv, max_len) fp32.
-    dot:     ``k[l]`` and ``v[l]``, both (B, Hkv, max_len, F).
-    Attention reads the slices [:pos + T] (views, no copies); nothing is reallocated while decoding.
+    positions: (B, T) RoPE position of each token (restarting at each document; a cache row's own length).
+    taumode: cu_q / cu_k, int32 offsets into the B·T query rows and into the key rows (the same rows in
+    training; the cache's B·max_len rows with a cache), max_q / max_k their longest sequences, host ints so
+    that no call reads the offsets back. dot: allowed (B, 1, T, Tk), the block-diagonal causal mask SDPA
+    takes, and query_at (B, T), the key index each query stands at (its recency distances).
+    slots: with a cache, the (row, column) indices the T new tokens of each row are written to.
+    """
+
+    positions: torch.Tensor
+    cu_q: torch.Tensor | None = None
+    cu_k: torch.Tensor | None = None
+    max_q: int = 0
+    max_k: int = 0
+    allowed: torch.Tensor | None = None
+    query_at: torch.Tensor | None = None
+    slots: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def varlen(self) -> dict:
+        """The keyword arguments of a packed tauformer_kernels call."""
+        return dict(cu_seqlens_q=self.cu_q, cu_seqlens_k=self.cu_k, max_seqlen_q=self.max_q, max_seqlen_k=self.max_k)
+
+
+def pack_windows(doc_ids: torch.Tensor, attention: str, device) -> Packing | None:
+    """The packing of training windows (B, T) cut at their document boundaries: a token whose document id
+    differs from its left neighbour's starts a sequence, and every window starts one. None when no window
+    holds a boundary (the dense causal call is then the same attention). Built on the host (ids on a device
+    are copied there: one sync), so the longest sequence is known without reading the device back."""
+    doc = doc_ids.detach().cpu()
+    B, T = doc.shape
+    first = torch.ones(B, T, dtype=torch.bool)
+    first[:, 1:] = doc[:, 1:] != doc[:, :-1]
+    first = first.flatten()
+    if int(first.sum()) == B:
+        return None
+    rows = torch.arange(B * T)
+    # a token's position is its distance to the last sequence start at or before it
+    positions = (rows - torch.where(first, rows, 0).cummax(0).values).view(B, T).to(device)
+    if attention == "dot":
+        segment = first.cumsum(0).view(B, T).to(device)
+        causal = torch.ones(T, T, dtype=torch.bool, device=device).tril()
+        allowed = (segment[:, :, None] == segment[:, None, :]) & causal
+        return Packing(positions, allowed=allowed[:, None], query_at=torch.arange(T, device=device).expand(B, T))
+    cu = torch.cat([rows[first], torch.tensor([B * T])]).to(torch.int32)
+    longest = int(cu.diff().max())
+    cu = cu.to(device)
+    return Packing(positions, cu, cu, longest, longest)
+
+
+def gap_offsets(stride: int, filled: torch.Tensor) -> torch.Tensor:
+    """int32 offsets (2B + 1,) over B rows of `stride` packed rows each: sequence 2b is the first filled[b]
+    rows of row b, sequence 2b + 1 (the gap) the rest of it. Device ops only: no host read, no copy."""
+    B = filled.shape[0]
+    base = torch.arange(B + 1, device=filled.device, dtype=torch.int32) * stride
+    cu = torch.empty(2 * B + 1, device=filled.device, dtype=torch.int32)
+    cu[0::2] = base
+    cu[1::2] = base[:-1] + filled
+    return cu
+
+
+def tokens(t: torch.Tensor) -> torch.Tensor:
+    """(B, H, T, ...) -> the packed (B·T, H, ...) layout of docs/math.md §Packed sequences."""
+    return t.transpose(1, 2).flatten(0, 1)
+
+
+def heads(y: torch.Tensor, batch: int) -> torch.Tensor:
+    """A packed result (B·T, H, D) -> (B, H, T, D), a view."""
+    return y.unflatten(0, (batch, -1)).transpose(1, 2)
+
+
+class KVCache:
+    """Per-layer cache (docs/math.md §The λ cache); ``model(idx, cache=c)`` appends each row's tokens.
+
+    Token-major, so that the cache viewed packed as (B·max_len, Hkv, ·) costs nothing:
+    taumode: ``v[l]`` (B, max_len, Hkv, F) in the model's dtype and ``lam_k[l]`` (B, max_len, Hkv) fp32.
+    dot:     ``k[l]`` and ``v[l]``, both (B, max_len, Hkv, F).
+    ``lengths`` (host ints) and ``length_tensor`` (the same on the cache's device) count each row's tokens.
+    Rows of one length: attention reads the slices [:pos + T] as (B, Hkv, ·) views (no copies). Rows of
+    different lengths (prompts of different lengths): see `packing`. Nothing is reallocated while decoding.
 
     taumode with ``sorted=True``: ``sorted[l]`` is a tauformer_kernels.SortedCache per layer instead, made
     on the first call with the layer's temperatures and slopes (fixed at inference): a decode step costs
-    O(log T)-ish blocks instead of O(T) keys, for about 3× the bytes (see sorted_cache.py).
+    O(log T)-ish blocks instead of O(T) keys, for about 2.3–2.5× the bytes at 64k–128k tokens (see
+    sorted_cache.py and docs/math.md §Sorted (loglinear) attention). Its rows hold one length.
     """
 
     def __init__(self, config: TauGPTConfig, batch_size: int, max_len: int, device, dtype: torch.dtype,
                  sorted: bool = False):
         if sorted and config.attention != "taumode":
             raise ValueError("sorted=True: the sorted cache is for taumode attention only")
-        shape = (batch_size, config.n_kv_head, max_len, config.head_dim)
+        shape = (batch_size, max_len, config.n_kv_head, config.head_dim)
         self.attention = config.attention
         self.batch_size = batch_size
         self.max_len = max_len
         self.n_layer = config.n_layer
-        self.pos = 0
+        self.lengths = [0] * batch_size
+        self.length_tensor = torch.zeros(batch_size, dtype=torch.long, device=device)
         self.sorted = [None] * config.n_layer if sorted else None
         if sorted:  # the sorted caches hold the keys and values themselves
             self.v, self.k, self.lam_k = [], None, []
@@ -89,6 +175,50 @@ class KVCache:
         else:
             self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
             self.lam_k = None
+
+    @property
+    def pos(self) -> int:
+        """The number of tokens every row holds (a ValueError when the rows hold different numbers)."""
+        if len(set(self.lengths)) > 1:
+            raise ValueError(f"the cache's rows hold different numbers of tokens ({self.lengths}): no one pos")
+        return self.lengths[0] if self.lengths else 0
+
+    def packing(self, T: int, valid: list[int] | None) -> Packing | None:
+        """The layout of a call that appends T tokens to each row, of which the first valid[b] are real (the
+        rest right padding; None: all T). None when every row holds the same number of tokens and all T are
+        real: the dense path. Otherwise, taumode: the cache viewed packed as (B·C, Hkv, ·), C = max_len, row b
+        being sequence 2b = (its valid_b queries, its len_b + valid_b keys) and sequence 2b + 1 = (its padding
+        queries, the rest of the row), so cu_k = [0, end_0, C, C + end_1, 2C, ...] (docs/math.md §Packed
+        sequences); the padding's outputs are discarded. dot: a mask over the keys [0, max len + T)."""
+        n = [T] * self.batch_size if valid is None else list(valid)
+        if len(set(self.lengths)) <= 1 and all(v == T for v in n):
+            return None
+        if self.sorted is not None:
+            raise ValueError(f"the sorted cache holds rows of one length; this call would leave them at "
+                             f"{[a + b for a, b in zip(self.lengths, n)]} tokens: use the plain cache "
+                             f"(sorted=False) for prompts of different lengths")
+        lens = self.length_tensor  # (B,) before this call
+        steps = torch.arange(T, device=lens.device)
+        positions = lens[:, None] + steps
+        slots = (torch.arange(self.batch_size, device=lens.device)[:, None], positions)
+        filled = torch.full_like(lens, T) if valid is None else torch.tensor(n, device=lens.device)  # prefill: a copy
+        if self.attention == "dot":  # a padding query sees what the row's last real token sees
+            query_at = lens[:, None] + torch.minimum(steps, filled[:, None] - 1)
+            keys = torch.arange(max(self.lengths) + T, device=lens.device)
+            return Packing(positions, allowed=query_at[:, None, :, None] >= keys, query_at=query_at, slots=slots)
+        ends = [a + b for a, b in zip(self.lengths, n)]
+        C = self.max_len
+        return Packing(positions, gap_offsets(T, filled), gap_offsets(C, lens + filled),
+                       max(max(n), max(T - v for v in n)), max(max(ends), max(C - e for e in ends)), slots=slots)
+
+    def advance(self, T: int, valid: list[int] | None) -> None:
+        """Count the tokens a call appended: T per row, or valid[b] to row b."""
+        if valid is None:
+            self.lengths = [n + T for n in self.lengths]
+            self.length_tensor += T
+        else:
+            self.lengths = [n + v for n, v in zip(self.lengths, valid)]
+            self.length_tensor.copy_(torch.tensor(self.lengths))  # one small copy per prefill, none per decode
 
     def tensors(self) -> list[torch.Tensor]:
         return self.v + (self.k or []) + (self.lam_k or [])
@@ -106,7 +236,8 @@ class KVCache:
         return self.nbytes / (self.n_layer * self.batch_size * self.max_len)
 
     def reset(self) -> None:
-        self.pos = 0
+        self.lengths = [0] * self.batch_size
+        self.length_tensor.zero_()
         if self.sorted is not None:
             self.sorted = [None] * self.n_layer
 
@@ -139,14 +270,18 @@ class CausalSelfAttention(nn.Module):
         else:
             self.log_slopes = None
 
-    def project(self, x: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """q (B,H,T,F), k and v (B,Hkv,T,F): projection, clamp, RoPE at positions start.., RMS norm of q, k."""
+    def project(self, x: torch.Tensor, positions: int | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q (B,H,T,F), k and v (B,Hkv,T,F): projection, clamp, RoPE, RMS norm of q, k. positions: the first
+        token's position (the others follow it), or a (B, T) tensor with each token's own."""
         B, T, _ = x.shape
         q = self.c_q(x).clamp(-QKV_CLAMP, QKV_CLAMP).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
         k = self.c_k(x).clamp(-QKV_CLAMP, QKV_CLAMP).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         v = self.c_v(x).clamp(-QKV_CLAMP, QKV_CLAMP).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         if not (self.config.attention == "taumode" and self.config.lambda_before_rope):
-            cos, sin = rope_cos_sin(self.head_dim, start, T, self.config.rope_base, x.device)
+            if isinstance(positions, int):
+                cos, sin = rope_cos_sin(self.head_dim, positions, T, self.config.rope_base, x.device)
+            else:  # (B, 1, T, F/2): one angle per token, shared by the heads
+                cos, sin = rope_at(self.head_dim, positions[:, None], self.config.rope_base)
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         return rms_norm(q), rms_norm(k), v
 
@@ -154,17 +289,17 @@ class CausalSelfAttention(nn.Module):
         return None if self.log_slopes is None else self.log_slopes.float().exp()
 
     def forward(self, x: torch.Tensor, laplacian: torch.Tensor, cache: KVCache | None = None,
-                layer: int = 0) -> torch.Tensor:
+                layer: int = 0, packing: Packing | None = None) -> torch.Tensor:
         B, T, C = x.shape
-        start = 0 if cache is None else cache.pos
-        q, k, v = self.project(x, start)
+        start = 0 if cache is None or packing is not None else cache.pos
+        q, k, v = self.project(x, start if packing is None else packing.positions)
         if self.config.attention == "taumode":
-            y = self._taumode(q, k, v, laplacian, cache, layer, start)
+            y = self._taumode(q, k, v, laplacian, cache, layer, start, packing)
         else:
-            y = self._dot(q, k, v, cache, layer, start)
+            y = self._dot(q, k, v, cache, layer, start, packing)
         return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
 
-    def _taumode(self, q, k, v, laplacian, cache, layer, start):
+    def _taumode(self, q, k, v, laplacian, cache, layer, start, packing):
         cfg = self.config
         tau = self.log_tau.float().exp()  # (Hkv,)
         temperature = self.log_temperature.float().exp()  # (H,)
@@ -172,27 +307,41 @@ class CausalSelfAttention(nn.Module):
         if not cfg.lambda_term:  # the recency-only control: λq = λk = 0
             return self._taumode_from_lambda(q.new_zeros(q.shape[:3], dtype=torch.float32),
                                              k.new_zeros(k.shape[:3], dtype=torch.float32), v, temperature,
-                                             slopes, cache, layer, start)
-        if cache is None:  # training / full forward: one fused call over the whole sequence
-            return tk.taumode_attention(q, k, v, laplacian, tau=tau, temperature=temperature, eps=cfg.eps,
-                                        is_causal=True, alibi_slopes=slopes, backend=cfg.backend)
+                                             slopes, cache, layer, start, packing)
+        if cache is None:  # training / full forward: one fused call over the whole sequence, or the pack
+            kw = dict(tau=tau, temperature=temperature, eps=cfg.eps, is_causal=True, alibi_slopes=slopes,
+                      backend=cfg.backend)
+            if packing is None:
+                return tk.taumode_attention(q, k, v, laplacian, **kw)
+            return heads(tk.taumode_attention(tokens(q), tokens(k), tokens(v), laplacian, **kw,
+                                              **packing.varlen()), q.size(0))
         group = self.n_head // self.n_kv_head
         lam_q = tk.taumode_lambda(q, laplacian, tau=tau.repeat_interleave(group), eps=cfg.eps, backend=cfg.backend)
         lam_k = tk.taumode_lambda(k, laplacian, tau=tau, eps=cfg.eps, backend=cfg.backend)
-        return self._taumode_from_lambda(lam_q, lam_k, v, temperature, slopes, cache, layer, start)
+        return self._taumode_from_lambda(lam_q, lam_k, v, temperature, slopes, cache, layer, start, packing)
 
-    def _taumode_from_lambda(self, lam_q, lam_k, v, temperature, slopes, cache, layer, start):
+    def _taumode_from_lambda(self, lam_q, lam_k, v, temperature, slopes, cache, layer, start, packing):
+        kw = dict(temperature=temperature, is_causal=True, alibi_slopes=slopes, backend=self.config.backend)
+        B = lam_q.size(0)
         if cache is None:
-            return tk.taumode_attention_from_lambda(lam_q, lam_k, v, temperature=temperature, is_causal=True,
-                                                    alibi_slopes=slopes, backend=self.config.backend)
-        end = start + lam_q.size(2)
+            if packing is None:
+                return tk.taumode_attention_from_lambda(lam_q, lam_k, v, **kw)
+            return heads(tk.taumode_attention_from_lambda(tokens(lam_q), tokens(lam_k), tokens(v), **kw,
+                                                          **packing.varlen()), B)
         if cache.sorted is not None:
             return self._taumode_sorted(lam_q, lam_k, v, temperature, slopes, cache, layer)
-        cache.lam_k[layer][:, :, start:end] = lam_k
-        cache.v[layer][:, :, start:end] = v
-        return tk.taumode_attention_from_lambda(
-            lam_q, cache.lam_k[layer][:, :, :end], cache.v[layer][:, :, :end], temperature=temperature,
-            is_causal=True, alibi_slopes=slopes, backend=self.config.backend)
+        lk_cache, v_cache = cache.lam_k[layer], cache.v[layer]  # token-major (B, C, Hkv[, F])
+        if packing is None:  # rows of one length: dense attention over (B, Hkv, ·) views of the cache
+            end = start + lam_q.size(2)
+            lk_cache[:, start:end] = lam_k.transpose(1, 2)
+            v_cache[:, start:end] = v.transpose(1, 2)
+            return tk.taumode_attention_from_lambda(lam_q, lk_cache[:, :end].transpose(1, 2),
+                                                    v_cache[:, :end].transpose(1, 2), **kw)
+        # rows of different lengths: one packed call over the whole cache, gaps and all (KVCache.packing)
+        lk_cache[packing.slots] = lam_k.transpose(1, 2)
+        v_cache[packing.slots] = v.transpose(1, 2)
+        return heads(tk.taumode_attention_from_lambda(tokens(lam_q), lk_cache.flatten(0, 1), v_cache.flatten(0, 1),
+                                                      **kw, **packing.varlen()), B)
 
     def _taumode_sorted(self, lam_q, lam_k, v, temperature, slopes, cache, layer):
         B, _, T = lam_q.shape
@@ -211,24 +360,40 @@ class CausalSelfAttention(nn.Module):
             steps.append(sc.attend(lam_q[:, :, t:t + 1], temperature, slopes_bh))
         return torch.cat(steps, dim=2)
 
-    def _dot(self, q, k, v, cache, layer, start):
+    def _dot(self, q, k, v, cache, layer, start, packing):
         if cache is not None:
-            end = start + q.size(2)
-            cache.k[layer][:, :, start:end] = k
-            cache.v[layer][:, :, start:end] = v
-            k, v = cache.k[layer][:, :, :end], cache.v[layer][:, :, :end]
+            k, v = self._dot_cache(k, v, cache, layer, start, packing)
         Tq, Tk = q.size(2), k.size(2)
         gqa = self.n_head != self.n_kv_head
         slopes = self.slopes()
-        if slopes is None and Tq == Tk:
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
-        # Bottom-right aligned causal mask (a chunk appended to a cache sees every earlier key).
-        dist = (torch.arange(Tq, device=q.device)[:, None] + (Tk - Tq)) - torch.arange(Tk, device=q.device)[None, :]
+        keys = torch.arange(Tk, device=q.device)
+        if packing is None:
+            if slopes is None and Tq == Tk:
+                return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+            # Bottom-right aligned causal mask (a chunk appended to a cache sees every earlier key).
+            dist = (torch.arange(Tq, device=q.device) + (Tk - Tq))[:, None] - keys
+            allowed = dist >= 0
+        else:  # block-diagonal: the same attention as the taumode pack (docs/math.md §Packed sequences)
+            allowed = packing.allowed
+            dist = None if slopes is None else packing.query_at[:, None, :, None] - keys
         if slopes is None:
-            mask = dist >= 0
+            mask = allowed
         else:
-            mask = (-slopes[:, None, None] * dist.float()).masked_fill(dist < 0, float("-inf")).to(q.dtype)
+            mask = (-slopes[:, None, None] * dist.float()).masked_fill(~allowed, float("-inf")).to(q.dtype)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+
+    @staticmethod
+    def _dot_cache(k, v, cache, layer, start, packing):
+        """Write k, v into the (token-major) cache; the keys attention reads, as (B, Hkv, Tk, F) views."""
+        if packing is None:
+            end = start + k.size(2)
+            cache.k[layer][:, start:end] = k.transpose(1, 2)
+            cache.v[layer][:, start:end] = v.transpose(1, 2)
+        else:
+            cache.k[layer][packing.slots] = k.transpose(1, 2)
+            cache.v[layer][packing.slots] = v.transpose(1, 2)
+            end = packing.allowed.size(-1)
+        return cache.k[layer][:, :end].transpose(1, 2), cache.v[layer][:, :end].transpose(1, 2)
 
 
 class MLP(nn.Module):
@@ -247,8 +412,8 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(config)
         self.mlp = MLP(config)
 
-    def forward(self, x, laplacian, cache=None, layer=0):
-        x = x + self.attn(rms_norm(x), laplacian, cache, layer)
+    def forward(self, x, laplacian, cache=None, layer=0, packing=None):
+        x = x + self.attn(rms_norm(x), laplacian, cache, layer, packing)
         return x + self.mlp(rms_norm(x))
 
 
@@ -265,7 +430,8 @@ class TauGPT(nn.Module):
         if tuple(laplacian.shape) != (config.head_dim, config.head_dim):
             raise ValueError(f"laplacian has shape {tuple(laplacian.shape)}, the head dim needs "
                              f"({config.head_dim}, {config.head_dim})")
-        # Shared by every head and layer (SPEC §5); saved with the weights so a checkpoint is self-contained.
+        # Shared by every head and layer (docs/math.md §The Laplacian); saved with the weights so a checkpoint
+        # is self-contained.
         self.register_buffer("laplacian", laplacian.detach().to(torch.float32).clone())
         if config.learn_laplacian:
             # the given graph's edges (i < j) and weights; attention uses L(s) = D − W with W_ij = w_ij·e^{s_ij}
@@ -289,33 +455,55 @@ class TauGPT(nn.Module):
             nn.init.zeros_(block.attn.c_proj.weight)
             nn.init.zeros_(block.mlp.c_proj.weight)
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
-                cache: KVCache | None = None) -> torch.Tensor:
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None,
+                doc_ids: torch.Tensor | None = None, lengths=None) -> torch.Tensor:
         """Logits (B, T, vocab) in fp32; with ``targets`` the mean cross-entropy instead.
 
-        With ``cache`` the tokens are placed at positions cache.pos .. cache.pos + T − 1 (prefill is one
-        call, decode is T = 1) and the cache advances by T.
+        With ``cache`` the tokens of row b are placed at positions len_b .. len_b + T − 1 of that row (prefill
+        is one call, decode is T = 1) and the row advances by T; ``lengths`` (host ints, (B,)) says that only
+        the first lengths[b] tokens of row b are real (a right-padded batch of prompts: the row advances by
+        lengths[b], the padding's logits mean nothing).
+        ``doc_ids`` (B, T), without a cache: the document of each token (training on packed documents,
+        docs/math.md §Packed sequences): attention never crosses a document boundary inside a window and
+        RoPE positions restart at each document. Give it on the host (a device tensor is copied there).
         """
-        B, T = idx.shape
-        if cache is None:
-            if T > self.config.block_size:
-                raise ValueError(f"sequence length {T} exceeds block_size {self.config.block_size}")
-        else:
-            if B != cache.batch_size or cache.pos + T > cache.max_len:
-                raise ValueError(f"cache holds batch {cache.batch_size} × {cache.max_len} positions at pos "
-                                 f"{cache.pos}; cannot take idx of shape {(B, T)}")
+        packing = self._packing(idx, cache, doc_ids, lengths)
         x = self.wte(idx)
         laplacian = self.attention_laplacian()
         for layer, block in enumerate(self.blocks):
-            x = block(x, laplacian, cache, layer)
+            x = block(x, laplacian, cache, layer, packing)
         logits = self.lm_head(rms_norm(x)).float()
         cap = self.config.logit_softcap
         logits = cap * torch.tanh(logits / cap)
         if cache is not None:
-            cache.pos += T
+            cache.advance(idx.size(1), None if lengths is None else [int(n) for n in lengths])
         if targets is None:
             return logits
         return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
+
+    def _packing(self, idx, cache, doc_ids, lengths) -> Packing | None:
+        """Check a forward's arguments; its packing (None: the dense path)."""
+        B, T = idx.shape
+        if cache is None:
+            if T > self.config.block_size:
+                raise ValueError(f"sequence length {T} exceeds block_size {self.config.block_size}")
+            if lengths is not None:
+                raise ValueError("lengths is for a call with a cache (without one, right padding needs no mask: "
+                                 "causal attention never reads it)")
+            if doc_ids is None:
+                return None
+            if tuple(doc_ids.shape) != (B, T):
+                raise ValueError(f"doc_ids has shape {tuple(doc_ids.shape)}, idx {(B, T)}")
+            return pack_windows(doc_ids, self.config.attention, idx.device)
+        if doc_ids is not None:
+            raise ValueError("doc_ids is for training windows; a cache's rows are separate sequences already")
+        if B != cache.batch_size or max(cache.lengths, default=0) + T > cache.max_len:
+            raise ValueError(f"cache holds batch {cache.batch_size} × {cache.max_len} positions, rows at "
+                             f"{cache.lengths}; cannot take idx of shape {(B, T)}")
+        valid = None if lengths is None else [int(n) for n in lengths]
+        if valid is not None and (len(valid) != B or not all(0 <= n <= T for n in valid)):
+            raise ValueError(f"lengths {valid}: one per row of idx {(B, T)}, each in 0 .. {T}")
+        return cache.packing(T, valid)
 
     def new_cache(self, batch_size: int, max_len: int, dtype: torch.dtype | None = None,
                   sorted: bool = False) -> KVCache:
@@ -323,17 +511,19 @@ class TauGPT(nn.Module):
         return KVCache(self.config, batch_size, max_len, self.lm_head.weight.device, dtype, sorted=sorted)
 
     @torch.no_grad()
-    def first_layer_key_energy(self, idx: torch.Tensor) -> torch.Tensor:
-        """E of the first layer's keys (RoPE'd, RMS-normed) for a batch of tokens, fp32 (B, Hkv, T)."""
-        k = self.blocks[0].attn.project(rms_norm(self.wte(idx)), 0)[1]
+    def first_layer_key_energy(self, idx: torch.Tensor, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """E of the first layer's keys (RoPE'd, RMS-normed) for a batch of tokens, fp32 (B, Hkv, T); with
+        doc_ids at the positions packed training gives them (restarting at each document)."""
+        packing = None if doc_ids is None else pack_windows(doc_ids, "taumode", idx.device)
+        k = self.blocks[0].attn.project(rms_norm(self.wte(idx)), 0 if packing is None else packing.positions)[1]
         return key_energy(k, self.attention_laplacian(), self.config.eps)
 
     @torch.no_grad()
-    def calibrate_tau(self, idx: torch.Tensor) -> float:
+    def calibrate_tau(self, idx: torch.Tensor, doc_ids: torch.Tensor | None = None) -> float:
         """Set every layer's tau to the median E of the first layer's keys over ``idx``; returns it."""
         if self.config.attention != "taumode":
             return float("nan")
-        tau = float(self.first_layer_key_energy(idx).median().clamp_min(1e-4))
+        tau = float(self.first_layer_key_energy(idx, doc_ids).median().clamp_min(1e-4))
         for block in self.blocks:
             block.attn.log_tau.fill_(math.log(tau))
         return tau

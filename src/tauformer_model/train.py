@@ -25,6 +25,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -34,7 +35,7 @@ from tauformer_kernels import BACKENDS, load_laplacian
 from .checkpoint import CheckpointError, find_checkpoint, load_model, load_state, save_checkpoint
 from .cli import fraction, laplacian_spec, nonnegative_float, nonnegative_int, positive_float, positive_int
 from .config import ATTENTIONS, PRESETS, RECENCIES, TauGPTConfig
-from .data import DataError, load_dataset
+from .data import DataError, Dataset, load_dataset
 from .model import TauGPT
 
 def print0(*args, **kwargs) -> None:
@@ -82,6 +83,9 @@ class TrainConfig:
     compile: bool = False
     resume: bool = False
     recalibrate_tau: bool = False
+    # Attention never crosses a document (a file of the corpus) inside a window, and RoPE positions restart
+    # at each document (docs/math.md §Packed sequences); evaluation windows are cut the same way.
+    pack_documents: bool = False
     progress: bool = True
     model: TauGPTConfig = field(default_factory=TauGPTConfig)
 
@@ -216,6 +220,14 @@ def read_metrics(path: pathlib.Path, up_to_step: int | None = None) -> list[dict
     return [r for r in rows if up_to_step is None or r["step"] <= up_to_step]
 
 
+def read_batch(dataset: Dataset, split: str, starts: list[int], tc: TrainConfig, device):
+    """The windows at ``starts``: x, y on ``device`` and, with --pack-documents, the document ids of x's
+    tokens (on the host, where the model reads the boundaries; else None)."""
+    x, y = dataset.windows(split, starts, tc.model.block_size, device)
+    doc_ids = dataset.document_ids(split, starts, tc.model.block_size) if tc.pack_documents else None
+    return x, y, doc_ids
+
+
 @torch.no_grad()
 def evaluate(model, dataset, tc: TrainConfig, device, autocast, dist: Dist) -> float:
     """Mean val loss over tc.eval_batches fixed batches (the same ones at every evaluation), split over ranks."""
@@ -223,12 +235,73 @@ def evaluate(model, dataset, tc: TrainConfig, device, autocast, dist: Dist) -> f
     gen = torch.Generator().manual_seed(tc.seed + 3)
     total = 0.0
     for i in range(tc.eval_batches):
-        x, y = dataset.batch("val", tc.batch_size, tc.model.block_size, gen, device)  # every rank draws every batch
+        starts = dataset.starts("val", tc.batch_size, tc.model.block_size, gen)  # every rank draws every batch
         if i % dist.world == dist.rank:
+            x, y, doc_ids = read_batch(dataset, "val", starts, tc, device)
             with autocast():
-                total += float(model(x, y))
+                total += float(model(x, y, doc_ids=doc_ids))
     model.train()
     return dist.all_sum([total])[0] / tc.eval_batches
+
+
+@dataclass
+class RunState:
+    """The counters the steps advance. The first four are saved in a checkpoint; the throughput
+    counters restart at every evaluation (and on --resume)."""
+
+    step: int = 0
+    loss_sum: float = 0.0  # training losses since the last evaluation, for its mean
+    loss_count: int = 0
+    train_time: float = 0.0  # seconds spent in steps (not evaluations or saves), over the whole run
+    interval_tokens: int = 0
+    interval_time: float = 0.0
+
+    def count_step(self, loss: float, seconds: float, tokens: int) -> None:
+        self.step += 1
+        self.loss_sum += loss
+        self.loss_count += 1
+        self.train_time += seconds
+        self.interval_time += seconds
+        self.interval_tokens += tokens
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.interval_tokens / max(self.interval_time, 1e-9)
+
+
+@dataclass
+class Run:
+    """What one training run works with, built by start_run; `state` is the part the steps change."""
+
+    tc: TrainConfig
+    log: Callable[..., None]
+    dist: Dist
+    device: torch.device
+    dataset: Dataset
+    model: TauGPT
+    optimizer: torch.optim.Optimizer
+    data_gen: torch.Generator  # the training-batch sampler, advanced alike on every rank
+    state: RunState = field(default_factory=RunState)
+    wrapped: torch.nn.Module | None = None  # the model under DDP with several ranks (wrap_model)
+    fwd: Callable | None = None  # `wrapped`, or torch.compile of it
+
+    @property
+    def out(self) -> pathlib.Path:
+        return pathlib.Path(self.tc.out)
+
+    @property
+    def metrics_path(self) -> pathlib.Path:
+        return self.out / "metrics.jsonl"
+
+    @property
+    def label(self) -> str:
+        return f"{self.model.config.attention} recency={self.model.config.recency}"
+
+    def autocast(self):
+        """bf16 autocast on a GPU; plain fp32 on a CPU."""
+        if self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
 
 
 def train(tc: TrainConfig, log=print0) -> dict:
@@ -238,197 +311,252 @@ def train(tc: TrainConfig, log=print0) -> dict:
     one sampler that every rank advances identically; rank r trains on its own slice of them."""
     dist, device = setup_distributed(tc.device)
     try:
-        return _train(tc, log if dist.main else (lambda *a, **k: None), dist, device)
+        run = start_run(tc, log if dist.main else (lambda *a, **k: None), dist, device)
+        stopped = train_loop(run)
     finally:
         if dist.owns_group:
             import torch.distributed
 
             torch.distributed.destroy_process_group()
+    rows = read_metrics(run.metrics_path) if dist.main else []
+    return {"stopped": stopped, "step": run.state.step, "train_time_s": run.state.train_time,
+            "final_val_loss": rows[-1]["val_loss"] if rows else None,
+            "best_val_loss": min(r["val_loss"] for r in rows) if rows else None}
 
 
-def _train(tc: TrainConfig, log, dist: Dist, device: torch.device) -> dict:
-    out = pathlib.Path(tc.out)
-    metrics_path = out / "metrics.jsonl"
+def start_run(tc: TrainConfig, log, dist: Dist, device: torch.device) -> Run:
+    """Everything before the first step: the data, then the model and optimizer, either new (tau
+    calibrated, evaluated at step 0) or as the checkpoint in tc.out left them (--resume)."""
     if dist.main:
-        out.mkdir(parents=True, exist_ok=True)
+        pathlib.Path(tc.out).mkdir(parents=True, exist_ok=True)
     if tc.threads:
         torch.set_num_threads(tc.threads)
-    torch.manual_seed(tc.seed)
-    if dist.main:  # tokenise once, then the other ranks open the cache
-        dataset = load_dataset(tc.data, tc.data_cache, tc.tokenizer, tc.bpe_vocab_size, log=log)
-    dist.barrier()
-    if not dist.main:
-        dataset = load_dataset(tc.data, tc.data_cache, tc.tokenizer, tc.bpe_vocab_size, log=log)
-
-    state = None
+    torch.manual_seed(tc.seed)  # before the model is built: its initialisation draws from it
+    dataset = load_data(tc, log, dist)
     if tc.resume:
-        ckpt_dir = find_checkpoint(out)
-        if ckpt_dir is None:
-            raise FileNotFoundError(f"--resume: no checkpoint in {out}")
-        model, _ = load_model(ckpt_dir, device)
-        state = load_state(ckpt_dir)
-        model.config.backend = tc.model.backend  # the one model option a resumed run may change
-        tc.model = model.config
+        ckpt_dir, model, saved = load_checkpoint_model(tc, dataset, device)
     else:
         tc.model.vocab_size = dataset.tokenizer.vocab_size
         model = TauGPT(tc.model).to(device)
-    mc = model.config
-    if model.config.vocab_size != dataset.tokenizer.vocab_size:
-        raise ValueError(f"the checkpoint's vocab_size {mc.vocab_size} does not match the data's "
-                         f"tokenizer ({dataset.tokenizer.vocab_size})")
     optimizer = torch.optim.AdamW(model.optimizer_groups(tc.weight_decay), lr=tc.lr,
                                   betas=(tc.beta1, tc.beta2), eps=1e-8)
-    data_gen = torch.Generator().manual_seed(tc.seed + 1)
-    step, loss_sum, loss_count, train_time = 0, 0.0, 0, 0.0
-    calib_gen = torch.Generator().manual_seed(tc.seed + 2)
-    if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
-        data_gen.set_state(state["data_rng"])
-        torch.set_rng_state(state["torch_rng"])
-        if device.type == "cuda" and state.get("cuda_rng") is not None:
-            torch.cuda.set_rng_state(state["cuda_rng"])
-        step, loss_sum, loss_count = state["step"], state["loss_sum"], state["loss_count"]
-        train_time = state["train_time"]
-        if dist.main:  # drop evaluations written after the checkpoint
-            rows = read_metrics(metrics_path, up_to_step=step)
-            metrics_path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-        log(f"resumed {ckpt_dir} at step {step}")
-        if tc.recalibrate_tau and mc.attention == "taumode":
-            x, _ = dataset.batch("train", tc.batch_size, mc.block_size, calib_gen, device)
-            log(f"tau recalibrated: {model.calibrate_tau(x):.4f}")
+    run = Run(tc, log, dist, device, dataset, model, optimizer, torch.Generator().manual_seed(tc.seed + 1))
+    if tc.resume:
+        restore_state(run, ckpt_dir, saved)
     else:
         if dist.main:
-            metrics_path.write_text("")
-        if mc.attention == "taumode":  # the same batch on every rank: the same tau
-            x, _ = dataset.batch("train", tc.batch_size, mc.block_size, calib_gen, device)
-            log(f"tau calibrated (median E of layer-0 keys): {model.calibrate_tau(x):.4f}")
+            run.metrics_path.write_text("")
+        if model.config.attention == "taumode":
+            calibrate_tau(run, "tau calibrated (median E of layer-0 keys)")
+    log_model(run)
+    wrap_model(run)
+    if not tc.resume:
+        evaluate_and_log(run)
+    return run
 
-    label = f"{mc.attention} recency={mc.recency}"
-    log(f"{label}: {model.num_params() / 1e6:.2f}M parameters, {mc.n_layer} layers, {mc.n_head} heads "
-        f"({mc.n_kv_head} kv) of {mc.head_dim}, context {mc.block_size}, device {device}"
-        + (f", {dist.world} ranks" if dist.world > 1 else ""))
-    wrapped = model
-    if dist.world > 1:
+
+def load_data(tc: TrainConfig, log, dist: Dist) -> Dataset:
+    """The corpus, tokenised by rank 0 alone; the other ranks then open its cache."""
+    if not dist.main:
+        dist.barrier()
+    dataset = load_dataset(tc.data, tc.data_cache, tc.tokenizer, tc.bpe_vocab_size, log=log)
+    if dist.main:
+        dist.barrier()
+    return dataset
+
+
+def load_checkpoint_model(tc: TrainConfig, dataset: Dataset, device: torch.device):
+    """--resume: the checkpoint folder in tc.out, its model and its saved state. tc.model becomes
+    the checkpoint's model config, with the backend given now."""
+    ckpt_dir = find_checkpoint(tc.out)
+    if ckpt_dir is None:
+        raise FileNotFoundError(f"--resume: no checkpoint in {tc.out}")
+    model, _ = load_model(ckpt_dir, device)
+    saved = load_state(ckpt_dir)
+    model.config.backend = tc.model.backend  # the one model option a resumed run may change
+    tc.model = model.config
+    if model.config.vocab_size != dataset.tokenizer.vocab_size:
+        raise ValueError(f"the checkpoint's vocab_size {model.config.vocab_size} does not match the data's "
+                         f"tokenizer ({dataset.tokenizer.vocab_size})")
+    return ckpt_dir, model, saved
+
+
+def restore_state(run: Run, ckpt_dir: pathlib.Path, saved: dict) -> None:
+    """Put the optimizer, the sampler, the RNGs and the counters back where the checkpoint left them,
+    so that the resumed run draws and computes what the uninterrupted one would have."""
+    run.optimizer.load_state_dict(saved["optimizer"])
+    run.data_gen.set_state(saved["data_rng"])
+    torch.set_rng_state(saved["torch_rng"])
+    if run.device.type == "cuda" and saved.get("cuda_rng") is not None:
+        torch.cuda.set_rng_state(saved["cuda_rng"])
+    run.state = RunState(step=saved["step"], loss_sum=saved["loss_sum"], loss_count=saved["loss_count"],
+                         train_time=saved["train_time"])
+    if run.dist.main:  # drop evaluations written after the checkpoint
+        rows = read_metrics(run.metrics_path, up_to_step=run.state.step)
+        run.metrics_path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    run.log(f"resumed {ckpt_dir} at step {run.state.step}")
+    if run.tc.recalibrate_tau and run.model.config.attention == "taumode":
+        calibrate_tau(run, "tau recalibrated")
+
+
+def calibrate_tau(run: Run, message: str) -> None:
+    """Set tau from one training batch of its own generator (the same batch on every rank: the same tau)."""
+    gen = torch.Generator().manual_seed(run.tc.seed + 2)
+    starts = run.dataset.starts("train", run.tc.batch_size, run.model.config.block_size, gen)
+    x, _, doc_ids = read_batch(run.dataset, "train", starts, run.tc, run.device)
+    run.log(f"{message}: {run.model.calibrate_tau(x, doc_ids):.4f}")
+
+
+def log_model(run: Run) -> None:
+    """The run's header line: the model's size and shape, the device, the ranks."""
+    mc = run.model.config
+    run.log(f"{run.label}: {run.model.num_params() / 1e6:.2f}M parameters, {mc.n_layer} layers, "
+            f"{mc.n_head} heads ({mc.n_kv_head} kv) of {mc.head_dim}, context {mc.block_size}, device {run.device}"
+            + (f", {run.dist.world} ranks" if run.dist.world > 1 else ""))
+
+
+def wrap_model(run: Run) -> None:
+    """The model as the steps call it: under DDP with several ranks, then torch.compile'd with --compile."""
+    run.wrapped = run.model
+    if run.dist.world > 1:
         from torch.nn.parallel import DistributedDataParallel
 
-        wrapped = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    fwd = torch.compile(wrapped) if tc.compile else wrapped
-    if device.type == "cuda":
-        autocast = lambda: torch.autocast("cuda", dtype=torch.bfloat16)  # noqa: E731
-    else:
-        autocast = contextlib.nullcontext
+        device_ids = [run.device.index] if run.device.type == "cuda" else None
+        run.wrapped = DistributedDataParallel(run.model, device_ids=device_ids)
+    run.fwd = torch.compile(run.wrapped) if run.tc.compile else run.wrapped
 
-    def make_state() -> dict:
-        return {"step": step, "optimizer": optimizer.state_dict(), "data_rng": data_gen.get_state(),
-                "torch_rng": torch.get_rng_state(),
-                "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-                "loss_sum": loss_sum, "loss_count": loss_count, "train_time": train_time,
-                "train_config": train_config_to_dict(tc), "model_config": mc.to_dict()}
 
-    def diverged(what: str, at_step: int) -> str:
-        last = find_checkpoint(out)
-        kept = f"the last good checkpoint is kept: {last}" if last else "no checkpoint had been written"
-        return f"{what} at step {at_step}; stopping ({kept}). Try a lower --lr or --grad-clip."
-
-    def save() -> None:
-        if dist.main:
-            save_checkpoint(out, model, make_state(), dataset.tokenizer)
-        dist.barrier()
-
-    def record(val_loss: float, tokens_per_s: float | None) -> dict:
-        row = {"step": step, "train_loss": loss_sum / loss_count if loss_count else None,
-               "val_loss": val_loss, "tokens_per_s": tokens_per_s, "train_time_s": round(train_time, 3),
-               "lr": lr_at(max(step - 1, 0), tc), "label": label}
-        if dist.main:
-            with metrics_path.open("a") as f:
-                f.write(json.dumps(row) + "\n")
-            write_plot(out, read_metrics(metrics_path))
-        return row
-
-    if state is None:
-        row = record(evaluate(fwd, dataset, tc, device, autocast, dist), None)
-        log(f"step {step}: val {row['val_loss']:.4f}")
-
-    # Ctrl-C sets a flag that the loop checks between steps (a step is never half-applied).
-    interrupted = threading.Event()
-    previous_handler = None
-    if threading.current_thread() is threading.main_thread():
-        def on_sigint(signum, frame):
-            if interrupted.is_set():
-                raise KeyboardInterrupt
-            interrupted.set()
-        previous_handler = signal.signal(signal.SIGINT, on_sigint)
-
-    micro_batches = tc.grad_accum * dist.world
-    global_batch = tc.batch_size * micro_batches
-    tokens_per_step = global_batch * mc.block_size
+def train_loop(run: Run) -> str:
+    """Step to max_steps (or stop_at, or Ctrl-C), evaluating and checkpointing on schedule, and
+    checkpoint where it stops; returns why it stopped: "done", "stop_at" or "interrupted"."""
+    tc, state = run.tc, run.state
     end_step = tc.max_steps if tc.stop_at is None else min(tc.max_steps, tc.stop_at)
-    progress = Progress(tc.max_steps, step, label, log) if tc.progress and dist.main else None
-    summary = {"stopped": "done"}
-    interval_tokens, interval_time = 0, 0.0
-    try:
-        model.train()
-        while step < end_step:
-            if dist.all_sum([float(interrupted.is_set())])[0] > 0:  # every rank stops at the same step
-                summary["stopped"] = "interrupted"
-                break
-            t0 = time.perf_counter()
-            lr = lr_at(step, tc)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            local_loss = 0.0
-            starts = dataset.starts("train", global_batch, mc.block_size, data_gen)  # alike on every rank
-            for micro in range(tc.grad_accum):
-                first = (dist.rank * tc.grad_accum + micro) * tc.batch_size
-                x, y = dataset.windows("train", starts[first:first + tc.batch_size], mc.block_size, device)
-                sync = dist.world == 1 or micro + 1 == tc.grad_accum
-                with (contextlib.nullcontext() if sync else wrapped.no_sync()), autocast():
-                    loss = fwd(x, y)
-                (loss / tc.grad_accum).backward()
-                local_loss += float(loss.detach())
-            loss_value = dist.all_sum([local_loss])[0] / micro_batches
-            # the norm is needed to clip; with clipping off, max_norm = inf only measures it
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(
-                model.parameters(), tc.grad_clip if tc.grad_clip > 0 else float("inf")))
-            for what, value in (("training loss", loss_value), ("gradient norm", grad_norm)):
-                if not math.isfinite(value):
-                    raise NonFiniteLoss(diverged(f"non-finite {what} ({value})", step + 1))
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            if not all_finite(model.parameters()):
-                raise NonFiniteLoss(diverged("the update made parameters non-finite", step + 1))
-            step += 1
-            loss_sum += loss_value
-            loss_count += 1
-            dt = time.perf_counter() - t0
-            train_time += dt
-            interval_time += dt
-            interval_tokens += tokens_per_step
+    tokens_per_step = tc.batch_size * tc.grad_accum * run.dist.world * run.model.config.block_size
+    stopped = "done"
+    with ctrl_c_flag() as interrupted:
+        progress = Progress(tc.max_steps, state.step, run.label, run.log) if tc.progress and run.dist.main else None
+        try:
+            run.model.train()
+            while state.step < end_step:
+                if run.dist.all_sum([float(interrupted.is_set())])[0] > 0:  # every rank stops at the same step
+                    stopped = "interrupted"
+                    break
+                t0 = time.perf_counter()
+                loss = train_step(run)
+                state.count_step(loss, time.perf_counter() - t0, tokens_per_step)
+                if progress is not None:
+                    progress.update(state.step, loss, state.tokens_per_s)
+                if state.step % tc.eval_every == 0 or state.step == tc.max_steps:
+                    evaluate_and_log(run)
+                if state.step % tc.checkpoint_every == 0 or state.step == tc.max_steps:
+                    save(run)
+            if state.step == end_step and state.step < tc.max_steps:
+                stopped = "stop_at"
+            if stopped != "done" and state.step % tc.checkpoint_every:  # else the loop saved this step
+                save(run)
+            if stopped == "interrupted":
+                run.log(f"interrupted: checkpoint saved at step {state.step} in {run.out / 'checkpoint'}; "
+                        "continue with --resume")
+        finally:
             if progress is not None:
-                progress.update(step, loss_value, interval_tokens / max(interval_time, 1e-9))
-            if step % tc.eval_every == 0 or step == tc.max_steps:
-                tps = interval_tokens / max(interval_time, 1e-9)
-                row = record(evaluate(fwd, dataset, tc, device, autocast, dist), round(tps, 1))
-                log(f"step {step}: train {row['train_loss']:.4f} val {row['val_loss']:.4f} "
-                    f"tokens/s {tps:.0f} time {train_time:.0f}s")
-                loss_sum, loss_count, interval_tokens, interval_time = 0.0, 0, 0, 0.0
-            if step % tc.checkpoint_every == 0 or step == tc.max_steps:
-                save()
-        if step == end_step and step < tc.max_steps:
-            summary["stopped"] = "stop_at"
-        if summary["stopped"] != "done" or step % tc.checkpoint_every:
-            save()
-        if summary["stopped"] == "interrupted":
-            log(f"interrupted: checkpoint saved at step {step} in {out / 'checkpoint'}; continue with --resume")
+                progress.close()
+    return stopped
+
+
+@contextlib.contextmanager
+def ctrl_c_flag():
+    """An Event that Ctrl-C sets (a second Ctrl-C raises KeyboardInterrupt): the loop checks it between
+    steps, so a step is never half-applied. Only the main thread can take signals; elsewhere it stays clear."""
+    interrupted = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield interrupted
+        return
+
+    def on_sigint(signum, frame):
+        if interrupted.is_set():
+            raise KeyboardInterrupt
+        interrupted.set()
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        yield interrupted
     finally:
-        if progress is not None:
-            progress.close()
-        if previous_handler is not None:
-            signal.signal(signal.SIGINT, previous_handler)
-    rows = read_metrics(metrics_path) if dist.main else []
-    summary.update(step=step, train_time_s=train_time, final_val_loss=rows[-1]["val_loss"] if rows else None,
-                   best_val_loss=min(r["val_loss"] for r in rows) if rows else None)
-    return summary
+        if previous is not None:  # None: the previous handler was not set from Python
+            signal.signal(signal.SIGINT, previous)
+
+
+def train_step(run: Run) -> float:
+    """One optimizer step on this step's global batch; returns its mean loss over all ranks. Raises
+    NonFiniteLoss before a non-finite loss, gradient norm or parameter can reach a checkpoint."""
+    tc, dist, step, block = run.tc, run.dist, run.state.step, run.model.config.block_size
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr_at(step, tc)
+    micro_batches = tc.grad_accum * dist.world
+    starts = run.dataset.starts("train", tc.batch_size * micro_batches, block, run.data_gen)  # alike on every rank
+    local_loss = 0.0
+    for micro in range(tc.grad_accum):
+        first = (dist.rank * tc.grad_accum + micro) * tc.batch_size
+        x, y, doc_ids = read_batch(run.dataset, "train", starts[first:first + tc.batch_size], tc, run.device)
+        sync = dist.world == 1 or micro + 1 == tc.grad_accum  # DDP all-reduces on the last micro-batch only
+        with (contextlib.nullcontext() if sync else run.wrapped.no_sync()), run.autocast():
+            loss = run.fwd(x, y, doc_ids=doc_ids)
+        (loss / tc.grad_accum).backward()
+        local_loss += float(loss.detach())
+    loss_value = dist.all_sum([local_loss])[0] / micro_batches
+    # the norm is needed to clip; with clipping off, max_norm = inf only measures it
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(
+        run.model.parameters(), tc.grad_clip if tc.grad_clip > 0 else float("inf")))
+    for what, value in (("training loss", loss_value), ("gradient norm", grad_norm)):
+        if not math.isfinite(value):
+            raise NonFiniteLoss(divergence_message(run, f"non-finite {what} ({value})", step + 1))
+    run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    if not all_finite(run.model.parameters()):
+        raise NonFiniteLoss(divergence_message(run, "the update made parameters non-finite", step + 1))
+    return loss_value
+
+
+def divergence_message(run: Run, what: str, at_step: int) -> str:
+    last = find_checkpoint(run.out)
+    kept = f"the last good checkpoint is kept: {last}" if last else "no checkpoint had been written"
+    return f"{what} at step {at_step}; stopping ({kept}). Try a lower --lr or --grad-clip."
+
+
+def evaluate_and_log(run: Run) -> None:
+    """Evaluate now: a row appended to metrics.jsonl (loss.png redrawn) and a line printed; then the
+    train-loss and throughput counters restart. The step-0 evaluation, before training, has neither."""
+    st = run.state
+    val_loss = evaluate(run.fwd, run.dataset, run.tc, run.device, run.autocast, run.dist)
+    row = {"step": st.step, "train_loss": st.loss_sum / st.loss_count if st.loss_count else None,
+           "val_loss": val_loss, "tokens_per_s": round(st.tokens_per_s, 1) if st.step else None,
+           "train_time_s": round(st.train_time, 3), "lr": lr_at(max(st.step - 1, 0), run.tc), "label": run.label}
+    if run.dist.main:
+        with run.metrics_path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        write_plot(run.out, read_metrics(run.metrics_path))
+    if st.step == 0:
+        run.log(f"step 0: val {val_loss:.4f}")
+    else:
+        run.log(f"step {st.step}: train {row['train_loss']:.4f} val {val_loss:.4f} "
+                f"tokens/s {st.tokens_per_s:.0f} time {st.train_time:.0f}s")
+    st.loss_sum, st.loss_count, st.interval_tokens, st.interval_time = 0.0, 0, 0, 0.0
+
+
+def save(run: Run) -> None:
+    """Checkpoint the run: rank 0 writes it (atomically, see checkpoint.py); every rank waits for it."""
+    if run.dist.main:
+        save_checkpoint(run.out, run.model, checkpoint_state(run), run.dataset.tokenizer)
+    run.dist.barrier()
+
+
+def checkpoint_state(run: Run) -> dict:
+    """Everything but the weights that --resume needs to continue exactly (state.pt)."""
+    st = run.state
+    return {"step": st.step, "optimizer": run.optimizer.state_dict(), "data_rng": run.data_gen.get_state(),
+            "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state(run.device) if run.device.type == "cuda" else None,
+            "loss_sum": st.loss_sum, "loss_count": st.loss_count, "train_time": st.train_time,
+            "train_config": train_config_to_dict(run.tc), "model_config": run.model.config.to_dict()}
 
 
 def all_finite(tensors) -> bool:
@@ -485,6 +613,8 @@ TRAIN_FLAGS = {
     "seed": (int, "seed of the initialisation and of the batch sampler"),
     "device": (str, "'auto' (cuda if available), 'cpu', 'cuda', 'cuda:1', ..."),
     "threads": (positive_int, "torch.set_num_threads (CPU)"),
+    "pack_documents": (bool, "attention never crosses a document (a file of the corpus) inside a training window; "
+                             "RoPE positions restart at each document"),
 }
 
 
