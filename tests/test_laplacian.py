@@ -96,7 +96,7 @@ def test_load_rejects_a_broken_file(tmp_path):
         load_laplacian(tmp_path / "other.npz")
 
 
-@pytest.mark.skipif(not os.path.exists(REFERENCE_MANIFOLD), reason="../shared (the reference crate's Laplacian) is absent")
+@pytest.mark.skipif(not os.path.exists(REFERENCE_MANIFOLD), reason="the reference crate's 384×384 Laplacian (outside the repo) is absent")
 def test_reference_crate_manifold_loads_and_projects_heads_of_384():
     lap = load_laplacian(REFERENCE_MANIFOLD, 384)
     assert lap.shape == (384, 384) and int((lap != 0).sum()) == 6408

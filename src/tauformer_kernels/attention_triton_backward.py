@@ -206,6 +206,36 @@ def attention_bwd_triton(dout, lq, lk, v, out, lse, temperature, alibi_slopes, i
         return _attention_bwd(dout, lq, lk, v, out, lse, temperature, alibi_slopes, is_causal, seqs, poison)
 
 
+def _preprocess(out, dout, lse, lq, block_m: int, seqs, new):
+    """The preprocess kernel's ROWS (λq, lse·log2e and D per query block of the main kernel) and, for a pack,
+    IDX (each query row's row in the aligned partial-dλq layout; None when dense)."""
+    b, h, tq = lq.shape
+    dv_dim, device, nan = out.shape[-1], out.device, float("nan")
+    pre = preprocess_launch(dv_dim, block_m, varlen=seqs is not None)
+    if seqs is not None:
+        count = seqs.count
+        # per (head, query block of a sequence); total_q // BLOCK_M + B blocks per head bound the sequences'
+        # cdiv(Tq_b, BLOCK_M) blocks without a host read
+        rows = new((h, tq // block_m + count, 3, block_m), nan, dtype=torch.float32, device=device)
+        # zeros: rows past the last sequence (if any) gather row 0 instead of an address outside the buffer
+        idx = torch.zeros(tq, dtype=torch.int32, device=device)
+        grid = triton.cdiv(triton.cdiv(seqs.max_q, block_m) * block_m, pre.constexprs["BLOCK_M"]) * count * h
+        pack_args = (seqs.cu_q, idx, count, seqs.max_q)
+    else:
+        # per query block of the main kernel, padded past Tq
+        num_qb = triton.cdiv(tq, block_m)
+        rows = new((b * h, num_qb, 3, block_m), nan, dtype=torch.float32, device=device)
+        idx = None
+        grid = triton.cdiv(num_qb * block_m, pre.constexprs["BLOCK_M"]) * b * h
+        pack_args = ()
+    if grid:  # a pack whose sequences have no queries: no rows to prepare (none is read)
+        attention_bwd_preprocess_kernel[(grid,)](
+            out, dout, lse, lq, rows, *out.stride(), *dout.stride(), *lq.stride(), h, tq, dv_dim, *pack_args,
+            **pre.options(),
+        )
+    return rows, idx
+
+
 def _attention_bwd(dout, lq, lk, v, out, lse, temperature, alibi_slopes, is_causal, seqs, poison):
     b, h, tq = lq.shape
     hkv, tk, dv_dim = lk.shape[1], lk.shape[2], v.shape[-1]
@@ -246,27 +276,7 @@ def _attention_bwd(dout, lq, lk, v, out, lse, temperature, alibi_slopes, is_caus
         return dlq, dlk, dv, dtemp, dalibi
 
     dout = dout.to(v.dtype)
-    lse = lse.to(torch.float32).contiguous()
-    pre = preprocess_launch(dv_dim, block_m, varlen=pack)
-    if pack:
-        # per (head, query block of a sequence): λq, lse·log2e, D (see the preprocess kernel); total_q //
-        # BLOCK_M + B blocks per head bound the sequences' cdiv(Tq_b, BLOCK_M) blocks without a host read
-        rows = new((h, tq // block_m + count, 3, block_m), nan, dtype=torch.float32, device=device)
-        # zeros: rows past the last sequence (if any) gather row 0 instead of an address outside the buffer
-        idx = torch.zeros(tq, dtype=torch.int32, device=device)
-        pre_grid = triton.cdiv(triton.cdiv(seqs.max_q, block_m) * block_m, pre.constexprs["BLOCK_M"]) * count * h
-        pack_args = (seqs.cu_q, idx, count, seqs.max_q)
-    else:
-        # per query block of the main kernel: λq, lse·log2e, D (see the preprocess kernel), padded past Tq
-        num_qb = triton.cdiv(tq, block_m)
-        rows = new((b * h, num_qb, 3, block_m), nan, dtype=torch.float32, device=device)
-        pre_grid = triton.cdiv(num_qb * block_m, pre.constexprs["BLOCK_M"]) * b * h
-        pack_args = ()
-    if pre_grid:  # a pack whose sequences have no queries: no rows to prepare (none is read)
-        attention_bwd_preprocess_kernel[(pre_grid,)](
-            out, dout, lse, lq, rows, *out.stride(), *dout.stride(), *lq.stride(), h, tq, dv_dim, *pack_args,
-            **pre.options(),
-        )
+    rows, idx = _preprocess(out, dout, lse.to(torch.float32).contiguous(), lq, block_m, seqs, new)
     slopes = alibi_slopes.to(torch.float32).contiguous() if alibi_slopes is not None else rows
     temp = temperature.to(torch.float32).contiguous()
     pack_args = (seqs.cu_q, seqs.cu_k, num_kb) if pack else ()
