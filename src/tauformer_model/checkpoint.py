@@ -56,7 +56,11 @@ def _complete_folders(run: pathlib.Path) -> list[pathlib.Path]:
     found = []
     for p in run.iterdir() if run.is_dir() else ():
         m = _FOLDER.match(p.name)
-        if m and p.is_dir() and not p.is_symlink():
+        try:
+            complete = m is not None and p.is_dir() and not p.is_symlink()
+        except FileNotFoundError:  # pruned by a live run between the listing and the check
+            complete = False
+        if complete:
             found.append(((int(m.group(1)), int(m.group(2) or 0)), p))
     return [p for _, p in sorted(found)]
 
