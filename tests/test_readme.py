@@ -2,6 +2,8 @@
 import pathlib
 import re
 
+import pytest
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
 
@@ -18,3 +20,14 @@ def test_ci_runs_the_quickstart_test_command_verbatim():
     assert len(commands) == 2 and "tauformer_model.train" in commands[0] and "pytest" in commands[1]
     assert all(c.startswith("python -m venv .venv && . .venv/bin/activate && ") for c in commands)
     assert commands[1] in (ROOT / ".ci" / "run").read_text().splitlines()
+
+
+def test_readme_hugging_face_recipe_runs(tmp_path, monkeypatch):
+    pytest.importorskip("transformers", minversion="5")
+    section = README.read_text().split("## Hugging Face transformers", 1)[1].split("\n## ", 1)[0]
+    recipe = re.findall(r"```python\n(.*?)```", section, flags=re.S)[0]
+    monkeypatch.chdir(tmp_path)  # it saves a model folder
+    scope = {}
+    exec(compile(recipe, "README.md", "exec"), scope)
+    assert scope["out"].shape == (1, 22)
+    assert scope["model"].config._attn_implementation == "taumode"
