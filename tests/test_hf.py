@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-transformers = pytest.importorskip("transformers", minversion="5")
+transformers = pytest.importorskip("transformers", minversion="5.4")
 
 from transformers import (AttentionInterface, AutoModelForCausalLM, DynamicCache, LlamaConfig,  # noqa: E402
                           MistralConfig, Qwen2Config)
@@ -106,7 +106,7 @@ def test_cached_greedy_generate_equals_uncached(name):
     model = any_model(name)
     ids = torch.randint(1, 256, (2, 11))  # 1..: pad_token_id 0 marks padding
     cached = model.generate(ids, max_new_tokens=12, do_sample=False, pad_token_id=0, return_dict_in_generate=True)
-    assert isinstance(cached.past_key_values, hf.TaumodeCache)
+    assert isinstance(getattr(cached, hf.CACHE_FIELD), hf.TaumodeCache)
     uncached = model.generate(ids, max_new_tokens=12, do_sample=False, pad_token_id=0, use_cache=False)
     assert torch.equal(cached.sequences, uncached)
     assert len(set(cached.sequences[:, 11:].flatten().tolist())) > 1  # not a constant continuation
@@ -131,8 +131,8 @@ def test_logits_with_the_cache_match_the_full_forward(name):
     ids = torch.randint(0, 256, (2, 13))
     full = model(ids, use_cache=False).logits
     cache = hf.TaumodeCache(model)
-    first = model(ids[:, :9], past_key_values=cache).logits
-    rest = [model(ids[:, t:t + 1], past_key_values=cache).logits for t in range(9, 13)]
+    first = model(ids[:, :9], **{hf.CACHE_FIELD: cache}).logits
+    rest = [model(ids[:, t:t + 1], **{hf.CACHE_FIELD: cache}).logits for t in range(9, 13)]
     assert rel_err(torch.cat([first] + rest, 1), full) < 1e-5
 
 
@@ -153,8 +153,8 @@ def test_cache_bytes_are_v_plus_one_scalar_per_key(name, dtype):
     model = any_model(name).to(dtype)
     ids = torch.randint(0, 256, (2, 20))
     taumode, ordinary = hf.TaumodeCache(model), DynamicCache(config=model.config)
-    model(ids, past_key_values=taumode)
-    model(ids, past_key_values=ordinary)
+    model(ids, **{hf.CACHE_FIELD: taumode})
+    model(ids, **{hf.CACHE_FIELD: ordinary})
     ordinary_bytes = sum(t.nbytes for layer in ordinary.layers for t in (layer.keys, layer.values))
     F = 16
     v_bytes = 2 * 2 * 20 * F * dtype.itemsize * 2  # B Hkv T F, two layers

@@ -23,7 +23,7 @@ def test_ci_runs_the_quickstart_test_command_verbatim():
 
 
 def test_readme_hugging_face_recipe_runs(tmp_path, monkeypatch):
-    pytest.importorskip("transformers", minversion="5")
+    pytest.importorskip("transformers", minversion="5.4")
     section = README.read_text().split("## Hugging Face transformers", 1)[1].split("\n## ", 1)[0]
     recipe = re.findall(r"```python\n(.*?)```", section, flags=re.S)[0]
     monkeypatch.chdir(tmp_path)  # it saves a model folder

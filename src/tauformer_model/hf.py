@@ -39,7 +39,7 @@ try:
     from transformers.masking_utils import AttentionMaskInterface
     from transformers.modeling_outputs import CausalLMOutputWithPast
 except ImportError as e:  # the package itself needs no transformers
-    raise ImportError("tauformer_model.hf needs Hugging Face transformers 5 or later: "
+    raise ImportError("tauformer_model.hf needs Hugging Face transformers 5.4 or later: "
                       "pip install \"tauformer[hf]\"") from e
 
 import tauformer_kernels as tk
@@ -48,8 +48,12 @@ from .config import RECENCIES, TauGPTConfig
 from .model import TauGPT, alibi_slopes, build_laplacian, key_energy, rms_norm
 
 NAME = "taumode"
-if int(transformers.__version__.split(".")[0]) < 5:
-    raise ImportError(f"tauformer_model.hf needs transformers 5 or later, found {transformers.__version__}")
+# The cache's keyword: "past_key_values" until transformers 5.2x renamed it "cache" (the old name still works)
+CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+CACHE_NAMES = ("cache", "past_key_values")
+# The mask function's keyword calling convention and the Cache layers it relies on: tested 5.4 to 5.24
+if tuple(int(n) for n in transformers.__version__.split(".")[:2]) < (5, 4):
+    raise ImportError(f"tauformer_model.hf needs transformers 5.4 or later, found {transformers.__version__}")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -153,7 +157,7 @@ class TaumodeLayer(DynamicLayer):
 
 class TaumodeCache(DynamicCache):
     """The (V, λk) cache of a taumode model: ``TaumodeCache(model)``, one TaumodeLayer per attention layer.
-    `generate` on a model that went through enable_taumode makes one itself; pass one as `past_key_values`
+    `generate` on a model that went through enable_taumode makes one itself; pass one as the `cache` (`past_key_values` before transformers 5.2x)
     for a decode loop of your own."""
 
     def __init__(self, model):
@@ -401,9 +405,10 @@ def _use_taumode_cache(model) -> None:
 
 
 def _swap_default_cache(model, model_kwargs: dict) -> None:
-    cache = model_kwargs.get("past_key_values")
-    if type(cache) is DynamicCache and not getattr(cache, "_is_user_defined", False):
-        model_kwargs["past_key_values"] = TaumodeCache(model)
+    for name in CACHE_NAMES:
+        cache = model_kwargs.get(name)
+        if type(cache) is DynamicCache and not getattr(cache, "_is_user_defined", False):
+            model_kwargs[name] = TaumodeCache(model)
 
 
 @torch.no_grad()
@@ -541,14 +546,16 @@ class TauGPTForCausalLM(PreTrainedModel, GenerationMixin):
         _swap_default_cache(self, model_kwargs)
         return result
 
-    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, past_key_values=None,
                 use_cache=None, labels=None, logits_to_keep=0, **kwargs):
+        """transformers' causal-LM forward; the cache as `cache` or (before transformers 5.2x) `past_key_values`."""
         tf = self.transformer
         B, T = input_ids.shape
+        cache = past_key_values if cache is None else cache
         use_cache = self.config.use_cache if use_cache is None else use_cache
-        if use_cache and past_key_values is None:
-            past_key_values = TaumodeCache(self)
-        past = 0 if past_key_values is None else past_key_values.get_seq_length()
+        if use_cache and cache is None:
+            cache = TaumodeCache(self)
+        past = 0 if cache is None else cache.get_seq_length()
         if position_ids is None:
             position_ids = torch.arange(past, past + T, device=input_ids.device)[None]
         position_ids = position_ids.expand(B, T)
@@ -556,8 +563,8 @@ class TauGPTForCausalLM(PreTrainedModel, GenerationMixin):
         x = tf.wte(input_ids)
         for layer, (block, params) in enumerate(zip(tf.blocks, self.attention_params())):
             q, k, v = block.attn.project(rms_norm(x), position_ids)
-            if past_key_values is not None:
-                k, v = past_key_values.update(k, v, layer)
+            if cache is not None:
+                k, v = cache.update(k, v, layer)
             y = taumode_attend(params, q, k, v, mask, position_ids, **kwargs)
             x = x + block.attn.c_proj(y.transpose(1, 2).reshape(B, T, -1))
             x = x + block.mlp(rms_norm(x))
@@ -568,7 +575,7 @@ class TauGPTForCausalLM(PreTrainedModel, GenerationMixin):
         loss = None
         if labels is not None:
             loss = nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=past_key_values)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, **{CACHE_FIELD: cache})
 
 
 AutoConfig.register(TauGPTHFConfig.model_type, TauGPTHFConfig)
