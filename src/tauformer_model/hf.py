@@ -45,7 +45,7 @@ except ImportError as e:  # the package itself needs no transformers
 import tauformer_kernels as tk
 
 from .config import RECENCIES, TauGPTConfig
-from .model import TauGPT, alibi_slopes, build_laplacian, key_energy, rms_norm
+from .model import TauGPT, alibi_slopes, build_laplacian, heads, key_energy, rms_norm, tokens
 
 NAME = "taumode"
 # The cache's keyword: "past_key_values" until transformers 5.2x renamed it "cache" (the old name still works)
@@ -254,11 +254,6 @@ def _packing(query, key, attention_mask, position_ids, kwargs):
 _last_packing: dict = {}  # the last eager call's key, mask and positions, and their packing
 
 
-def _flat(t: torch.Tensor) -> torch.Tensor:
-    """(B, H, T, ...) -> packed (B·T, H, ...)."""
-    return t.transpose(1, 2).flatten(0, 1)
-
-
 def taumode_attend(params, query, key, value, attention_mask=None, position_ids=None, **kwargs) -> torch.Tensor:
     """Taumode attention of q (B, H, Tq, F) over keys (B, Hkv, Tk, F), or over their cached λ (B, Hkv, Tk, 1),
     and values (B, Hkv, Tk, Dv): (B, H, Tq, Dv). Causal, bottom-right aligned (a chunk after a cache sees
@@ -276,8 +271,7 @@ def taumode_attend(params, query, key, value, attention_mask=None, position_ids=
         q, k, v = _normed(params, query), _normed(params, key), value
         if packing is None:
             return tk.taumode_attention(q, k, v, L, tau=tau, eps=params.eps, **kw)
-        y = tk.taumode_attention(_flat(q), _flat(k), _flat(v), L, tau=tau, eps=params.eps, **kw)
-        return y.unflatten(0, (B, Tq)).transpose(1, 2)
+        return heads(tk.taumode_attention(tokens(q), tokens(k), tokens(v), L, tau=tau, eps=params.eps, **kw), B)
     lam_k = key[..., 0] if lambda_keys else key_lambda(params, key)
     if params.lambda_term:
         lam_q = tk.taumode_lambda(_normed(params, query), L, tau=tau.repeat_interleave(group), eps=params.eps,
@@ -286,8 +280,7 @@ def taumode_attend(params, query, key, value, attention_mask=None, position_ids=
         lam_q = query.new_zeros(query.shape[:3], dtype=torch.float32)
     if packing is None:
         return tk.taumode_attention_from_lambda(lam_q, lam_k, value, **kw)
-    y = tk.taumode_attention_from_lambda(_flat(lam_q), _flat(lam_k), _flat(value), **kw)
-    return y.unflatten(0, (B, Tq)).transpose(1, 2)
+    return heads(tk.taumode_attention_from_lambda(tokens(lam_q), tokens(lam_k), tokens(value), **kw), B)
 
 
 def taumode_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
