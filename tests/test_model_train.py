@@ -1,6 +1,8 @@
 """Training loop, checkpoints, exact resume, generation and data (micro configs: seconds on a CPU)."""
 
 import argparse
+import contextlib
+import dataclasses
 import json
 import pathlib
 import sysconfig
@@ -8,7 +10,7 @@ import sysconfig
 import pytest
 import torch
 
-from tauformer_model import TauGPTConfig
+from tauformer_model import TauGPT, TauGPTConfig
 from tauformer_model import generate as gen_mod
 from tauformer_model import train as train_mod
 from tauformer_model.data import ByteTokenizer, list_files, load_dataset, split_files
@@ -135,6 +137,12 @@ def test_cli_flags_all_have_help_and_reach_the_config(tmp_path):
     assert (tau4.model.n_head, tau4.model.n_kv_head, tau4.model.n_embd) == (4, 4, 128)
     tc30 = train_mod.config_from_args(parser.parse_args(["--preset", "30m", "--out", str(tmp_path)]))
     assert (tc30.model.n_layer, tc30.model.n_head, tc30.model.n_embd, tc30.model.block_size) == (6, 6, 384, 1024)
+    # 30M as its name says: the BPE vocabulary the preset trains makes up the reference's count
+    assert (tc30.tokenizer, tc30.bpe_vocab_size) == ("bpe", 25_000)
+    with torch.device("meta"):
+        model30 = TauGPT(dataclasses.replace(tc30.model, vocab_size=tc30.bpe_vocab_size), laplacian=torch.eye(64))
+    assert 29.5e6 < model30.num_params() < 30.5e6
+    assert 10.5e6 < model30.num_params() - model30.num_embedding_params() < 10.8e6
 
 
 def test_data_split_is_by_file_and_cached(tmp_path, corpus):
@@ -155,6 +163,24 @@ def test_data_split_is_by_file_and_cached(tmp_path, corpus):
     assert x.shape == (3, 16) and torch.equal(x[:, 1:], y[:, :-1])
 
 
+def test_validation_windows_do_not_depend_on_the_seed(tmp_path, corpus):
+    """Every seed is scored on the same val text: windows spread over the whole split, one model's val loss
+    identical whatever the run's seed (it was drawn with tc.seed + 3, so each seed saw other text)."""
+    ds = load_dataset(str(corpus), str(tmp_path / "cache"), log=quiet)
+    starts = ds.evaluation_starts("val", 10, 32)
+    assert starts[0] == 0 and starts[-1] == ds.last_start("val", 32) and starts == sorted(set(starts))
+    x, y = ds.windows("val", [starts[-1]], 32)
+    assert y.shape == (1, 32)  # the last window and its targets fit in the split
+    model = TauGPTConfig(n_layer=2, n_head=2, n_kv_head=1, n_embd=32, block_size=32)
+    torch.manual_seed(0)
+    net = TauGPT(model)
+    scores = [train_mod.evaluate(net, ds, micro_config(tmp_path, corpus, tmp_path / "cache", seed=seed), "cpu",
+                                 contextlib.nullcontext, train_mod.Dist()) for seed in (1, 7, 1337)]
+    assert scores[0] == scores[1] == scores[2]
+    other = micro_config(tmp_path, corpus, tmp_path / "cache", eval_batches=3)  # more windows: other text
+    assert train_mod.evaluate(net, ds, other, "cpu", contextlib.nullcontext, train_mod.Dist()) != scores[0]
+
+
 def test_bpe_tokenizer(tmp_path, corpus):
     pytest.importorskip("tokenizers")
     ds = load_dataset(str(corpus), str(tmp_path / "cache"), tokenizer="bpe", vocab_size=300, log=quiet)
@@ -168,15 +194,21 @@ def test_compare_writes_the_side_by_side_table(tmp_path, corpus, capsys):
 
     out = tmp_path / "cmp"
     argv = ["--preset", "micro", "--out", str(out), "--variants", "dot,taumode,taumode+recency", "--max-steps", "4",
-            "--data", str(corpus), "--data-cache", str(tmp_path / "cache")]
+            "--seeds", "2", "--seed", "5", "--data", str(corpus), "--data-cache", str(tmp_path / "cache")]
     assert compare.main(argv) == 0
     text = (out / "table.md").read_text()
-    for name in ("| dot |", "| taumode |", "| taumode+recency |"):
-        assert name in text
+    rows = {line.split(" | ")[0][2:]: line.split(" | ") for line in text.splitlines()[2:]}
+    assert set(rows) == {"dot", "taumode", "taumode+recency"}
+    for name, cells in rows.items():
+        assert cells[1] == "5, 6"  # both seeds, each in its own folder
+        assert (out / name / "seed-5" / "metrics.jsonl").exists() and (out / name / "seed-6" / "checkpoint").exists()
+        vals = [compare.read_rows(out / name / f"seed-{s}")[-1]["val_loss"] for s in (5, 6)]
+        assert cells[2] == compare.mean_sd(vals) and " ± " in cells[2]
+    assert rows["dot"][3] == "–" and rows["taumode"][3].endswith(" %")
     # micro: head dim 16, 1 kv head, fp32: V + λ = 17 × 4 bytes; K + V = 32 × 4 bytes
-    assert "| 68 |" in text and "| 128 |" in text
+    assert rows["taumode+recency"][-1] == "68 |" and rows["dot"][-1] == "128 |"
     assert compare.main(argv) == 0  # finished runs are reused, not retrained
-    assert capsys.readouterr().out.count("not retrained") == 3
+    assert capsys.readouterr().out.count("not retrained") == 6
 
 
 def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tmp_path, corpus):

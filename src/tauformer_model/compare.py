@@ -1,10 +1,13 @@
 """The side-by-side: dot-product vs taumode (as the reference crate defines it) vs the recency-only
-control vs taumode + recency (at dot's head shape and at its own), trained with the same preset, seed,
-data and steps, one after another:
-``python -m tauformer_model.compare --preset tiny --out runs/compare``
+control vs taumode + recency (at dot's head shape and at its own), each trained with the same preset, data
+and steps for several seeds (3 by default), one run after another:
+``python -m tauformer_model.compare --preset tiny --seeds 3 --out runs/compare``
 
-Other flags (``--data``, ``--batch-size``, ...) are passed to every training run. Writes ``<out>/table.md``: val loss at equal steps and at equal training wall-clock, tokens/s, and the
-cache bytes per token and layer (measured from the tensors of each model's cache).
+Other flags (``--data``, ``--batch-size``, ...) are passed to every training run. Every run is scored on the
+same val windows (train.evaluate), so seeds differ only in initialisation and batches. Writes
+``<out>/table.md``: val loss as mean ± sd over the seeds at equal steps and at equal training wall-clock, the
+gap to the first variant paired by seed, tokens/s, and the cache bytes per token and layer (measured from the
+tensors of each model's cache).
 """
 
 from __future__ import annotations
@@ -50,24 +53,52 @@ def finished(folder: pathlib.Path, max_steps: int) -> bool:
     return bool(rows) and rows[-1]["step"] >= max_steps
 
 
-def table(out: pathlib.Path, names: list[str]) -> str:
-    runs = {n: read_rows(out / n) for n in names}
-    runs = {n: r for n, r in runs.items() if len(r) > 1}
+def run_folder(out: pathlib.Path, name: str, seed: int) -> pathlib.Path:
+    return out / name / f"seed-{seed}"
+
+
+def mean_sd(values: list[float], digits: int = 4) -> str:
+    """"mean ± sd" (sample sd, n − 1) of values; the mean alone for one value."""
+    if len(values) == 1:
+        return f"{values[0]:.{digits}f}"
+    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+
+
+def table(out: pathlib.Path, names: list[str], seeds: list[int]) -> str:
+    """Val loss of every variant as mean ± sd over the seeds that finished, at the last step every run reached
+    and at the training wall-clock every run reached; the gap to the first variant paired by seed (the same
+    seed draws the same batches for every variant), as mean ± sd of the per-seed relative gaps."""
+    runs = {n: {s: rows for s in seeds if len(rows := read_rows(run_folder(out, n, s))) > 1} for n in names}
+    runs = {n: by_seed for n, by_seed in runs.items() if by_seed}
     if not runs:
         return "(no finished runs)"
-    wall = min(r[-1]["train_time_s"] for r in runs.values())
-    lines = [f"| variant | val @ step {min(r[-1]['step'] for r in runs.values())} | val @ {wall:.0f} s of training "
-             "(step) | best val | tokens/s (median) | training time | cache bytes / token / layer |",
-             "|---|---|---|---|---|---|---|"]
-    for name, rows in runs.items():
-        last = rows[-1]
-        at_wall = [r for r in rows if r["train_time_s"] <= wall + 1e-6][-1]
-        tps = statistics.median(r["tokens_per_s"] for r in rows if r.get("tokens_per_s"))
-        model, _ = load_model(out / name / "checkpoint")
+    every = [rows for by_seed in runs.values() for rows in by_seed.values()]
+    step = min(rows[-1]["step"] for rows in every)
+    wall = min(rows[-1]["train_time_s"] for rows in every)
+
+    def at_step(rows):
+        return [r for r in rows if r["step"] <= step][-1]["val_loss"]
+
+    def at_wall(rows):
+        return [r for r in rows if r["train_time_s"] <= wall + 1e-6][-1]
+
+    reference = next(iter(runs))
+    lines = [f"| variant | seeds | val @ step {step} | vs {reference} (paired by seed) | val @ {wall:.0f} s of training "
+             "(steps) | tokens/s (median) | training time | cache bytes / token / layer |",
+             "|---|---|---|---|---|---|---|---|"]
+    for name, by_seed in runs.items():
+        vals = [at_step(rows) for rows in by_seed.values()]
+        paired = [s for s in by_seed if s in runs[reference]]
+        gaps = [100 * (at_step(by_seed[s]) / at_step(runs[reference][s]) - 1) for s in paired]
+        gap = "–" if name == reference else (mean_sd(gaps, 2) + " %" if gaps else "(no common seed)")
+        walls = [at_wall(rows) for rows in by_seed.values()]
+        tps = statistics.median(r["tokens_per_s"] for rows in by_seed.values() for r in rows if r.get("tokens_per_s"))
+        times = [rows[-1]["train_time_s"] for rows in by_seed.values()]
+        model, _ = load_model(run_folder(out, name, next(iter(by_seed))) / "checkpoint")
         cache = model.new_cache(1, 1)
-        lines.append(f"| {name} | {last['val_loss']:.4f} | {at_wall['val_loss']:.4f} ({at_wall['step']}) | "
-                     f"{min(r['val_loss'] for r in rows):.4f} | {tps:.0f} | {last['train_time_s']:.0f} s | "
-                     f"{cache.bytes_per_token_per_layer:.0f} |")
+        lines.append(f"| {name} | {', '.join(map(str, by_seed))} | {mean_sd(vals)} | {gap} | "
+                     f"{mean_sd([r['val_loss'] for r in walls])} ({'/'.join(str(r['step']) for r in walls)}) | "
+                     f"{tps:.0f} | {statistics.mean(times):.0f} s | {cache.bytes_per_token_per_layer:.0f} |")
     return "\n".join(lines)
 
 
@@ -75,34 +106,40 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m tauformer_model.compare", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="tiny", help="the training preset every variant uses")
-    p.add_argument("--out", default="runs/compare", help="one sub-folder per variant, and table.md")
+    p.add_argument("--out", default="runs/compare", help="<out>/<variant>/seed-<seed> per run, and table.md")
     p.add_argument("--variants", default="dot,taumode,recency-only,taumode+recency-4x32,taumode+recency",
-                   help=f"comma-separated, from {', '.join(VARIANTS)}")
+                   help=f"comma-separated, from {', '.join(VARIANTS)}; the first is the reference of the gaps")
     p.add_argument("--max-steps", type=int, default=None, help="override the preset's number of steps")
-    p.add_argument("--seed", type=int, default=None, help="seed shared by all variants")
+    p.add_argument("--seed", type=int, default=1337, help="the first seed (of the initialisation and the batches)")
+    p.add_argument("--seeds", type=int, default=3, help="seeds per variant: --seed, --seed + 1, ...")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads for every run")
     p.add_argument("--retrain", action="store_true", help="train again even where a finished run exists")
     p.add_argument("--table-only", action="store_true", help="only write the table from the runs in --out")
     args, passthrough = p.parse_known_args(argv)  # any other flag goes to every training run
+    if args.seeds < 1:
+        p.error(f"--seeds must be at least 1, got {args.seeds}")
     out = pathlib.Path(args.out)
     names = [n.strip() for n in args.variants.split(",") if n.strip()]
     for name in names:
         if name not in VARIANTS:
             p.error(f"unknown variant {name!r}; choose from {', '.join(VARIANTS)}")
+    seeds = [args.seed + i for i in range(args.seeds)]
     if not args.table_only:
         for name in names:
-            argv_train = ["--preset", args.preset, "--out", str(out / name), "--no-progress", *VARIANTS[name],
-                          *passthrough]
-            for flag, value in (("--max-steps", args.max_steps), ("--seed", args.seed), ("--threads", args.threads)):
-                if value is not None:
-                    argv_train += [flag, str(value)]
-            tc = config_from_args(train_parser().parse_args(argv_train))
-            if not args.retrain and finished(out / name, tc.max_steps):
-                print0(f"{name}: finished run found in {out / name}, not retrained")
-                continue
-            print0(f"=== {name} ===")
-            train(tc)
-    text = table(out, names)
+            for seed in seeds:
+                folder = run_folder(out, name, seed)
+                argv_train = ["--preset", args.preset, "--out", str(folder), "--no-progress", "--seed", str(seed),
+                              *VARIANTS[name], *passthrough]
+                for flag, value in (("--max-steps", args.max_steps), ("--threads", args.threads)):
+                    if value is not None:
+                        argv_train += [flag, str(value)]
+                tc = config_from_args(train_parser().parse_args(argv_train))
+                if not args.retrain and finished(folder, tc.max_steps):
+                    print0(f"{name} seed {seed}: finished run found in {folder}, not retrained")
+                    continue
+                print0(f"=== {name}, seed {seed} ===")
+                train(tc)
+    text = table(out, names, seeds)
     out.mkdir(parents=True, exist_ok=True)
     (out / "table.md").write_text(text + "\n")
     print0(text)

@@ -128,7 +128,11 @@ class BPETokenizer:
 
     @classmethod
     def train(cls, text: bytes, vocab_size: int) -> "BPETokenizer":
-        from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+        try:
+            from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+        except ImportError:
+            raise DataError("--tokenizer bpe (the 30m preset's) needs the tokenizers package: "
+                            "pip install 'tauformer[bpe]', or give --tokenizer byte") from None
 
         tok = Tokenizer(models.BPE())
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -182,12 +186,22 @@ class Dataset:
 
     def starts(self, split: str, n: int, block_size: int, generator: torch.Generator) -> list[int]:
         """n random window starts (data-parallel ranks draw a global batch alike and read their slice)."""
+        return torch.randint(self.last_start(split, block_size) + 1, (n,), generator=generator).tolist()
+
+    def evaluation_starts(self, split: str, n: int, block_size: int) -> list[int]:
+        """n window starts spread evenly from the split's first token to its last window: the same text for
+        every seed and every run, so val losses of different seeds compare on one text."""
+        last = self.last_start(split, block_size)
+        return [round(i * last / max(1, n - 1)) for i in range(n)]
+
+    def last_start(self, split: str, block_size: int) -> int:
+        """The last start of a window of block_size inputs and its shifted targets in ``split``."""
         data = self.train if split == "train" else self.val
         if len(data) <= block_size + 1:
             raise DataError(f"the {split} split of the corpus in {self.folder} has {len(data)} tokens; windows of "
                             f"--block-size {block_size} need at least {block_size + 2}: give --data more text "
                             f"or a smaller --block-size")
-        return torch.randint(len(data) - block_size - 1, (n,), generator=generator).tolist()
+        return len(data) - block_size - 2
 
     def windows(self, split: str, starts: list[int], block_size: int,
                 device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:

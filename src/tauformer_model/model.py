@@ -541,6 +541,10 @@ class TauGPT(nn.Module):
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
+    def num_embedding_params(self) -> int:
+        """The token embedding and the lm head (untied): the part that grows with the vocabulary."""
+        return self.wte.weight.numel() + self.lm_head.weight.numel()
+
     def optimizer_groups(self, weight_decay: float) -> list[dict]:
         """AdamW groups: weight decay on matrices only (not on embeddings, temperatures, slopes, tau)."""
         decay = [p for n, p in self.named_parameters() if p.dim() == 2 and not n.startswith("wte")]

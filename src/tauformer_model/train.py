@@ -230,12 +230,14 @@ def read_batch(dataset: Dataset, split: str, starts: list[int], tc: TrainConfig,
 
 @torch.no_grad()
 def evaluate(model, dataset, tc: TrainConfig, device, autocast, dist: Dist) -> float:
-    """Mean val loss over tc.eval_batches fixed batches (the same ones at every evaluation), split over ranks."""
+    """Mean val loss over tc.eval_batches batches of windows spread evenly over the val split: the same
+    text at every evaluation and for every seed (runs of different seeds are scored alike), split over ranks."""
     model.eval()
-    gen = torch.Generator().manual_seed(tc.seed + 3)
+    size = tc.batch_size
+    all_starts = dataset.evaluation_starts("val", tc.eval_batches * size, tc.model.block_size)
     total = 0.0
     for i in range(tc.eval_batches):
-        starts = dataset.starts("val", tc.batch_size, tc.model.block_size, gen)  # every rank draws every batch
+        starts = all_starts[i * size:(i + 1) * size]
         if i % dist.world == dist.rank:
             x, y, doc_ids = read_batch(dataset, "val", starts, tc, device)
             with autocast():
@@ -410,7 +412,9 @@ def calibrate_tau(run: Run, message: str) -> None:
 def log_model(run: Run) -> None:
     """The run's header line: the model's size and shape, the device, the ranks."""
     mc = run.model.config
-    run.log(f"{run.label}: {run.model.num_params() / 1e6:.2f}M parameters, {mc.n_layer} layers, "
+    total, embedding = run.model.num_params(), run.model.num_embedding_params()
+    run.log(f"{run.label}: {total / 1e6:.2f}M parameters ({(total - embedding) / 1e6:.2f}M in the blocks, "
+            f"{embedding / 1e6:.2f}M in the embedding and lm head of {mc.vocab_size} tokens), {mc.n_layer} layers, "
             f"{mc.n_head} heads ({mc.n_kv_head} kv) of {mc.head_dim}, context {mc.block_size}, device {run.device}"
             + (f", {run.dist.world} ranks" if run.dist.world > 1 else ""))
 
