@@ -37,12 +37,14 @@ def taumode_model(family="llama", **settings):
     return hf.enable_taumode(model, **settings).eval()
 
 
-def taugpt_model():
-    cfg = TauGPTConfig(n_layer=2, n_head=4, n_kv_head=2, n_embd=64, block_size=64)
+def taugpt_model(**extra):
+    cfg = TauGPTConfig(n_layer=2, n_head=4, n_kv_head=2, n_embd=64, block_size=64, **extra)
     model = TauGPT(cfg)
     with torch.no_grad():  # TauGPT zero-initialises its output projections: give the blocks something to do
         for block in model.blocks:
             block.attn.c_proj.weight.normal_(0, 0.05)
+            if block.attn.c_gate is not None:
+                block.attn.c_gate.weight.normal_(0, 0.5)
             block.mlp.c_proj.weight.normal_(0, 0.05)
         model.lm_head.weight.normal_(0, 0.5)
     hf_model = hf.TauGPTForCausalLM(hf.TauGPTHFConfig(taugpt=cfg.to_dict()))
@@ -136,8 +138,9 @@ def test_logits_with_the_cache_match_the_full_forward(name):
     assert rel_err(torch.cat([first] + rest, 1), full) < 1e-5
 
 
-def test_taugpt_for_causal_lm_is_taugpt():
-    hf_model, model = taugpt_model()
+@pytest.mark.parametrize("output_gate", [False, True])
+def test_taugpt_for_causal_lm_is_taugpt(output_gate):
+    hf_model, model = taugpt_model(output_gate=output_gate)
     ids = torch.randint(1, 256, (3, 17))
     assert rel_err(hf_model(ids, use_cache=False).logits, model(ids)) < 1e-6
     labels = ids.clone()
@@ -365,6 +368,8 @@ def test_bad_uses_get_clear_errors():
         model.generate(torch.randint(1, 256, (1, 5)), max_new_tokens=2, cache_implementation="static", pad_token_id=0)
     with pytest.raises(ValueError, match="dot"):
         hf.TauGPTForCausalLM(hf.TauGPTHFConfig(taugpt=dict(attention="dot")))
+    with pytest.raises(ValueError, match="dot_every"):
+        hf.TauGPTForCausalLM(hf.TauGPTHFConfig(taugpt=dict(dot_every=2)))
 
 
 @pytest.mark.parametrize("padded", [False, True])

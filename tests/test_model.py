@@ -19,7 +19,7 @@ def make_model(seed=0, **kw) -> TauGPT:
         for block in model.blocks:
             block.attn.c_proj.weight.normal_(std=0.05)
             block.mlp.c_proj.weight.normal_(std=0.05)
-            if model.config.attention == "taumode":
+            if block.attn.attention == "taumode":
                 block.attn.log_temperature.add_(0.3 * torch.randn_like(block.attn.log_temperature))
         model.lm_head.weight.normal_(std=0.1)
     return model.eval()
@@ -51,10 +51,12 @@ def test_recency_auto_resolves():
 
 @pytest.mark.parametrize("attention,recency", [("taumode", "none"), ("taumode", "learned"),
                                                ("taumode", "fixed"), ("dot", "none"), ("dot", "learned"),
-                                               ("taumode-lambda-before-rope", "learned")])
+                                               ("taumode-lambda-before-rope", "learned"),
+                                               ("taumode-hybrid", "learned"), ("taumode-gate", "none")])
 def test_decode_with_cache_matches_full_forward(attention, recency):
     """docs/math.md §The λ cache: a 100-token prefill in one call, then 64 single-token decodes, with GQA (4 q heads, 2 kv)."""
-    extra = {"lambda_before_rope": True} if attention.endswith("before-rope") else {}
+    extra = {"before-rope": dict(lambda_before_rope=True), "hybrid": dict(dot_every=2),
+             "gate": dict(output_gate=True)}.get(attention.split("-")[-1], {})
     model = make_model(attention=attention.split("-")[0], recency=recency, **extra)
     idx = torch.randint(0, 256, (2, 164), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
@@ -221,3 +223,58 @@ def test_recency_only_control_ignores_q_and_k():
     assert rel_err(torch.cat(steps, dim=1), model(idx)) < 1e-5
     with pytest.raises(ValueError, match="recency"):
         make_model(lambda_term=False, recency="none")
+
+
+def test_hybrid_stack_has_dot_layers_and_their_cache():
+    """dot_every=2 over 4 layers: layers 1 and 3 are dot product (K, V cache), 0 and 2 taumode (V, λk); the
+    dot layers are the dot model's layers (same weights, same outputs)."""
+    model = make_model(n_layer=4, dot_every=2)
+    assert [b.attn.attention for b in model.blocks] == ["taumode", "dot", "taumode", "dot"]
+    cache = model.new_cache(3, 50)
+    F = 16
+    assert cache.bytes_per_token_per_layer == 2 * 4 * ((F + 1) + 2 * F) / 2  # mean of a taumode and a dot layer
+    assert [t is None for t in cache.k] == [True, False, True, False]
+    assert [t is None for t in cache.lam_k] == [False, True, False, True]
+    dot = make_model(n_layer=4, attention="dot", recency="learned")
+    x = torch.randn(2, 9, 64)
+    dot.blocks[1].load_state_dict(model.blocks[1].state_dict())
+    lap = model.attention_laplacian()
+    assert torch.equal(model.blocks[1](x, lap), dot.blocks[1](x, lap))
+    with pytest.raises(ValueError, match="sorted"):
+        model.new_cache(1, 8, sorted=True)
+    for bad in (dict(dot_every=1), dict(dot_every=2, attention="dot")):
+        with pytest.raises(ValueError, match="dot_every"):
+            TauGPTConfig(**bad)
+
+
+@pytest.mark.parametrize("extra", [dict(dot_every=2), dict(output_gate=True)])
+def test_packed_documents_in_hybrid_and_gated_models(extra):
+    """Documents packed in windows (doc_ids) give each document's own forward, with both kinds of layers
+    (each gets its own layout) and with the gate; prompts of different lengths decode as each alone."""
+    model = make_model(**extra)
+    gen = torch.Generator().manual_seed(5)
+    a, b = torch.randint(0, 256, (1, 11), generator=gen), torch.randint(0, 256, (1, 20), generator=gen)
+    packed = model(torch.cat([a, b], dim=1), doc_ids=torch.tensor([[0] * 11 + [1] * 20]))
+    assert rel_err(packed, torch.cat([model(a), model(b)], dim=1)) < 1e-5
+    cache = model.new_cache(2, 24)
+    prompts = torch.cat([torch.cat([a, a[:, -1:].expand(1, 9)], dim=1), b], dim=0)
+    logits = model(prompts, cache=cache, lengths=[11, 20])
+    assert rel_err(logits[0, :11], model(a)[0]) < 1e-5 and rel_err(logits[1], model(b)[0]) < 1e-5
+
+
+def test_output_gate_starts_at_one_half_and_learns():
+    """The gate's weights start at zero: σ(0) = 1/2, i.e. the ungated model with half the output
+    projection; the gate then gets gradients."""
+    gated, plain = make_model(output_gate=True), make_model()
+    assert all(float(b.attn.c_gate.weight.detach().abs().max()) == 0 for b in gated.blocks)
+    missing = gated.load_state_dict(plain.state_dict(), strict=False).missing_keys
+    assert sorted(missing) == [f"blocks.{i}.attn.c_gate.weight" for i in range(2)]
+    with torch.no_grad():
+        for block in plain.blocks:
+            block.attn.c_proj.weight.mul_(0.5)
+    idx = torch.randint(0, 256, (2, 33), generator=torch.Generator().manual_seed(3))
+    assert rel_err(gated(idx), plain(idx)) < 1e-6
+    gated.train()
+    gated(idx, targets=idx).backward()
+    assert all(float(b.attn.c_gate.weight.grad.abs().max()) > 0 for b in gated.blocks)
+    assert gated.num_params() - plain.num_params() == 2 * 64 * 4  # C·H per layer

@@ -40,6 +40,10 @@ VARIANTS = {
     "taumode+recency+lambda-before-rope": ["--attention", "taumode", "--recency", "learned", "--lambda-before-rope"],
     "taumode+recency+learn-tau": ["--attention", "taumode", "--recency", "learned", "--learn-tau"],
     "taumode+recency+learn-laplacian": ["--attention", "taumode", "--recency", "learned", "--learn-laplacian"],
+    # ideas that could close the gap to dot: a sigmoid gate per head on the attention output; a hybrid
+    # stack whose last layer (of the tiny preset's 4) is dot product, with learned recency like the others
+    "taumode+recency+gate": ["--attention", "taumode", "--recency", "learned", "--output-gate"],
+    "hybrid-dot-every-4": ["--attention", "taumode", "--recency", "learned", "--dot-every", "4"],
 }
 
 

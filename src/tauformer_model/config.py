@@ -51,6 +51,13 @@ class TauGPTConfig:
     # the recency term alone, to tell the λ term's contribution from the recency term's (docs/math.md §Model).
     # The comparison is bench/results/model-comparison-tiny-cpu.md.
     lambda_term: bool = True
+    # An output gate (an option, bench/results/model-comparison-tiny-cpu.md): each head's attention output is
+    # scaled by σ(x·w_h), x the block's normed input, before the output projection (w zero-initialised, so
+    # the gate starts at 1/2; C·H parameters per layer). Either attention.
+    output_gate: bool = False
+    # taumode only, a hybrid stack: the last layer of every group of dot_every layers is dot-product
+    # attention (its cache holds K and V), e.g. 4: three taumode layers, then one dot layer; 0: none.
+    dot_every: int = 0
     rope_base: float = 10000.0
     logit_softcap: float = 15.0
     # Kernel backend passed to tauformer_kernels ("auto", "reference", "triton", ...).
@@ -67,8 +74,15 @@ class TauGPTConfig:
             raise ValueError(f"n_embd ({self.n_embd}) must be a multiple of n_head ({self.n_head})")
         if self.n_head % self.n_kv_head:
             raise ValueError(f"n_head ({self.n_head}) must be a multiple of n_kv_head ({self.n_kv_head})")
+        if self.dot_every and (self.attention != "taumode" or self.dot_every < 2):
+            raise ValueError(f"dot_every ({self.dot_every}) makes a taumode stack hybrid: 0, or at least 2 with "
+                             f"attention='taumode' (got {self.attention!r})")
         if self.head_dim % 2:
             raise ValueError(f"head dim n_embd // n_head = {self.head_dim} must be even (RoPE)")
+
+    def layer_attention(self, layer: int) -> str:
+        """The attention of layer ``layer``: ``attention``, or "dot" for the hybrid stack's dot layers."""
+        return "dot" if self.dot_every and (layer + 1) % self.dot_every == 0 else self.attention
 
     @property
     def head_dim(self) -> int:

@@ -502,8 +502,9 @@ class TauGPTForCausalLM(PreTrainedModel, GenerationMixin):
     def __init__(self, config: TauGPTHFConfig):
         super().__init__(config)
         cfg = config.model_config()
-        if cfg.attention != "taumode":
-            raise ValueError("TauGPTForCausalLM runs taumode TauGPTs; this config has attention='dot'")
+        if cfg.attention != "taumode" or cfg.dot_every:
+            raise ValueError("TauGPTForCausalLM runs taumode TauGPTs; this config has "
+                             + ("attention='dot'" if cfg.attention != "taumode" else f"dot layers (dot_every={cfg.dot_every})"))
         placeholder = None
         if cfg.laplacian != "chain" and not pathlib.Path(cfg.laplacian).exists():
             if cfg.learn_laplacian:  # its edge count fixes a parameter's shape
@@ -559,7 +560,7 @@ class TauGPTForCausalLM(PreTrainedModel, GenerationMixin):
             if cache is not None:
                 k, v = cache.update(k, v, layer)
             y = taumode_attend(params, q, k, v, mask, position_ids, **kwargs)
-            x = x + block.attn.c_proj(y.transpose(1, 2).reshape(B, T, -1))
+            x = x + block.attn.output(y, rms_norm(x))
             x = x + block.mlp(rms_norm(x))
         if logits_to_keep:
             x = x[:, -logits_to_keep:]

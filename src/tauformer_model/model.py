@@ -155,10 +155,10 @@ class KVCache:
 
     def __init__(self, config: TauGPTConfig, batch_size: int, max_len: int, device, dtype: torch.dtype,
                  sorted: bool = False):
-        if sorted and config.attention != "taumode":
-            raise ValueError("sorted=True: the sorted cache is for taumode attention only")
+        attentions = [config.layer_attention(i) for i in range(config.n_layer)]
+        if sorted and "dot" in attentions:
+            raise ValueError("sorted=True: the sorted cache is for taumode attention only (every layer)")
         shape = (batch_size, max_len, config.n_kv_head, config.head_dim)
-        self.attention = config.attention
         self.batch_size = batch_size
         self.max_len = max_len
         self.n_layer = config.n_layer
@@ -166,15 +166,13 @@ class KVCache:
         self.length_tensor = torch.zeros(batch_size, dtype=torch.long, device=device)
         self.sorted = [None] * config.n_layer if sorted else None
         if sorted:  # the sorted caches hold the keys and values themselves
-            self.v, self.k, self.lam_k = [], None, []
+            self.v, self.k, self.lam_k = [], [], []
             return
-        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
-        if config.attention == "taumode":
-            self.k = None
-            self.lam_k = [torch.zeros(shape[:3], device=device, dtype=torch.float32) for _ in range(config.n_layer)]
-        else:
-            self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
-            self.lam_k = None
+        # per layer: V, and K (dot layers) or λk (taumode layers; None in the other list)
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in attentions]
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) if a == "dot" else None for a in attentions]
+        self.lam_k = [torch.zeros(shape[:3], device=device, dtype=torch.float32) if a == "taumode" else None
+                      for a in attentions]
 
     @property
     def pos(self) -> int:
@@ -183,7 +181,7 @@ class KVCache:
             raise ValueError(f"the cache's rows hold different numbers of tokens ({self.lengths}): no one pos")
         return self.lengths[0] if self.lengths else 0
 
-    def packing(self, T: int, valid: list[int] | None) -> Packing | None:
+    def packing(self, T: int, valid: list[int] | None, attention: str) -> Packing | None:
         """The layout of a call that appends T tokens to each row, of which the first valid[b] are real (the
         rest right padding; None: all T). None when every row holds the same number of tokens and all T are
         real: the dense path. Otherwise, taumode: the cache viewed packed as (B·C, Hkv, ·), C = max_len, row b
@@ -202,7 +200,7 @@ class KVCache:
         positions = lens[:, None] + steps
         slots = (torch.arange(self.batch_size, device=lens.device)[:, None], positions)
         filled = torch.full_like(lens, T) if valid is None else torch.tensor(n, device=lens.device)  # prefill: a copy
-        if self.attention == "dot":  # a padding query sees what the row's last real token sees
+        if attention == "dot":  # a padding query sees what the row's last real token sees
             query_at = lens[:, None] + torch.minimum(steps, filled[:, None] - 1)
             keys = torch.arange(max(self.lengths) + T, device=lens.device)
             return Packing(positions, allowed=query_at[:, None, :, None] >= keys, query_at=query_at, slots=slots)
@@ -221,7 +219,7 @@ class KVCache:
             self.length_tensor.copy_(torch.tensor(self.lengths))  # one small copy per prefill, none per decode
 
     def tensors(self) -> list[torch.Tensor]:
-        return self.v + (self.k or []) + (self.lam_k or [])
+        return [t for t in self.v + self.k + self.lam_k if t is not None]
 
     @property
     def nbytes(self) -> int:
@@ -243,16 +241,18 @@ class KVCache:
 
 
 class CausalSelfAttention(nn.Module):
-    def __init__(self, config: TauGPTConfig):
+    def __init__(self, config: TauGPTConfig, attention: str):
         super().__init__()
         self.config = config
+        self.attention = attention  # config.attention, or "dot" in a hybrid stack's dot layers
         C, H, Hkv, Fd = config.n_embd, config.n_head, config.n_kv_head, config.head_dim
         self.n_head, self.n_kv_head, self.head_dim = H, Hkv, Fd
         self.c_q = nn.Linear(C, H * Fd, bias=False)
         self.c_k = nn.Linear(C, Hkv * Fd, bias=False)
         self.c_v = nn.Linear(C, Hkv * Fd, bias=False)
         self.c_proj = nn.Linear(H * Fd, C, bias=False)
-        if config.attention == "taumode":
+        self.c_gate = nn.Linear(C, H, bias=False) if config.output_gate else None
+        if attention == "taumode":
             # Per-head temperature, learned in log space; the initial value keeps attention non-uniform.
             self.log_temperature = nn.Parameter(torch.full((H,), math.log(config.temperature_init)))
             # One tau per kv head (shared by the query heads of its group); calibrated by TauGPT.calibrate_tau.
@@ -261,7 +261,7 @@ class CausalSelfAttention(nn.Module):
                 self.log_tau = nn.Parameter(log_tau)
             else:
                 self.register_buffer("log_tau", log_tau)
-        if config.recency == "none" and not (config.lambda_term or config.attention == "dot"):
+        if config.recency == "none" and not (config.lambda_term or attention == "dot"):
             raise ValueError("lambda_term=False (the recency-only control) needs recency 'fixed' or 'learned'")
         if config.recency == "learned":
             self.log_slopes = nn.Parameter(alibi_slopes(H).log())
@@ -277,7 +277,7 @@ class CausalSelfAttention(nn.Module):
         q = self.c_q(x).clamp(-QKV_CLAMP, QKV_CLAMP).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
         k = self.c_k(x).clamp(-QKV_CLAMP, QKV_CLAMP).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         v = self.c_v(x).clamp(-QKV_CLAMP, QKV_CLAMP).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
-        if not (self.config.attention == "taumode" and self.config.lambda_before_rope):
+        if not (self.attention == "taumode" and self.config.lambda_before_rope):
             if isinstance(positions, int):
                 cos, sin = rope_cos_sin(self.head_dim, positions, T, self.config.rope_base, x.device)
             else:  # (B, 1, T, F/2): one angle per token, shared by the heads
@@ -293,11 +293,19 @@ class CausalSelfAttention(nn.Module):
         B, T, C = x.shape
         start = 0 if cache is None or packing is not None else cache.pos
         q, k, v = self.project(x, start if packing is None else packing.positions)
-        if self.config.attention == "taumode":
+        if self.attention == "taumode":
             y = self._taumode(q, k, v, laplacian, cache, layer, start, packing)
         else:
             y = self._dot(q, k, v, cache, layer, start, packing)
-        return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
+        return self.output(y, x)
+
+    def output(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """The heads' outputs y (B, H, T, F), gated (with output_gate: by σ of the block's normed input x) and
+        projected back to the width."""
+        if self.c_gate is not None:
+            y = y * torch.sigmoid(self.c_gate(x)).transpose(1, 2)[..., None]
+        B, H, T, Fd = y.shape
+        return self.c_proj(y.transpose(1, 2).reshape(B, T, H * Fd))
 
     def _taumode(self, q, k, v, laplacian, cache, layer, start, packing):
         cfg = self.config
@@ -407,9 +415,9 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, config: TauGPTConfig):
+    def __init__(self, config: TauGPTConfig, attention: str):
         super().__init__()
-        self.attn = CausalSelfAttention(config)
+        self.attn = CausalSelfAttention(config, attention)
         self.mlp = MLP(config)
 
     def forward(self, x, laplacian, cache=None, layer=0, packing=None):
@@ -423,7 +431,7 @@ class TauGPT(nn.Module):
         super().__init__()
         self.config = config
         self.wte = nn.Embedding(config.vocab_size, config.n_embd)
-        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.blocks = nn.ModuleList(Block(config, config.layer_attention(i)) for i in range(config.n_layer))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         if laplacian is None:
             laplacian = build_laplacian(config.laplacian, config.head_dim)
@@ -453,6 +461,8 @@ class TauGPT(nn.Module):
             for lin in (block.attn.c_q, block.attn.c_k, block.attn.c_v, block.mlp.c_fc):
                 nn.init.uniform_(lin.weight, -bound, bound)
             nn.init.zeros_(block.attn.c_proj.weight)
+            if block.attn.c_gate is not None:
+                nn.init.zeros_(block.attn.c_gate.weight)
             nn.init.zeros_(block.mlp.c_proj.weight)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None,
@@ -467,11 +477,12 @@ class TauGPT(nn.Module):
         docs/math.md §Packed sequences): attention never crosses a document boundary inside a window and
         RoPE positions restart at each document. Give it on the host (a device tensor is copied there).
         """
-        packing = self._packing(idx, cache, doc_ids, lengths)
+        # one layout per kind of layer (both in a hybrid stack): a mask for dot, cu_seqlens for taumode
+        packings = {a: self._packing(idx, cache, doc_ids, lengths, a) for a in self.layer_attentions()}
         x = self.wte(idx)
         laplacian = self.attention_laplacian()
         for layer, block in enumerate(self.blocks):
-            x = block(x, laplacian, cache, layer, packing)
+            x = block(x, laplacian, cache, layer, packings[block.attn.attention])
         logits = self.lm_head(rms_norm(x)).float()
         cap = self.config.logit_softcap
         logits = cap * torch.tanh(logits / cap)
@@ -481,8 +492,11 @@ class TauGPT(nn.Module):
             return logits
         return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
 
-    def _packing(self, idx, cache, doc_ids, lengths) -> Packing | None:
-        """Check a forward's arguments; its packing (None: the dense path)."""
+    def layer_attentions(self) -> set[str]:
+        return {block.attn.attention for block in self.blocks}
+
+    def _packing(self, idx, cache, doc_ids, lengths, attention: str) -> Packing | None:
+        """Check a forward's arguments; its packing for layers of ``attention`` (None: the dense path)."""
         B, T = idx.shape
         if cache is None:
             if T > self.config.block_size:
@@ -494,7 +508,7 @@ class TauGPT(nn.Module):
                 return None
             if tuple(doc_ids.shape) != (B, T):
                 raise ValueError(f"doc_ids has shape {tuple(doc_ids.shape)}, idx {(B, T)}")
-            return pack_windows(doc_ids, self.config.attention, idx.device)
+            return pack_windows(doc_ids, attention, idx.device)
         if doc_ids is not None:
             raise ValueError("doc_ids is for training windows; a cache's rows are separate sequences already")
         if B != cache.batch_size or max(cache.lengths, default=0) + T > cache.max_len:
@@ -503,7 +517,7 @@ class TauGPT(nn.Module):
         valid = None if lengths is None else [int(n) for n in lengths]
         if valid is not None and (len(valid) != B or not all(0 <= n <= T for n in valid)):
             raise ValueError(f"lengths {valid}: one per row of idx {(B, T)}, each in 0 .. {T}")
-        return cache.packing(T, valid)
+        return cache.packing(T, valid, attention)
 
     def new_cache(self, batch_size: int, max_len: int, dtype: torch.dtype | None = None,
                   sorted: bool = False) -> KVCache:
@@ -525,7 +539,8 @@ class TauGPT(nn.Module):
             return float("nan")
         tau = float(self.first_layer_key_energy(idx, doc_ids).median().clamp_min(1e-4))
         for block in self.blocks:
-            block.attn.log_tau.fill_(math.log(tau))
+            if block.attn.attention == "taumode":
+                block.attn.log_tau.fill_(math.log(tau))
         return tau
 
     def attention_laplacian(self) -> torch.Tensor:

@@ -315,6 +315,10 @@ def train(tc: TrainConfig, log=print0) -> dict:
     try:
         run = start_run(tc, log if dist.main else (lambda *a, **k: None), dist, device)
         stopped = train_loop(run)
+        # Every rank leaves the loop at the same step; wait for all before the group is torn down (a rank
+        # that destroyed it while gloo still served another's last collective aborted once, on a loaded CPU).
+        # Not on the error path: a rank that raised would leave the others waiting here.
+        dist.barrier()
     finally:
         if dist.owns_group:
             import torch.distributed
@@ -593,6 +597,8 @@ MODEL_FLAGS = {
     "learn_tau": (bool, "learn tau per kv head (after calibration) instead of keeping it fixed"),
     "learn_laplacian": (bool, "taumode: learn the Laplacian's edge weights (kept >= 0: L stays a Laplacian)"),
     "lambda_term": (bool, "taumode: --no-lambda-term is the recency-only control (λq = λk = 0)"),
+    "output_gate": (bool, "scale each head's attention output by a learned sigmoid gate of the block's input"),
+    "dot_every": (nonnegative_int, "taumode: hybrid stack, the last of every N layers is dot-product (0: none)"),
     "laplacian": (laplacian_spec, "'chain' or a Laplacian file (python -m tauformer_model.laplacian_cli, or an F×F .npy)"),
     "backend": (str, "tauformer_kernels backend", BACKENDS),
 }
