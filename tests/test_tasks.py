@@ -1,6 +1,8 @@
 """The recall diagnostics (tauformer_model.tasks): every generator makes what it claims, and one command
 writes the table."""
 
+import json
+
 import pytest
 import torch
 
@@ -89,6 +91,8 @@ def test_one_command_writes_every_row(tmp_path, capsys):
     assert "mqar" in header and "needle L64 d0.9 |" in rows[0]
     assert len(header) == 2 + len(tasks.NEEDLE_DEPTHS) * len(tasks.NEEDLE_LENGTHS)
     assert all(" ± " in cell for r in rows[2:] for cell in r.split(" | ")[1:])  # 2 seeds: mean ± sd
+    per_seed = json.loads(out.with_suffix(".json").read_text())
+    assert set(per_seed["needle"]["dot"]) == {"0", "1"} and len(per_seed["needle"]["dot"]["1"]) == 6
 
 
 def test_bad_arguments_name_the_flag(capsys):
