@@ -209,6 +209,10 @@ def test_compare_writes_the_side_by_side_table(tmp_path, corpus, capsys):
     assert rows["taumode+recency"][-1] == "68 |" and rows["dot"][-1] == "128 |"
     assert compare.main(argv) == 0  # finished runs are reused, not retrained
     assert capsys.readouterr().out.count("not retrained") == 6
+    metrics = out / "dot" / "seed-6" / "metrics.jsonl"  # as if that run were still going: left out
+    metrics.write_text("".join(metrics.read_text().splitlines(keepends=True)[:-1]))
+    assert compare.main([*argv, "--table-only"]) == 0
+    assert "| dot | 5 | " in (out / "table.md").read_text()
 
 
 def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tmp_path, corpus):

@@ -73,6 +73,9 @@ def table(out: pathlib.Path, names: list[str], seeds: list[int]) -> str:
     and at the training wall-clock every run reached; the gap to the first variant paired by seed (the same
     seed draws the same batches for every variant), as mean ± sd of the per-seed relative gaps."""
     runs = {n: {s: rows for s in seeds if len(rows := read_rows(run_folder(out, n, s))) > 1} for n in names}
+    last = max((rows[-1]["step"] for by_seed in runs.values() for rows in by_seed.values()), default=0)
+    # a run still going (or stopped early) is left out: every row compares runs of the same length
+    runs = {n: {s: rows for s, rows in by_seed.items() if rows[-1]["step"] == last} for n, by_seed in runs.items()}
     runs = {n: by_seed for n, by_seed in runs.items() if by_seed}
     if not runs:
         return "(no finished runs)"
