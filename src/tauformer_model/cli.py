@@ -1,10 +1,12 @@
-"""Argument types of the command-line tools: a bad value is a one-line error naming the flag, at parse time."""
+"""Argument types of the command-line tools (a bad value is a one-line error naming the flag, at parse time),
+and the commit their results tables name."""
 
 from __future__ import annotations
 
 import argparse
 import math
 import pathlib
+import subprocess
 
 
 def _number(kind, text: str, what: str, ok) -> float | int:
@@ -44,3 +46,12 @@ def laplacian_spec(text: str) -> str:
             f"expected 'chain' or a Laplacian file (.npz from python -m tauformer_model.laplacian_cli, or an "
             f"F×F .npy), got {text!r}: no such file")
     return text
+
+
+def git_commit() -> str:
+    """The short commit of the package's checkout, for the header of a results table ("unknown" outside git)."""
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=pathlib.Path(__file__).parent, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"

@@ -30,6 +30,7 @@ import time
 import torch
 
 from .checkpoint import load_model
+from .cli import git_commit
 from .config import TauGPTConfig
 from .model import TauGPT
 
@@ -165,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
         models.append((name, path, load_model(pathlib.Path(path))[0].config.attention))
     if not models:
         p.error("no models: give --checkpoint NAME=PATH or drop --no-random")
-    rows = []
+    rows, code = [], git_commit()
     for name, path, attention in models:
         for mode in modes:
             if mode == "sorted" and attention != "taumode":
@@ -181,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     print(text)
     if args.out:
         command = "python -m tauformer_model.decode_bench " + " ".join(argv if argv is not None else sys.argv[1:])
-        header = (f"# End-to-end decode, batch 1, greedy\n\nCommand: `{command}`; torch {torch.__version__}; "
+        header = (f"# End-to-end decode, batch 1, greedy\n\nCommand: `{command}`; commit {code}; torch {torch.__version__}; "
                   f"{platform.machine()}, {args.threads} threads; random models: {RANDOM_SHAPE}.\n\n")
         pathlib.Path(args.out).write_text(header + text + "\n")
     return 0

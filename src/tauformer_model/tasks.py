@@ -28,13 +28,13 @@ import math
 import pathlib
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
 
 import torch
 
+from .cli import git_commit
 from .config import TauGPTConfig
 from .model import TauGPT
 
@@ -280,14 +280,6 @@ def table(results: dict, tasks: list[str], variants: list[str], seeds: list[int]
     return "\n".join(lines)
 
 
-def commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=pathlib.Path(__file__).parent, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m tauformer_model.tasks", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -315,7 +307,7 @@ def main(argv: list[str] | None = None) -> int:
     run = TaskRun(steps=args.steps, batch_size=args.batch_size, eval_size=args.eval_size)
     seeds = list(range(args.seeds))
     results: dict = {}
-    start = time.perf_counter()
+    start, code = time.perf_counter(), git_commit()  # the code the runs use, not what HEAD is when they end
     for t in tasks:
         for v in variants:
             for s in seeds:
@@ -329,8 +321,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         command = "python -m tauformer_model.tasks " + " ".join(argv if argv is not None else sys.argv[1:])
         header = (f"# Recall diagnostics: accuracy (%) on the answer tokens, mean ± sd over seeds {seeds}\n\n"
-                  f"Command: `{command}`; commit {commit()}; torch {torch.__version__}; {platform.machine()} "
-                  f"{platform.processor() or ''}, {torch.get_num_threads()} threads; "
+                  f"Command: `{command}`; commit {code}; torch {torch.__version__}; {platform.machine()}, "
+                  f"{torch.get_num_threads()} thread(s); "
                   f"{time.perf_counter() - start:.0f} s in all.\n"
                   f"Model: {MODEL}; training: {dataclasses.asdict(run)}; evaluation: {run.eval_size} fixed "
                   "sequences per column.\n\n")
