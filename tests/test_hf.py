@@ -370,6 +370,8 @@ def test_bad_uses_get_clear_errors():
         hf.TauGPTForCausalLM(hf.TauGPTHFConfig(taugpt=dict(attention="dot")))
     with pytest.raises(ValueError, match="dot_every"):
         hf.TauGPTForCausalLM(hf.TauGPTHFConfig(taugpt=dict(dot_every=2)))
+    with pytest.raises(ValueError, match="lambda_slices"):
+        hf.TauGPTForCausalLM(hf.TauGPTHFConfig(taugpt=dict(lambda_slices=2)))
 
 
 @pytest.mark.parametrize("padded", [False, True])

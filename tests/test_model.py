@@ -52,11 +52,12 @@ def test_recency_auto_resolves():
 @pytest.mark.parametrize("attention,recency", [("taumode", "none"), ("taumode", "learned"),
                                                ("taumode", "fixed"), ("dot", "none"), ("dot", "learned"),
                                                ("taumode-lambda-before-rope", "learned"),
-                                               ("taumode-hybrid", "learned"), ("taumode-gate", "none")])
+                                               ("taumode-hybrid", "learned"), ("taumode-gate", "none"),
+                                               ("taumode-slices", "learned"), ("taumode-slices", "none")])
 def test_decode_with_cache_matches_full_forward(attention, recency):
     """docs/math.md §The λ cache: a 100-token prefill in one call, then 64 single-token decodes, with GQA (4 q heads, 2 kv)."""
     extra = {"before-rope": dict(lambda_before_rope=True), "hybrid": dict(dot_every=2),
-             "gate": dict(output_gate=True)}.get(attention.split("-")[-1], {})
+             "gate": dict(output_gate=True), "slices": dict(lambda_slices=4)}.get(attention.split("-")[-1], {})
     model = make_model(attention=attention.split("-")[0], recency=recency, **extra)
     idx = torch.randint(0, 256, (2, 164), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
@@ -278,3 +279,84 @@ def test_output_gate_starts_at_one_half_and_learns():
     gated(idx, targets=idx).backward()
     assert all(float(b.attn.c_gate.weight.grad.abs().max()) > 0 for b in gated.blocks)
     assert gated.num_params() - plain.num_params() == 2 * 64 * 4  # C·H per layer
+
+
+def sliced_attention_f64(lam_q, lam_k, v, temperature, slopes):
+    """sliced_attention restated one query and key at a time in float64."""
+    B, H, Tq, m = lam_q.shape
+    Hkv, Tk = lam_k.size(1), lam_k.size(2)
+    out = torch.zeros(B, H, Tq, v.size(-1), dtype=torch.float64)
+    for b in range(B):
+        for h in range(H):
+            g = h // (H // Hkv)
+            for i in range(Tq):
+                at = i + Tk - Tq
+                logits = torch.tensor([-sum(abs(float(lam_q[b, h, i, r]) - float(lam_k[b, g, j, r]))
+                                            / float(temperature[h, r]) for r in range(m))
+                                       - (0.0 if slopes is None else float(slopes[h]) * (at - j))
+                                       for j in range(at + 1)], dtype=torch.float64)
+                out[b, h, i] = torch.softmax(logits, 0) @ v[b, g, :at + 1].double()
+    return out
+
+
+@pytest.mark.parametrize("tq,tk,temp", [(7, 7, 0.3), (1, 9, 0.1), (5, 12, 1e-3), (13, 13, 10.0)])
+@pytest.mark.parametrize("recency", [False, True])
+def test_sliced_attention_against_float64(tq, tk, temp, recency):
+    """m = 3 λ per head, GQA 4/2, decode and chunk shapes (Tq < Tk), tiny and large temperatures."""
+    from tauformer_model.model import sliced_attention
+
+    gen = torch.Generator().manual_seed(tq * 31 + tk)
+    lam_q, lam_k = torch.rand(2, 4, tq, 3, generator=gen), torch.rand(2, 2, tk, 3, generator=gen)
+    v = torch.randn(2, 2, tk, 8, generator=gen)
+    temperature = temp * torch.exp(0.3 * torch.randn(4, 3, generator=gen))
+    slopes = alibi_slopes(4) if recency else None
+    out = sliced_attention(lam_q, lam_k, v, temperature, slopes)
+    assert rel_err(out.double(), sliced_attention_f64(lam_q, lam_k, v, temperature, slopes)) < 1e-5
+
+
+def test_one_slice_is_the_kernels_attention():
+    """With m = 1 the sliced path is taumode attention from λ as the package's kernels compute it."""
+    import tauformer_kernels as tk
+    from tauformer_model.model import sliced_attention
+
+    gen = torch.Generator().manual_seed(0)
+    lam_q, lam_k, v = torch.rand(2, 4, 11, generator=gen), torch.rand(2, 2, 11, generator=gen), torch.randn(2, 2, 11, 8, generator=gen)
+    temperature, slopes = torch.tensor([0.1, 0.2, 0.05, 1.0]), alibi_slopes(4)
+    ours = sliced_attention(lam_q[..., None], lam_k[..., None], v, temperature[:, None], slopes)
+    theirs = tk.taumode_attention_from_lambda(lam_q, lam_k, v, temperature=temperature, is_causal=True,
+                                              alibi_slopes=slopes, backend="reference")
+    assert rel_err(ours, theirs) < 1e-6
+
+
+def test_sliced_attention_gradcheck():
+    from tauformer_model.model import sliced_attention
+
+    gen = torch.Generator().manual_seed(1)
+    args = (torch.rand(1, 2, 4, 2, generator=gen, dtype=torch.float64), torch.rand(1, 1, 5, 2, generator=gen, dtype=torch.float64),
+            torch.randn(1, 1, 5, 3, generator=gen, dtype=torch.float64), 0.2 + torch.rand(2, 2, generator=gen, dtype=torch.float64),
+            torch.rand(2, generator=gen, dtype=torch.float64))
+    assert torch.autograd.gradcheck(sliced_attention, tuple(a.requires_grad_() for a in args))
+
+
+def test_lambda_slices_model():
+    """Each slice's λ uses its diagonal block of L; the model trains (gradients on every temperature),
+    calibrates over all slices, caches m λ per key, and refuses what it does not run."""
+    from tauformer_model.model import key_energy, slice_energy
+
+    x, lap = torch.randn(3, 16), torch.randn(16, 16)
+    per_slice = slice_energy(x, lap, 1e-6, 4)
+    assert torch.allclose(per_slice[:, 1], key_energy(x[:, 4:8], lap[4:8, 4:8], 1e-6))
+    model = make_model(lambda_slices=2).train()
+    idx = torch.randint(0, 256, (2, 21))
+    model(idx, targets=idx).backward()
+    assert all(b.attn.log_temperature.shape == (4, 2) and b.attn.log_temperature.grad.abs().min() > 0
+               for b in model.blocks)
+    assert model.first_layer_key_energy(idx).shape == (2, 2, 21, 2)
+    assert math.isfinite(model.calibrate_tau(idx))
+    F = 16
+    assert model.new_cache(1, 4).bytes_per_token_per_layer == 2 * (F + 2) * 4  # V and 2 λk per kv head
+    with pytest.raises(ValueError, match="dense"):
+        model(idx, doc_ids=torch.tensor([[0] * 10 + [1] * 11] * 2))
+    for bad in (dict(lambda_slices=3), dict(lambda_slices=2, attention="dot"), dict(lambda_slices=0)):
+        with pytest.raises(ValueError, match="lambda_slices"):
+            TauGPTConfig(n_embd=64, n_head=4, **bad)

@@ -44,6 +44,8 @@ VARIANTS = {
     # stack whose last layer (of the tiny preset's 4) is dot product, with learned recency like the others
     "taumode+recency+gate": ["--attention", "taumode", "--recency", "learned", "--output-gate"],
     "hybrid-dot-every-4": ["--attention", "taumode", "--recency", "learned", "--dot-every", "4"],
+    # two λ per head (two slices of 8 of the preset's heads of 16), logits summed over the slices
+    "taumode+recency+2-lambdas": ["--attention", "taumode", "--recency", "learned", "--lambda-slices", "2"],
 }
 
 

@@ -58,6 +58,11 @@ class TauGPTConfig:
     # taumode only, a hybrid stack: the last layer of every group of dot_every layers is dot-product
     # attention (its cache holds K and V), e.g. 4: three taumode layers, then one dot layer; 0: none.
     dot_every: int = 0
+    # taumode only, more than one λ per head: m > 1 cuts each head into m slices of F/m, each with its own λ
+    # (from its diagonal block of the Laplacian) and temperature (initial temperature_init·m, so the sum
+    # keeps the scale); logits −Σ_r |λq_r − λk_r| / T_r. The cache holds V and m λk per kv head. Runs in
+    # eager PyTorch (no kernel): full forwards and a cache of rows of one length, not packed sequences.
+    lambda_slices: int = 1
     rope_base: float = 10000.0
     logit_softcap: float = 15.0
     # Kernel backend passed to tauformer_kernels ("auto", "reference", "triton", ...).
@@ -77,6 +82,10 @@ class TauGPTConfig:
         if self.dot_every and (self.attention != "taumode" or self.dot_every < 2):
             raise ValueError(f"dot_every ({self.dot_every}) makes a taumode stack hybrid: 0, or at least 2 with "
                              f"attention='taumode' (got {self.attention!r})")
+        if self.lambda_slices < 1 or self.head_dim % self.lambda_slices or (
+                self.lambda_slices > 1 and (self.attention != "taumode" or self.head_dim // self.lambda_slices < 2)):
+            raise ValueError(f"lambda_slices ({self.lambda_slices}) must divide the head dim {self.head_dim} into "
+                             f"slices of at least 2, with attention='taumode' (got {self.attention!r})")
         if self.head_dim % 2:
             raise ValueError(f"head dim n_embd // n_head = {self.head_dim} must be even (RoPE)")
 

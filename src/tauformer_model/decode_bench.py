@@ -167,17 +167,20 @@ def main(argv: list[str] | None = None) -> int:
     if not models:
         p.error("no models: give --checkpoint NAME=PATH or drop --no-random")
     rows, code = [], git_commit()
-    for name, path, attention in models:
-        for mode in modes:
-            if mode == "sorted" and attention != "taumode":
-                continue
-            for prompt in args.prompt_lengths:
+    # the models alternate within each mode and prompt, so the rows a ratio compares ran close in time
+    for mode in modes:
+        for prompt in args.prompt_lengths:
+            for name, path, attention in models:
+                if mode == "sorted" and attention != "taumode":
+                    continue
                 new = args.no_cache_new_tokens if mode == "none" else args.new_tokens
                 row = dict(model=name, path=path, attention=attention, mode=mode, prompt=prompt, new_tokens=new)
                 rows.append(run_row(row, args.threads))
                 r = rows[-1]
                 print(f"{name} {attention} {mode} prompt {prompt}: prefill {r['prefill_ms']:.0f} ms, "
                       f"{r['tokens_per_s']:.1f} tokens/s, p95 {r['p95_ms']:.1f} ms", flush=True)
+    order = {(name, attention): i for i, (name, _, attention) in enumerate(models)}
+    rows.sort(key=lambda r: (order[r["model"], r["attention"]], modes.index(r["mode"])))  # stable: prompts stay in order
     text = table(rows)
     print(text)
     if args.out:

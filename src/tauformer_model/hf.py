@@ -502,9 +502,10 @@ class TauGPTForCausalLM(PreTrainedModel, GenerationMixin):
     def __init__(self, config: TauGPTHFConfig):
         super().__init__(config)
         cfg = config.model_config()
-        if cfg.attention != "taumode" or cfg.dot_every:
-            raise ValueError("TauGPTForCausalLM runs taumode TauGPTs; this config has "
-                             + ("attention='dot'" if cfg.attention != "taumode" else f"dot layers (dot_every={cfg.dot_every})"))
+        if cfg.attention != "taumode" or cfg.dot_every or cfg.lambda_slices > 1:
+            found = ("attention='dot'" if cfg.attention != "taumode" else f"dot layers (dot_every={cfg.dot_every})"
+                     if cfg.dot_every else f"lambda_slices={cfg.lambda_slices}")
+            raise ValueError(f"TauGPTForCausalLM runs taumode TauGPTs with one λ per head; this config has {found}")
         placeholder = None
         if cfg.laplacian != "chain" and not pathlib.Path(cfg.laplacian).exists():
             if cfg.learn_laplacian:  # its edge count fixes a parameter's shape

@@ -59,8 +59,34 @@ def alibi_slopes(n_head: int) -> torch.Tensor:
 
 def key_energy(x: torch.Tensor, laplacian: torch.Tensor, eps: float) -> torch.Tensor:
     """E = max(xᵀLx / (xᵀx + eps), 0) over the last dim, in fp32 (docs/math.md §The λ projection)."""
-    x = x.float()
-    return (((x @ laplacian) * x).sum(-1) / ((x * x).sum(-1) + eps)).clamp_min(0)
+    return slice_energy(x, laplacian, eps, 1)[..., 0]
+
+
+def slice_energy(x: torch.Tensor, laplacian: torch.Tensor, eps: float, slices: int) -> torch.Tensor:
+    """E of each of ``slices`` equal slices of the last dim, with the slice's diagonal block of the
+    Laplacian: (..., slices), fp32."""
+    size = x.size(-1) // slices
+    xs = x.float().unflatten(-1, (slices, size))  # (..., m, s)
+    blocks = torch.stack([laplacian[r * size:(r + 1) * size, r * size:(r + 1) * size] for r in range(slices)])
+    quad = ((xs.unsqueeze(-2) @ blocks).squeeze(-2) * xs).sum(-1)
+    return (quad / ((xs * xs).sum(-1) + eps)).clamp_min(0)
+
+
+def sliced_attention(lam_q: torch.Tensor, lam_k: torch.Tensor, v: torch.Tensor, temperature: torch.Tensor,
+                     slopes: torch.Tensor | None) -> torch.Tensor:
+    """Causal (bottom-right aligned) attention from m λ per head, in eager PyTorch: lam_q (B, H, Tq, m),
+    lam_k (B, Hkv, Tk, m), v (B, Hkv, Tk, F), temperature (H, m); logits −Σ_r |λq_r − λk_r| / T_r minus the
+    recency term. Materialises (B, H, Tq, Tk, m): for the comparison, not for long sequences."""
+    group = lam_q.size(1) // lam_k.size(1)
+    lam_k, v = lam_k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    Tq, Tk = lam_q.size(2), lam_k.size(2)
+    diff = (lam_q[:, :, :, None, :] - lam_k[:, :, None, :, :]).abs()
+    logits = -(diff / temperature[None, :, None, None, :]).sum(-1)
+    dist = (torch.arange(Tq, device=v.device) + (Tk - Tq))[:, None] - torch.arange(Tk, device=v.device)
+    if slopes is not None:
+        logits = logits - slopes[:, None, None] * dist.clamp_min(0)
+    weights = torch.softmax(logits.masked_fill(dist < 0, float("-inf")), dim=-1)
+    return (weights.to(v.dtype) @ v)
 
 
 class Packing(NamedTuple):
@@ -159,6 +185,7 @@ class KVCache:
         if sorted and "dot" in attentions:
             raise ValueError("sorted=True: the sorted cache is for taumode attention only (every layer)")
         shape = (batch_size, max_len, config.n_kv_head, config.head_dim)
+        lambda_shape = shape[:3] + ((config.lambda_slices,) if config.lambda_slices > 1 else ())
         self.batch_size = batch_size
         self.max_len = max_len
         self.n_layer = config.n_layer
@@ -171,7 +198,7 @@ class KVCache:
         # per layer: V, and K (dot layers) or λk (taumode layers; None in the other list)
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in attentions]
         self.k = [torch.zeros(shape, device=device, dtype=dtype) if a == "dot" else None for a in attentions]
-        self.lam_k = [torch.zeros(shape[:3], device=device, dtype=torch.float32) if a == "taumode" else None
+        self.lam_k = [torch.zeros(lambda_shape, device=device, dtype=torch.float32) if a == "taumode" else None
                       for a in attentions]
 
     @property
@@ -254,7 +281,10 @@ class CausalSelfAttention(nn.Module):
         self.c_gate = nn.Linear(C, H, bias=False) if config.output_gate else None
         if attention == "taumode":
             # Per-head temperature, learned in log space; the initial value keeps attention non-uniform.
-            self.log_temperature = nn.Parameter(torch.full((H,), math.log(config.temperature_init)))
+            # (H, m) with m λ slices per head: one per slice, m times warmer, as the logit sums m terms.
+            m = config.lambda_slices
+            shape = (H,) if m == 1 else (H, m)
+            self.log_temperature = nn.Parameter(torch.full(shape, math.log(config.temperature_init * m)))
             # One tau per kv head (shared by the query heads of its group); calibrated by TauGPT.calibrate_tau.
             log_tau = torch.full((Hkv,), math.log(config.tau_init))
             if config.learn_tau:
@@ -312,6 +342,8 @@ class CausalSelfAttention(nn.Module):
         tau = self.log_tau.float().exp()  # (Hkv,)
         temperature = self.log_temperature.float().exp()  # (H,)
         slopes = self.slopes()
+        if cfg.lambda_slices > 1:
+            return self._taumode_slices(q, k, v, laplacian, tau, temperature, slopes, cache, layer, start, packing)
         if not cfg.lambda_term:  # the recency-only control: λq = λk = 0
             return self._taumode_from_lambda(q.new_zeros(q.shape[:3], dtype=torch.float32),
                                              k.new_zeros(k.shape[:3], dtype=torch.float32), v, temperature,
@@ -327,6 +359,25 @@ class CausalSelfAttention(nn.Module):
         lam_q = tk.taumode_lambda(q, laplacian, tau=tau.repeat_interleave(group), eps=cfg.eps, backend=cfg.backend)
         lam_k = tk.taumode_lambda(k, laplacian, tau=tau, eps=cfg.eps, backend=cfg.backend)
         return self._taumode_from_lambda(lam_q, lam_k, v, temperature, slopes, cache, layer, start, packing)
+
+    def _taumode_slices(self, q, k, v, laplacian, tau, temperature, slopes, cache, layer, start, packing):
+        if packing is not None:
+            raise ValueError("lambda_slices > 1 runs dense sequences only: no packed documents (doc_ids) and no "
+                             "cache rows of different lengths")
+        m, eps = self.config.lambda_slices, self.config.eps
+        group = self.n_head // self.n_kv_head
+        lam_q = slice_energy(q, laplacian, eps, m)
+        lam_q = lam_q / (lam_q + tau.repeat_interleave(group)[None, :, None, None])
+        lam_k = slice_energy(k, laplacian, eps, m)
+        lam_k = lam_k / (lam_k + tau[None, :, None, None])
+        if not self.config.lambda_term:
+            lam_q, lam_k = torch.zeros_like(lam_q), torch.zeros_like(lam_k)
+        if cache is not None:
+            end = start + q.size(2)
+            cache.lam_k[layer][:, start:end] = lam_k.transpose(1, 2)
+            cache.v[layer][:, start:end] = v.transpose(1, 2)
+            lam_k, v = cache.lam_k[layer][:, :end].transpose(1, 2), cache.v[layer][:, :end].transpose(1, 2)
+        return sliced_attention(lam_q, lam_k, v, temperature, slopes)
 
     def _taumode_from_lambda(self, lam_q, lam_k, v, temperature, slopes, cache, layer, start, packing):
         kw = dict(temperature=temperature, is_causal=True, alibi_slopes=slopes, backend=self.config.backend)
@@ -530,7 +581,8 @@ class TauGPT(nn.Module):
         doc_ids at the positions packed training gives them (restarting at each document)."""
         packing = None if doc_ids is None else pack_windows(doc_ids, "taumode", idx.device)
         k = self.blocks[0].attn.project(rms_norm(self.wte(idx)), 0 if packing is None else packing.positions)[1]
-        return key_energy(k, self.attention_laplacian(), self.config.eps)
+        energy = slice_energy(k, self.attention_laplacian(), self.config.eps, self.config.lambda_slices)
+        return energy.squeeze(-1)  # (B, Hkv, T), or (B, Hkv, T, m) with m λ slices per head
 
     @torch.no_grad()
     def calibrate_tau(self, idx: torch.Tensor, doc_ids: torch.Tensor | None = None) -> float:

@@ -599,6 +599,7 @@ MODEL_FLAGS = {
     "lambda_term": (bool, "taumode: --no-lambda-term is the recency-only control (λq = λk = 0)"),
     "output_gate": (bool, "scale each head's attention output by a learned sigmoid gate of the block's input"),
     "dot_every": (nonnegative_int, "taumode: hybrid stack, the last of every N layers is dot-product (0: none)"),
+    "lambda_slices": (positive_int, "taumode: m λ per head from m slices of it (eager PyTorch; 1: the kernels)"),
     "laplacian": (laplacian_spec, "'chain' or a Laplacian file (python -m tauformer_model.laplacian_cli, or an F×F .npy)"),
     "backend": (str, "tauformer_kernels backend", BACKENDS),
 }
