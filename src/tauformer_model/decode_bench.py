@@ -137,7 +137,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="tokens generated without a cache (each step is a whole forward)")
     p.add_argument("--modes", default=",".join(MODES), help=f"comma-separated, from {', '.join(MODES)}")
     p.add_argument("--checkpoint", action="append", default=[], metavar="NAME=PATH",
-                   help="a trained run's checkpoint folder (repeatable); its attention is the checkpoint's")
+                   help="a trained run's checkpoint folder (repeatable); its attention is the checkpoint's. Give a "
+                        "taumode and a dot checkpoint the same NAME to pair them in the ratio column")
     p.add_argument("--no-random", action="store_true", help="skip the random-weight models")
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads in every row")
     p.add_argument("--out", default=None, help="write the table (with the command and machine) here")
