@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import pathlib
 import platform
 import statistics
@@ -36,7 +35,9 @@ import torch
 
 from .cli import git_commit
 from .config import TauGPTConfig
+from .compare import mean_sd
 from .model import TauGPT
+from .train import TrainConfig, lr_at
 
 IGNORE = -100
 BLANK, SEP, QUERY, NEEDLE = 0, 1, 2, 3
@@ -219,13 +220,6 @@ class TaskRun:
     weight_decay: float = 0.1
 
 
-def learning_rate(step: int, run: TaskRun) -> float:
-    if step < run.warmup_steps:
-        return run.lr * (step + 1) / run.warmup_steps
-    progress = (step - run.warmup_steps) / max(1, run.steps - run.warmup_steps)
-    return run.lr * (0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, progress))))
-
-
 @torch.no_grad()
 def accuracy(model: TauGPT, x: torch.Tensor, y: torch.Tensor, batch_size: int = 128) -> float:
     """Fraction of the answer tokens (y != IGNORE) the model predicts (argmax)."""
@@ -249,9 +243,10 @@ def train_task(task: Task, variant: str, seed: int, run: TaskRun) -> dict[str, f
     if model.config.attention == "taumode":
         model.calibrate_tau(task.train_batch(run.batch_size, gen)[0])
     optimizer = torch.optim.AdamW(model.optimizer_groups(run.weight_decay), lr=run.lr, betas=(0.9, 0.95))
+    schedule = TrainConfig(lr=run.lr, warmup_steps=run.warmup_steps, max_steps=run.steps, min_lr_frac=0.1)
     for step in range(run.steps):
         for group in optimizer.param_groups:
-            group["lr"] = learning_rate(step, run)
+            group["lr"] = lr_at(step, schedule)
         x, y = task.train_batch(run.batch_size, gen)
         loss = model(x, y)
         optimizer.zero_grad(set_to_none=True)
@@ -259,12 +254,6 @@ def train_task(task: Task, variant: str, seed: int, run: TaskRun) -> dict[str, f
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
     return {label: accuracy(model, x, y) for label, (x, y) in task.eval_sets(run.eval_size).items()}
-
-
-def mean_sd(values: list[float]) -> str:
-    """Accuracy in percent as "mean ± sd" over the seeds (sample sd)."""
-    pct = [100 * v for v in values]
-    return f"{statistics.mean(pct):.1f} ± {statistics.stdev(pct):.1f}" if len(pct) > 1 else f"{pct[0]:.1f}"
 
 
 def table(results: dict, tasks: list[str], variants: list[str], seeds: list[int]) -> str:
@@ -275,7 +264,7 @@ def table(results: dict, tasks: list[str], variants: list[str], seeds: list[int]
     lines = ["| variant | " + " | ".join(head) + " |", "|---|" + "---|" * len(columns),
              "| chance | " + " | ".join(f"{100 * TASKS[t].chance:.1f}" for t, _ in columns) + " |"]
     for v in variants:
-        cells = [mean_sd([results[t][v][s][label] for s in seeds]) for t, label in columns]
+        cells = [mean_sd([100 * results[t][v][s][label] for s in seeds], 1) for t, label in columns]
         lines.append(f"| {v} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
