@@ -12,7 +12,8 @@ Precision of x·L: for fp16/bf16 x the Laplacian arrives split in two terms of x
 and the product runs with DOT_PRECISION (the launcher passes "tf32x3": ~fp32 accuracy on the tensor cores).
 
 Layouts: x (B, Hx, T, F) any strides; L_HI, L_LO (BLOCK_F, BLOCK_F) contiguous, zero-padded past F;
-tau (Hx,) fp32; LAM (B, Hx, T) fp32 contiguous.
+TAU fp32 read at b·stride_tau_b + h·stride_tau_h + t·stride_tau_t: one per head (Hx,) with strides
+(0, 1, 0), or one per vector (B, Hx, T); LAM (B, Hx, T) fp32 contiguous.
 """
 import triton
 import triton.language as tl
@@ -24,6 +25,7 @@ from .grid import block_and_head
 def taumode_lambda_fwd_kernel(
     X, L_HI, L_LO, TAU, LAM,
     stride_xb, stride_xh, stride_xt, stride_xf,
+    stride_tau_b, stride_tau_h, stride_tau_t,
     Hx, T, F, eps,
     # vectors (rows) per program
     BLOCK_T: tl.constexpr,
@@ -37,6 +39,8 @@ def taumode_lambda_fwd_kernel(
     SPLIT_L: tl.constexpr,
     # input_precision of the fp32 product (the launcher passes "tf32x3"); ignored for fp16/bf16
     DOT_PRECISION: tl.constexpr,
+    # one tau per vector (TAU is (B, Hx, T)); else one per head
+    PER_VECTOR_TAU: tl.constexpr,
 ):
     """Writes LAM[b, h, t] for the BLOCK_T vectors of this program.
 
@@ -71,6 +75,10 @@ def taumode_lambda_fwd_kernel(
     # the clamp of a PSD rounding error, written so that NaN passes through (maximum(NaN, 0) is 0 on the
     # GPU's max.f32): a NaN or inf in x gives λ = NaN, as in the reference, never a plausible 0
     energy = tl.where(energy < 0.0, 0.0, energy)
-    tau = tl.load(TAU + h)
+    if PER_VECTOR_TAU:
+        tau = tl.load((TAU + b * stride_tau_b + h * stride_tau_h + tl.cast(t0, tl.int64) * stride_tau_t)
+                      + rows * stride_tau_t, mask=row_ok, other=1.0)
+    else:
+        tau = tl.load(TAU + h * stride_tau_h)
     lam = energy / (energy + tau)
     tl.store((LAM + pid_bh * T + t0) + rows, lam, mask=row_ok)

@@ -7,7 +7,7 @@ For a head vector x (F), s = xᵀx + eps, L_sym = (L + Lᵀ)/2, E_raw = xᵀ L_s
 
     dE   = dλ · tau / (E + tau)²      (0 where the clamp is active, E_raw < 0)
     dx   = dE · 2 (L_sym x - E_raw x) / s
-    dtau = Σ dλ · (-E / (E + tau)²)   (per head)
+    dtau = dλ · (-E / (E + tau)²)     (per vector; summed per head for a per-head tau)
 
 One program per (block of BLOCK_T vectors, b·h), the blocks of a head consecutive on grid axis 0. L_sym is formed on-chip from two loads of L (a tile and its
 transpose) and y = x L_sym runs on the tensor cores in BLOCK_K × BLOCK_K tiles of L_sym. When F fits in one
@@ -15,7 +15,9 @@ tile (BLOCK_K == BLOCK_F) everything is one pass over x; for larger F a first pa
 second recomputes each column tile of y to write dx (L stays in L2 across programs).
 
 Layouts: DLAM (B, H, T) fp32, X and DX (B, H, T, F) in x's dtype, any strides; LAP (F, F) fp32 contiguous;
-TAU (H,) fp32; DTAU_PART (B, H, number of T blocks) fp32 contiguous: each program's Σ dλ·dλ/dtau.
+TAU fp32 at b·stride_tau_b + h·stride_tau_h + t·stride_tau_t (per head: strides (0, 1, 0); per vector:
+(B, H, T)); DTAU: per-head tau, (B, H, number of T blocks) fp32 contiguous, each program's Σ dλ·dλ/dtau;
+per-vector tau (PER_VECTOR_TAU), (B, H, T) fp32 contiguous, dλ·dλ/dtau of every vector.
 """
 import triton
 import triton.language as tl
@@ -67,8 +69,9 @@ def _column_tiles(X_bh, LAP, offs_t, fo, stride_x_t, stride_x_f, T, F,
 
 @triton.jit
 def taumode_lambda_bwd_kernel(
-    DLAM, X, LAP, TAU, DX, DTAU_PART,
+    DLAM, X, LAP, TAU, DX, DTAU,
     stride_dlam_b, stride_dlam_h, stride_dlam_t,
+    stride_tau_b, stride_tau_h, stride_tau_t,
     stride_x_b, stride_x_h, stride_x_t, stride_x_f,
     stride_dx_b, stride_dx_h, stride_dx_t, stride_dx_f,
     H, T, F, eps,
@@ -82,8 +85,10 @@ def taumode_lambda_bwd_kernel(
     MASK_F: tl.constexpr,
     # input_precision of x·L_sym: "tf32x3" (fp32 x), "tf32" (fp16/bf16 x: exact in tf32; L_sym rounded)
     DOT_PRECISION: tl.constexpr,
+    # one tau per vector: DTAU holds every vector's dtau instead of per-program sums
+    PER_VECTOR_TAU: tl.constexpr,
 ):
-    """Writes DX (like X) and DTAU_PART (see the module docstring).
+    """Writes DX (like X) and DTAU (see the module docstring).
 
     Grid: (cdiv(T, BLOCK_T)·B·H,), the blocks of one head consecutive."""
     num_tb = tl.cdiv(T, BLOCK_T)
@@ -98,7 +103,11 @@ def taumode_lambda_bwd_kernel(
     DX_bh = DX + b * stride_dx_b + h * stride_dx_h + tl.cast(t0, tl.int64) * stride_dx_t
     dlam = tl.load((DLAM + b * stride_dlam_b + h * stride_dlam_h + tl.cast(t0, tl.int64) * stride_dlam_t)
                    + offs_t * stride_dlam_t, mask=row_ok, other=0.0)
-    tau = tl.load(TAU + h)
+    if PER_VECTOR_TAU:
+        tau = tl.load((TAU + b * stride_tau_b + h * stride_tau_h + tl.cast(t0, tl.int64) * stride_tau_t)
+                      + offs_t * stride_tau_t, mask=row_ok, other=1.0)
+    else:  # a scalar per program: a row vector of one value cost 8 bytes of spill (bf16, F >= 128, sm_80)
+        tau = tl.load(TAU + h * stride_tau_h)
 
     if BLOCK_K == BLOCK_F:
         offs_f = tl.arange(0, BLOCK_F)
@@ -123,8 +132,11 @@ def taumode_lambda_bwd_kernel(
     # the clamp passes the gradient where E_raw >= 0, as autograd's clamp_min does
     d_energy = tl.where(e_raw >= 0, dlam * tau * inv_denom, 0.0)
     coef = 2.0 * d_energy / s
-    dtau = tl.sum(tl.where(row_ok, -dlam * energy * inv_denom, 0.0), 0)
-    tl.store(DTAU_PART + pid_bh * num_tb + pid_t, dtau)
+    dtau = tl.where(row_ok, -dlam * energy * inv_denom, 0.0)
+    if PER_VECTOR_TAU:
+        tl.store((DTAU + pid_bh * T + t0) + offs_t, dtau, mask=row_ok)
+    else:
+        tl.store(DTAU + pid_bh * num_tb + pid_t, tl.sum(dtau, 0))
 
     if BLOCK_K == BLOCK_F:
         dx = coef[:, None] * (y - e_raw[:, None] * x)

@@ -184,7 +184,7 @@ def test_laplacian_from_file(tmp_path):
 
     emb = np.random.default_rng(0).normal(size=(200, 16))
     np.save(tmp_path / "emb.npy", emb)
-    assert laplacian_cli.main([str(tmp_path / "emb.npy"), "--out", str(tmp_path / "lap.npz"), "--k", "3"]) == 0
+    assert laplacian_cli.main(["--embeddings", str(tmp_path / "emb.npy"), "--out", str(tmp_path / "lap.npz"), "--k", "3"]) == 0
     model = make_model(n_embd=64, laplacian=str(tmp_path / "lap.npz"))  # head dim 16
     lap = model.laplacian
     assert lap.shape == (16, 16) and torch.allclose(lap, lap.T) and torch.allclose(lap.sum(1), torch.zeros(16), atol=1e-5)

@@ -3,6 +3,7 @@
 import argparse
 import contextlib
 import dataclasses
+import importlib.util
 import json
 import pathlib
 import sysconfig
@@ -240,3 +241,34 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tmp_path, corpus):
     assert "interrupted: checkpoint saved" in output
     state = torch.load(out / "checkpoint" / "state.pt", weights_only=True)
     assert state["step"] >= 5
+
+
+def test_domain_memory_workflow(tmp_path, corpus):
+    """A run's keys over its corpus → a Laplacian (npz and the crate's parquet) → runs with it, named by
+    --variant in compare; the first layer's keys are what the file was built from."""
+    from tauformer_kernels import knn_laplacian, load_laplacian
+    from tauformer_model import compare, laplacian_cli
+    from tauformer_model.checkpoint import load_model
+
+    base = ["--preset", "micro", "--max-steps", "4", "--seeds", "1", "--seed", "3", "--data", str(corpus),
+            "--data-cache", str(tmp_path / "cache")]
+    assert compare.main([*base, "--out", str(tmp_path / "dm"), "--variants", "chain",
+                         "--variant", "chain=--laplacian chain"]) == 0
+    run = tmp_path / "dm" / "chain" / "seed-3"
+    out = tmp_path / "keys.npz"
+    assert laplacian_cli.main(["--keys-from", str(run), "--windows", "3", "--out", str(out), "--k", "3"]) == 0
+    keys = laplacian_cli.corpus_keys(str(run), None, 3)
+    model, _ = load_model(run)
+    assert keys.shape == (3 * model.config.block_size * model.config.n_kv_head, model.config.head_dim)
+    assert torch.allclose(load_laplacian(out, dtype=torch.float64), knn_laplacian(keys, k=3, dtype=torch.float64))
+    argv = [*base, "--out", str(tmp_path / "dm"), "--variants", "chain,corpus",
+            "--variant", "chain=--laplacian chain", "--variant", f"corpus=--laplacian {out}"]
+    assert compare.main(argv) == 0
+    assert torch.equal(load_model(tmp_path / "dm" / "corpus" / "seed-3")[0].laplacian, load_laplacian(out))
+    if importlib.util.find_spec("pyarrow"):
+        crate = tmp_path / "crate" / "manifold.parquet"
+        crate.parent.mkdir()
+        assert laplacian_cli.main(["--keys-from", str(run), "--windows", "3", "--out", str(crate), "--k", "3"]) == 0
+        assert torch.equal(load_laplacian(crate), load_laplacian(out)) and (crate.parent / "manifold.json").exists()
+    with pytest.raises(SystemExit):
+        compare.main([*base, "--variant", "no-equals-sign"])

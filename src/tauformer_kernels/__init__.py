@@ -2,18 +2,24 @@
 
 Public API:
     taumode_lambda, taumode_attention, taumode_attention_from_lambda   (also torch.ops.tauformer.*)
-    chain_laplacian, knn_laplacian, save_laplacian, load_laplacian, validate_laplacian
+    chain_laplacian, knn_laplacian, arrowspace_laplacian, save_laplacian, load_laplacian, validate_laplacian
+    vector_tau, TAU_RULES   (the reference crate's per-vector tau: tau="vector-median" / "vector-mean")
     SortedCache   (exact decode in O(log T)-ish blocks per step)
     BACKENDS
 """
 from .api import taumode_attention, taumode_attention_from_lambda, taumode_lambda
 from .backends import BACKENDS
-from .laplacian import chain_laplacian, knn_laplacian, load_laplacian, save_laplacian, validate_laplacian
+from .laplacian import (
+    arrowspace_laplacian, chain_laplacian, knn_laplacian, load_laplacian, save_laplacian, validate_laplacian,
+)
+from .reference import TAU_RULES, vector_tau
 from .sorted_cache import SortedCache
 
 __all__ = [
     "BACKENDS",
     "SortedCache",
+    "TAU_RULES",
+    "arrowspace_laplacian",
     "chain_laplacian",
     "knn_laplacian",
     "load_laplacian",
@@ -22,5 +28,6 @@ __all__ = [
     "taumode_attention_from_lambda",
     "taumode_lambda",
     "validate_laplacian",
+    "vector_tau",
 ]
 __version__ = "0.1.0"

@@ -38,15 +38,17 @@ def _scalar(value: float, dtype: torch.dtype, device: torch.device) -> torch.Ten
 def taumode_lambda(x, laplacian, *, tau=1.0, eps=1e-6, backend="auto", check_finite=False):
     """λ = E / (E + tau) with E = max(xᵀLx / (xᵀx + eps), 0), over the last dim of x (docs/math.md §The λ projection).
 
-    x: (..., F), any float dtype. laplacian: (F, F). tau: a float, or a tensor of shape (H,) for x of
-    shape (..., H, T, F) (one per head). backend: "auto", "reference" or "triton" ("loglinear", an attention
+    x: (..., F), any float dtype. laplacian: (F, F), dense, or sparse CSR (the reference backend multiplies it
+    sparse; Triton takes it dense). tau: a float; a tensor of shape (H,) for x of shape (..., H, T, F) (one
+    per head) or of shape x.shape[:-1] (one per vector); or the reference crate's per-vector rule,
+    "vector-median" / "vector-mean" (docs/math.md §Per-vector tau; the gradient flows through it to x). backend: "auto", "reference" or "triton" ("loglinear", an attention
     algorithm, takes auto's λ). Returns λ of shape x.shape[:-1] in float32 (float64 for float64 x).
     Gradients flow to x, tau (tensor) and laplacian (when it requires grad).
     """
     validation.check_tensor("x", x)
     backends.check_backend_name(backend)
     validation.check_eps(eps)
-    tau = _as_tensor("tau", tau, x)
+    tau = reference.vector_tau(x, tau, eps) if isinstance(tau, str) else _as_tensor("tau", tau, x)
     args = (x, laplacian, tau, float(eps), backend, bool(check_finite))
     if ops.eager_inference(x, laplacian, tau):
         return ops.taumode_lambda_composite(*args, direct=True)
@@ -59,7 +61,8 @@ def taumode_attention(q, k, v, laplacian, *, tau=1.0, temperature=1.0, eps=1e-6,
     """Taumode attention in SDPA's layout: softmax_j(−|λq_i − λk_j| / temperature − slope·dist) · V.
 
     q: (B, H, Tq, F); k: (B, H_kv, Tk, F); v: (B, H_kv, Tk, Dv); H a multiple of H_kv (GQA: query head h
-    uses kv head h // (H / H_kv)). laplacian: (F, F). tau: float or (H_kv,) tensor, one per kv group.
+    uses kv head h // (H / H_kv)). laplacian: (F, F). tau: float or (H_kv,) tensor, one per kv group, or
+    "vector-median" / "vector-mean": the reference crate's rule, one tau per q and per k vector.
     temperature: float or (H,) tensor. alibi_slopes: None or an fp32 tensor (H,) or (B, H); the logit of
     query i and key j gains −slope·|i + Tk − Tq − j|. is_causal: keys j <= i + Tk − Tq (bottom-right
     aligned; needs Tq <= Tk). backend: "auto", "reference", "triton" or "loglinear" (exact sorted O(T log T)
@@ -78,6 +81,14 @@ def taumode_attention(q, k, v, laplacian, *, tau=1.0, temperature=1.0, eps=1e-6,
     validation.check_tensor("q", q)
     backends.check_backend_name(backend)
     validation.check_eps(eps)
+    if isinstance(tau, str):  # a per-vector tau: λq and λk each with its own, then attention from them
+        validation.check_tensor("k", k)
+        lam = functools.partial(taumode_lambda, laplacian=laplacian, tau=tau, eps=eps, check_finite=check_finite,
+                                backend=backend)
+        return taumode_attention_from_lambda(
+            lam(q), lam(k), v, temperature=temperature, is_causal=is_causal, alibi_slopes=alibi_slopes,
+            backend=backend, check_finite=check_finite, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
+            max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k)
     tau = _as_tensor("tau", tau, q)
     temperature = _as_tensor("temperature", temperature, q)
     args = (q, k, v, laplacian, tau, temperature, float(eps), bool(is_causal), alibi_slopes, backend, bool(check_finite),

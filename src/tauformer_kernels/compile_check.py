@@ -69,33 +69,43 @@ def _signature(pointers: dict, aligned=(), ones=(), plain=()) -> dict:
     return sig
 
 
+def _in_kernel_order(kernel, args: dict) -> dict:
+    """args reordered as the kernel's parameters (narrow_base_products numbers the PTX parameters so)."""
+    return {name: args[name] for name in kernel.arg_names if name in args}
+
+
 def _strides(tensor: str, dims: str) -> list[str]:
     return [f"stride_{tensor}_{d}" for d in dims]
 
 
-def _lambda_fwd_case(x_dtype: str, f: int) -> KernelCase:
+def _lambda_fwd_case(x_dtype: str, f: int, per_vector_tau: bool = False) -> KernelCase:
     from tauformer_kernels.kernels.taumode_lambda import taumode_lambda_fwd_kernel
     from tauformer_kernels.lambda_triton import lambda_forward_launch
 
     l_dtype = "fp32" if x_dtype == "fp32" else x_dtype
     args = _signature({"X": x_dtype, "L_HI": l_dtype, "L_LO": l_dtype, "TAU": "fp32", "LAM": "fp32"},
-                      aligned=("stride_xb", "stride_xh", "stride_xt"), ones=("stride_xf",), plain=("Hx", "T", "F"))
+                      aligned=("stride_xb", "stride_xh", "stride_xt"), ones=("stride_xf",),
+                      plain=("stride_tau_b", "stride_tau_h", "stride_tau_t", "Hx", "T", "F"))
     args["eps"] = "fp32"
-    launch = lambda_forward_launch(f, _DTYPES[x_dtype])
-    return KernelCase(f"lambda_fwd F={f} {x_dtype}", taumode_lambda_fwd_kernel, args, dict.fromkeys(_ARCHS, launch))
+    launch = lambda_forward_launch(f, _DTYPES[x_dtype], per_vector_tau=per_vector_tau)
+    tau = " tau per vector" if per_vector_tau else ""
+    return KernelCase(f"lambda_fwd F={f} {x_dtype}{tau}", taumode_lambda_fwd_kernel,
+                      _in_kernel_order(taumode_lambda_fwd_kernel, args), dict.fromkeys(_ARCHS, launch))
 
 
-def _lambda_bwd_case(x_dtype: str, f: int) -> KernelCase:
+def _lambda_bwd_case(x_dtype: str, f: int, per_vector_tau: bool = False) -> KernelCase:
     from tauformer_kernels.kernels.taumode_lambda_backward import taumode_lambda_bwd_kernel
     from tauformer_kernels.lambda_triton_backward import lambda_backward_launch
 
-    args = _signature({"DLAM": "fp32", "X": x_dtype, "LAP": "fp32", "TAU": "fp32", "DX": x_dtype, "DTAU_PART": "fp32"},
+    args = _signature({"DLAM": "fp32", "X": x_dtype, "LAP": "fp32", "TAU": "fp32", "DX": x_dtype, "DTAU": "fp32"},
                       aligned=(*_strides("dlam", "bh"), *_strides("x", "bht"), *_strides("dx", "bht"), "T", "F"),
-                      ones=("stride_dlam_t", "stride_x_f", "stride_dx_f"), plain=("H",))
+                      ones=("stride_dlam_t", "stride_x_f", "stride_dx_f"),
+                      plain=(*_strides("tau", "bht"), "H"))
     args["eps"] = "fp32"
-    launch = lambda_backward_launch(f, _DTYPES[x_dtype], gpu=True)
-    return KernelCase(f"taumode_lambda_bwd {x_dtype} F={f}", taumode_lambda_bwd_kernel, args,
-                      dict.fromkeys(_ARCHS, launch))
+    launch = lambda_backward_launch(f, _DTYPES[x_dtype], gpu=True, per_vector_tau=per_vector_tau)
+    tau = " tau per vector" if per_vector_tau else ""
+    return KernelCase(f"taumode_lambda_bwd {x_dtype} F={f}{tau}", taumode_lambda_bwd_kernel,
+                      _in_kernel_order(taumode_lambda_bwd_kernel, args), dict.fromkeys(_ARCHS, launch))
 
 
 def _attention_fwd_case(name: str, v_dtype: str, dv: int, path: int, causal: bool = True, alibi: bool = False,
@@ -166,6 +176,8 @@ def kernel_cases() -> list[KernelCase]:
     """Every kernel at representative arguments: each dtype, the head sizes whose configs differ, ALiBi,
     GQA, causal and not, odd lengths, the 64-bit forward, the backward's split launches."""
     cases = [_lambda_fwd_case("fp16", 64), _lambda_fwd_case("fp32", 64), _lambda_fwd_case("bf16", 384)]
+    # the reference crate's per-vector tau (tau="vector-median"): a tau row per block instead of a scalar
+    cases += [_lambda_fwd_case(dtype, 128, per_vector_tau=True) for dtype in ("bf16", "fp32")]
     fwd = [("causal D=64 fp16", "fp16", 64, {}), ("causal D=64 bf16", "bf16", 64, {}),
            ("causal D=64 fp32", "fp32", 64, {}), ("causal alibi D=64 fp16", "fp16", 64, {"alibi": True}),
            ("non-causal D=48 fp16", "fp16", 48, {"causal": False}),
@@ -207,6 +219,7 @@ def kernel_cases() -> list[KernelCase]:
     cases += [_preprocess_case("bf16", 64, varlen=True), _preprocess_case("fp32", 64, varlen=True),
               _preprocess_case("bf16", 512, varlen=True)]
     cases += [_lambda_bwd_case(dtype, f) for f in (64, 128, 256, 512) for dtype in ("bf16", "fp32")]
+    cases += [_lambda_bwd_case(dtype, f, per_vector_tau=True) for f in (64, 128) for dtype in ("bf16", "fp32")]
     # the backward's main loop alone, for the static model: non-causal, even, one query head per kv head,
     # so the only loop in the SASS is the unmasked tile loop that causal programs spend their time in
     for dtype in ("bf16", "fp16"):

@@ -1,7 +1,8 @@
 """Launcher of the Triton λ projection forward (kernels/taumode_lambda.py).
 
 `lambda_fwd_triton(x, laplacian, tau, eps) -> lam` follows docs/internal-contract.md: x (B, Hx, T, F) in
-any float dtype and any strides, laplacian (F, F) fp32, tau (Hx,) fp32; lam (B, Hx, T) fp32.
+any float dtype and any strides, laplacian (F, F) fp32, tau (Hx,) (one per head) or (B, Hx, T) (one per
+vector) fp32; lam (B, Hx, T) fp32.
 """
 from __future__ import annotations
 
@@ -25,15 +26,23 @@ def split_laplacian(laplacian: torch.Tensor, dtype: torch.dtype, block_f: int):
     return hi, lo
 
 
-def lambda_forward_launch(f: int, dtype: torch.dtype) -> Launch:
-    """The λ forward's launch for head dim f and x's dtype (the compile check builds the same)."""
+def tau_layout(tau: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
+    """tau in fp32 and its (b, h, t) strides as the λ kernels read it: one per head (Hx,) -> (0, 1, 0),
+    one per vector (B, Hx, T) -> its own strides."""
+    tau = tau.to(torch.float32).contiguous()
+    return tau, ((0, 1, 0) if tau.dim() <= 1 else tau.stride())
+
+
+def lambda_forward_launch(f: int, dtype: torch.dtype, *, per_vector_tau: bool = False) -> Launch:
+    """The λ forward's launch for head dim f, x's dtype and tau's kind (the compile check builds the same)."""
     block_f = block_size(f)
     return Launch(
         {"BLOCK_T": 32 if dtype == torch.float32 else 64,  # fp32: tf32x3 holds three operand copies (64 spilled 264 B on sm_80)
          "BLOCK_F": block_f, "BLOCK_C": min(block_f, 64), "BLOCK_K": min(block_f, 64),
          "SPLIT_L": dtype != torch.float32,
          # fp32 x: the three-pass tf32 split keeps ~fp32 accuracy; fp16/bf16 x times L's (hi, lo) halves is exact
-         "DOT_PRECISION": "tf32x3" if dtype == torch.float32 else "ieee"},
+         "DOT_PRECISION": "tf32x3" if dtype == torch.float32 else "ieee",
+         "PER_VECTOR_TAU": per_vector_tau},
         num_warps=4, num_stages=2)
 
 
@@ -45,12 +54,12 @@ def lambda_fwd_triton(x, laplacian, tau, eps, *, poison: bool = False):
         lam.fill_(float("nan"))
     if lam.numel() == 0:
         return lam
-    launch = lambda_forward_launch(f, x.dtype)
+    launch = lambda_forward_launch(f, x.dtype, per_vector_tau=tau.dim() > 1)
     l_hi, l_lo = split_laplacian(laplacian, x.dtype, launch.constexprs["BLOCK_F"])
     grid = (triton.cdiv(t, launch.constexprs["BLOCK_T"]) * b * hx,)
+    tau, tau_strides = tau_layout(tau)
     with on_device(x):
         taumode_lambda_fwd_kernel[grid](
-            x, l_hi, l_lo, tau.to(torch.float32).contiguous(), lam, *x.stride(), hx, t, f, float(eps),
-            **launch.options(),
+            x, l_hi, l_lo, tau, lam, *x.stride(), *tau_strides, hx, t, f, float(eps), **launch.options(),
         )
     return lam

@@ -2,19 +2,21 @@
 
 `lambda_bwd_triton(dlam, x, laplacian, tau, eps) -> (dx, dtau)` follows docs/internal-contract.md: inputs are
 trusted, dlam, laplacian and tau are fp32, x is (B, Hx, T, F) in any float dtype but float64, any strides.
-dtau is summed from per-program partials in a fixed order (deterministic, no atomics).
+tau (Hx,): dtau (Hx,) is summed from per-program partials in a fixed order (deterministic, no atomics);
+tau (B, Hx, T) (one per vector): dtau (B, Hx, T), one per vector.
 """
 from __future__ import annotations
 
 import torch
 import triton
 
+from tauformer_kernels.lambda_triton import tau_layout
 from tauformer_kernels.launch import Launch, block_size, gpu_launch_configs, on_device
 from tauformer_kernels.kernels.taumode_lambda_backward import taumode_lambda_bwd_kernel
 
 
-def lambda_backward_launch(f: int, dtype: torch.dtype, *, gpu: bool | None = None) -> Launch:
-    """The λ backward's launch for head dim f and x's dtype (the compile check builds the same).
+def lambda_backward_launch(f: int, dtype: torch.dtype, *, gpu: bool | None = None, per_vector_tau: bool = False) -> Launch:
+    """The λ backward's launch for head dim f, x's dtype and tau's kind (the compile check builds the same).
     gpu=None: launch.gpu_launch_configs() (otherwise the interpreter's 32 vectors per program)."""
     block_f = block_size(f)
     gpu = gpu_launch_configs() if gpu is None else gpu
@@ -25,25 +27,29 @@ def lambda_backward_launch(f: int, dtype: torch.dtype, *, gpu: bool | None = Non
          "BLOCK_K": block_f if block_f <= 64 else 32,
          "MASK_F": block_f != f,
          # fp16/bf16 x is exact in tf32 and only L_sym rounds (2^-11 relative); fp32 x takes the three-pass split
-         "DOT_PRECISION": "tf32x3" if dtype == torch.float32 else "tf32"},
+         "DOT_PRECISION": "tf32x3" if dtype == torch.float32 else "tf32",
+         "PER_VECTOR_TAU": per_vector_tau},
         num_warps=4, num_stages=1)
 
 
 def lambda_bwd_triton(dlam, x, laplacian, tau, eps, *, poison: bool = False):
-    """Fused λ backward: (dx like x, dtau (Hx,) fp32). poison=True fills the outputs with NaN first."""
+    """Fused λ backward: (dx like x, dtau like tau, fp32). poison=True fills the outputs with NaN first."""
     b, h, t, f = x.shape
-    launch = lambda_backward_launch(f, x.dtype)
+    per_vector = tau.dim() > 1
+    launch = lambda_backward_launch(f, x.dtype, per_vector_tau=per_vector)
     num_tb = triton.cdiv(t, launch.constexprs["BLOCK_T"])
     dx = torch.full_like(x, float("nan")) if poison else torch.empty_like(x)
-    dtau_part = torch.full((b, h, num_tb), float("nan") if poison else 0.0, dtype=torch.float32, device=x.device)
+    dtau = torch.full((b, h, t if per_vector else num_tb), float("nan") if poison else 0.0, dtype=torch.float32,
+                      device=x.device)
     if b * h * t == 0:
-        return dx.zero_(), torch.zeros(h, dtype=torch.float32, device=x.device)
+        return dx.zero_(), (dtau.zero_() if per_vector else torch.zeros(h, dtype=torch.float32, device=x.device))
     dlam = dlam.to(torch.float32)
     lap = laplacian.to(torch.float32).contiguous()
+    tau32, tau_strides = tau_layout(tau)
     with on_device(x):
         taumode_lambda_bwd_kernel[(num_tb * b * h,)](
-            dlam, x, lap, tau.to(torch.float32).contiguous(), dx, dtau_part,
-            *dlam.stride(), *x.stride(), *dx.stride(),
+            dlam, x, lap, tau32, dx, dtau,
+            *dlam.stride(), *tau_strides, *x.stride(), *dx.stride(),
             h, t, f, float(eps), **launch.options(),
         )
-    return dx, dtau_part.sum(dim=(0, 2)).to(tau.dtype)
+    return dx, (dtau if per_vector else dtau.sum(dim=(0, 2))).to(tau.dtype)

@@ -179,10 +179,14 @@ def per_head(value: Tensor, heads: int, dtype: torch.dtype) -> Tensor:
 
 
 def _lambda_inputs(x: Tensor, laplacian: Tensor, backend: str) -> tuple[Tensor, str]:
-    """The Laplacian in x's compute dtype and the λ backend for x."""
+    """The Laplacian in x's compute dtype and the λ backend for x. A sparse Laplacian stays sparse (CSR) for
+    the reference backend (the CPU default: for large F, nnz·T work instead of F²·T) and becomes dense for
+    the Triton kernels (their x·L runs on the tensor cores)."""
     dt = reference.compute_dtype(x)
-    return (laplacian if laplacian.dtype == dt else laplacian.to(dt)), backends.resolve("lambda", backend, x.device,
-                                                                                           x.dtype)
+    lam_backend = backends.resolve("lambda", backend, x.device, x.dtype)
+    if laplacian.layout != torch.strided:
+        laplacian = laplacian.to_sparse_csr() if lam_backend == "reference" else laplacian.to_dense()
+    return (laplacian if laplacian.dtype == dt else laplacian.to(dt)), lam_backend
 
 
 def _attention_call(lq: Tensor, lk: Tensor, v: Tensor, temperature: Tensor, alibi_slopes: Optional[Tensor],
@@ -239,16 +243,20 @@ def taumode_lambda_composite(x, laplacian, tau, eps=1e-6, backend="auto", check_
     validation.check_laplacian(laplacian, x.shape[-1])
     validation.check_same_device(x=x, laplacian=laplacian, tau=tau)
     dt = reference.compute_dtype(x)
-    if x.dim() >= 3:  # (..., H, T, F): tau is a scalar or one per head
+    per_vector = isinstance(tau, Tensor) and tau.dim() > 0 and tuple(tau.shape) == tuple(x.shape[:-1])
+    if x.dim() >= 3:  # (..., H, T, F): tau is a scalar, one per head or one per vector
         heads = x.shape[-3]
-        validation.check_per_head("tau", tau, heads, "one per head of x")
+        if not per_vector:
+            validation.check_per_head("tau", tau, heads, f"one per head of x, or {tuple(x.shape[:-1])}: one per vector")
         x4 = x if x.dim() == 4 else x.reshape(-1, heads, x.shape[-2], x.shape[-1])
     else:
-        validation.check_per_head("tau", tau, 1, "a scalar for x with fewer than 3 dimensions")
+        if not per_vector:
+            validation.check_per_head("tau", tau, 1, f"a scalar, or {tuple(x.shape[:-1])}: one per vector")
         x4 = x.reshape(1, 1, -1, x.shape[-1])
         heads = 1
-    # expanded, not copied: the references broadcast it, the Triton launcher makes it contiguous
-    tau_heads = (tau if tau.dtype == dt else tau.to(dt)).expand(heads)
+    tau = tau if tau.dtype == dt else tau.to(dt)
+    # per head: expanded, not copied (the references broadcast it, the Triton launcher makes it contiguous)
+    tau_heads = tau.reshape(x4.shape[:-1]) if per_vector else tau.expand(heads)
     laplacian, lam_backend = _lambda_inputs(x4, laplacian, backend)
     if direct:
         validation.check_lambda_values("x", x4, laplacian, tau_heads, check_finite)

@@ -32,21 +32,65 @@ def compute_dtype(t: torch.Tensor) -> torch.dtype:
 # λ projection (docs/math.md §The λ projection)
 # ----------------------------------------------------------------------------------------------------
 
+def _times_transpose(x: torch.Tensor, laplacian: torch.Tensor) -> torch.Tensor:
+    """x Lᵀ (L x of every vector), for a dense or a sparse CSR L (torch has dense·CSR and CSR·dense
+    products, not dense·CSRᵀ)."""
+    if laplacian.layout == torch.strided:
+        return x @ laplacian.T
+    return (laplacian @ x.reshape(-1, x.shape[-1]).T).T.reshape(x.shape)
+
+
 def _rayleigh(x: torch.Tensor, laplacian: torch.Tensor, eps: float):
-    """(x in the compute dtype, L x, s = xᵀx + eps, E_raw = xᵀLx / s) for x (..., F)."""
+    """(x in the compute dtype, L x, s = xᵀx + eps, E_raw = xᵀLx / s) for x (..., F); L dense or sparse CSR."""
     xc = x.to(compute_dtype(x))
-    lx = xc @ laplacian.to(xc.dtype).T
+    lx = _times_transpose(xc, laplacian.to(xc.dtype))
     s = torch.linalg.vecdot(xc, xc) + eps
     return xc, lx, s, torch.linalg.vecdot(xc, lx) / s
 
 
 def _tau_rows(tau: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """tau (Hx,) viewed to broadcast over λ of shape (B, Hx, T)."""
-    return tau.to(dtype).view(-1, 1)
+    """tau (Hx,) viewed to broadcast over λ of shape (B, Hx, T); a per-vector tau (B, Hx, T) as it is."""
+    return tau.to(dtype).view(-1, 1) if tau.dim() <= 1 else tau.to(dtype)
+
+
+def _tau_grad(d_tau: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
+    """dtau shaped like tau: summed per head for tau (Hx,), per vector for tau (B, Hx, T)."""
+    return (d_tau.sum(dim=(0, 2)) if tau.dim() <= 1 else d_tau).to(tau.dtype)
+
+
+# The reference crate's per-vector tau (its sparse path; docs/math.md §Per-vector tau): "vector-median" /
+# "vector-mean" of the vector's own finite entries, floored at TAU_FLOOR and then at eps.
+TAU_RULES = ("vector-median", "vector-mean")
+TAU_FLOOR = 1e-10
+
+
+def vector_tau(x: torch.Tensor, rule: str, eps: float) -> torch.Tensor:
+    """tau of every vector of x (..., F): shape x.shape[:-1], in the compute dtype.
+
+    The median of n finite entries is the middle one of the sorted entries (n odd) or the mean of the two
+    middle ones (n even); a vector with no finite entry gets the floor. Gradient: that of the selected
+    order statistics (1 on the middle entry, ½ on each of the two middle ones; ties split by the sort's
+    order), 1/n on every finite entry for the mean, 0 where a floor is active.
+    """
+    if rule not in TAU_RULES:
+        raise ValueError(f"tau rule must be one of {TAU_RULES}, got {rule!r}")
+    xc = x.to(compute_dtype(x))
+    finite = torch.isfinite(xc)
+    count = finite.sum(-1)
+    if rule == "vector-mean":
+        value = torch.where(finite, xc, 0).sum(-1) / count.clamp_min(1)
+    else:  # non-finite entries sort last, so the n finite ones are the first n
+        ordered = torch.where(finite, xc, float("inf")).sort(-1).values
+        lower = ordered.gather(-1, ((count - 1).clamp_min(0) // 2)[..., None])[..., 0]
+        upper = ordered.gather(-1, (count // 2).clamp_max(xc.shape[-1] - 1)[..., None])[..., 0]
+        value = 0.5 * (lower + upper)
+    value = torch.where(count > 0, value, torch.full_like(value, TAU_FLOOR))
+    return value.clamp_min(max(TAU_FLOOR, eps))
 
 
 def lambda_naive(x: torch.Tensor, laplacian: torch.Tensor, tau: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """The oracle: λ = E / (E + tau[h]), E = max(xᵀLx / (xᵀx + eps), 0), for x (B, Hx, T, F), tau (Hx,)."""
+    """The oracle: λ = E / (E + tau), E = max(xᵀLx / (xᵀx + eps), 0), for x (B, Hx, T, F), tau (Hx,) (one per
+    head) or (B, Hx, T) (one per vector)."""
     xc = x.to(compute_dtype(x))
     energy = torch.einsum("...i,ij,...j->...", xc, laplacian.to(xc.dtype), xc) / ((xc * xc).sum(-1) + eps)
     energy = energy.clamp_min(0)
@@ -75,12 +119,12 @@ def _lambda_energy_grad(dlam, e_raw, tau):
 
 
 def lambda_bwd_reference(dlam, x, laplacian, tau, eps):
-    """dx = dE · 2 (L_sym x − E_raw x) / s;  dtau = Σ dlam · (−E / (E + tau)²) per head."""
+    """dx = dE · 2 (L_sym x − E_raw x) / s;  dtau = dlam · (−E / (E + tau)²), summed per head for tau (Hx,)."""
     xc, lx, s, e_raw = _rayleigh(x, laplacian, eps)
     d_energy, d_tau = _lambda_energy_grad(dlam.to(e_raw.dtype), e_raw, tau)
     l_sym_x = 0.5 * (lx + xc @ laplacian.to(xc.dtype))
     dx = (2 * d_energy / s)[..., None] * (l_sym_x - e_raw[..., None] * xc)
-    return dx.to(x.dtype), d_tau.sum(dim=(0, 2)).to(tau.dtype)
+    return dx.to(x.dtype), _tau_grad(d_tau, tau)
 
 
 def lambda_laplacian_grad(dlam, x, laplacian, tau, eps):

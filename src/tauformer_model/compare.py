@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import pathlib
+import shlex
 import statistics
 import sys
 
@@ -124,21 +125,30 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads for every run")
     p.add_argument("--retrain", action="store_true", help="train again even where a finished run exists")
     p.add_argument("--table-only", action="store_true", help="only write the table from the runs in --out")
+    p.add_argument("--variant", action="append", default=[], metavar="NAME=FLAGS",
+                   help="define a variant of your own, e.g. 'corpus=--laplacian lap.npz' (repeatable); "
+                        "name it in --variants")
     args, passthrough = p.parse_known_args(argv)  # any other flag goes to every training run
     if args.seeds < 1:
         p.error(f"--seeds must be at least 1, got {args.seeds}")
+    variants = dict(VARIANTS)
+    for spec in args.variant:
+        name, sep, flags = spec.partition("=")
+        if not sep or not name.strip():
+            p.error(f"--variant must be NAME=FLAGS, got {spec!r}")
+        variants[name.strip()] = shlex.split(flags)
     out = pathlib.Path(args.out)
     names = [n.strip() for n in args.variants.split(",") if n.strip()]
     for name in names:
-        if name not in VARIANTS:
-            p.error(f"unknown variant {name!r}; choose from {', '.join(VARIANTS)}")
+        if name not in variants:
+            p.error(f"unknown variant {name!r}; choose from {', '.join(variants)}")
     seeds = [args.seed + i for i in range(args.seeds)]
     if not args.table_only:
         for name in names:
             for seed in seeds:
                 folder = run_folder(out, name, seed)
                 argv_train = ["--preset", args.preset, "--out", str(folder), "--no-progress", "--seed", str(seed),
-                              *VARIANTS[name], *passthrough]
+                              *variants[name], *passthrough]
                 for flag, value in (("--max-steps", args.max_steps), ("--threads", args.threads)):
                     if value is not None:
                         argv_train += [flag, str(value)]

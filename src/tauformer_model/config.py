@@ -6,6 +6,7 @@ import dataclasses
 from dataclasses import dataclass
 
 ATTENTIONS = ("taumode", "dot")
+TAU_RULES = ("calibrated", "vector-median", "vector-mean")
 RECENCIES = ("none", "fixed", "learned")
 
 
@@ -37,6 +38,10 @@ class TauGPTConfig:
     # keys over a batch (calibrate_tau). One tau per kv head, shared by all layers.
     tau_init: float = 1.0
     learn_tau: bool = False
+    # taumode only: "calibrated" (the tau above, one per kv head) or the reference crate's per-vector rule,
+    # "vector-median" / "vector-mean": each q and k vector's tau is the median / mean of its own entries
+    # (docs/math.md §Per-vector tau); then tau_init, learn_tau and the calibration do nothing.
+    tau_rule: str = "calibrated"
     # "chain" (the path-graph Laplacian over the head dim) or the path of a file written by
     # tauformer_kernels.save_laplacian (e.g. by python -m tauformer_model.laplacian_cli).
     laplacian: str = "chain"
@@ -86,6 +91,10 @@ class TauGPTConfig:
                 self.lambda_slices > 1 and (self.attention != "taumode" or self.head_dim // self.lambda_slices < 2)):
             raise ValueError(f"lambda_slices ({self.lambda_slices}) must divide the head dim {self.head_dim} into "
                              f"slices of at least 2, with attention='taumode' (got {self.attention!r})")
+        if self.tau_rule not in TAU_RULES or (self.tau_rule != "calibrated" and (
+                self.attention != "taumode" or self.lambda_slices > 1)):
+            raise ValueError(f"tau_rule ({self.tau_rule!r}) must be one of {TAU_RULES}; a per-vector rule needs "
+                             f"attention='taumode' and lambda_slices=1")
         if self.head_dim % 2:
             raise ValueError(f"head dim n_embd // n_head = {self.head_dim} must be even (RoPE)")
 

@@ -339,7 +339,8 @@ class CausalSelfAttention(nn.Module):
 
     def _taumode(self, q, k, v, laplacian, cache, layer, start, packing):
         cfg = self.config
-        tau = self.log_tau.float().exp()  # (Hkv,)
+        # (Hkv,), or the name of a per-vector rule (tauformer_kernels computes each vector's own)
+        tau = self.log_tau.float().exp() if cfg.tau_rule == "calibrated" else cfg.tau_rule
         temperature = self.log_temperature.float().exp()  # (H,)
         slopes = self.slopes()
         if cfg.lambda_slices > 1:
@@ -356,7 +357,8 @@ class CausalSelfAttention(nn.Module):
             return heads(tk.taumode_attention(tokens(q), tokens(k), tokens(v), laplacian, **kw,
                                               **packing.varlen()), q.size(0))
         group = self.n_head // self.n_kv_head
-        lam_q = tk.taumode_lambda(q, laplacian, tau=tau.repeat_interleave(group), eps=cfg.eps, backend=cfg.backend)
+        tau_q = tau if isinstance(tau, str) else tau.repeat_interleave(group)
+        lam_q = tk.taumode_lambda(q, laplacian, tau=tau_q, eps=cfg.eps, backend=cfg.backend)
         lam_k = tk.taumode_lambda(k, laplacian, tau=tau, eps=cfg.eps, backend=cfg.backend)
         return self._taumode_from_lambda(lam_q, lam_k, v, temperature, slopes, cache, layer, start, packing)
 
@@ -576,11 +578,15 @@ class TauGPT(nn.Module):
         return KVCache(self.config, batch_size, max_len, self.lm_head.weight.device, dtype, sorted=sorted)
 
     @torch.no_grad()
-    def first_layer_key_energy(self, idx: torch.Tensor, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """E of the first layer's keys (RoPE'd, RMS-normed) for a batch of tokens, fp32 (B, Hkv, T); with
-        doc_ids at the positions packed training gives them (restarting at each document)."""
+    def first_layer_keys(self, idx: torch.Tensor, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """The first layer's keys as λ sees them (RoPE'd, RMS-normed), (B, Hkv, T, F); with doc_ids at the
+        positions packed training gives them (restarting at each document)."""
         packing = None if doc_ids is None else pack_windows(doc_ids, "taumode", idx.device)
-        k = self.blocks[0].attn.project(rms_norm(self.wte(idx)), 0 if packing is None else packing.positions)[1]
+        return self.blocks[0].attn.project(rms_norm(self.wte(idx)), 0 if packing is None else packing.positions)[1]
+
+    def first_layer_key_energy(self, idx: torch.Tensor, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """E of the first layer's keys (first_layer_keys) for a batch of tokens, fp32 (B, Hkv, T)."""
+        k = self.first_layer_keys(idx, doc_ids)
         energy = slice_energy(k, self.attention_laplacian(), self.config.eps, self.config.lambda_slices)
         return energy.squeeze(-1)  # (B, Hkv, T), or (B, Hkv, T, m) with m λ slices per head
 

@@ -34,7 +34,7 @@ from tauformer_kernels import BACKENDS, load_laplacian
 
 from .checkpoint import CheckpointError, find_checkpoint, load_model, load_state, save_checkpoint
 from .cli import fraction, laplacian_spec, nonnegative_float, nonnegative_int, positive_float, positive_int
-from .config import ATTENTIONS, PRESETS, RECENCIES, TauGPTConfig
+from .config import ATTENTIONS, PRESETS, RECENCIES, TAU_RULES, TauGPTConfig
 from .data import DataError, Dataset, load_dataset
 from .model import TauGPT
 
@@ -595,6 +595,8 @@ MODEL_FLAGS = {
     "temperature_init": (positive_float, "initial per-head taumode temperature (learned in log space)"),
     "lambda_before_rope": (bool, "taumode: λ from the un-rotated q, k (no RoPE; position only via mask and recency)"),
     "learn_tau": (bool, "learn tau per kv head (after calibration) instead of keeping it fixed"),
+    "tau_rule": (str, "taumode: 'calibrated' (one tau per kv head) or the reference crate's per-vector "
+                      "'vector-median' / 'vector-mean'", TAU_RULES),
     "learn_laplacian": (bool, "taumode: learn the Laplacian's edge weights (kept >= 0: L stays a Laplacian)"),
     "lambda_term": (bool, "taumode: --no-lambda-term is the recency-only control (λq = λk = 0)"),
     "output_gate": (bool, "scale each head's attention output by a learned sigmoid gate of the block's input"),
