@@ -413,3 +413,19 @@ def test_triton_kernels_through_the_transformers_path():
         a = triton_model.generate(ids, attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=0)
         b = reference_model.generate(ids, attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=0)
     assert torch.equal(a, b)
+
+
+def test_imports_from_the_repository_root():
+    """transformers 5.25 imports Hugging Face's `kernels` package; in the repository's root the top-level
+    kernels/ folder (the Triton sources) must not stand in for it."""
+    import pathlib
+    import subprocess
+    import sys
+
+    root = pathlib.Path(__file__).resolve().parent.parent
+    code = ("import sys, tauformer_model.hf; k = sys.modules.get('kernels'); "
+            "print('shadowed' if k is not None and str(getattr(k, '__file__', '')).startswith(sys.argv[1]) else 'ok')")
+    result = subprocess.run([sys.executable, "-c", code, str(root / "kernels")], cwd=root, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "ok"

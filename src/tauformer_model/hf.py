@@ -23,14 +23,37 @@ What happens where (docs/math.md has the math):
 
 from __future__ import annotations
 
+import importlib.machinery
+import importlib.util
 import json
 import math
+import os
 import pathlib
+import sys
 import types
 
 import torch
 import torch.nn as nn
 
+
+def _import_the_installed_kernels_package() -> None:
+    """transformers 5.25 imports Hugging Face's `kernels` package. A process started in this repository's
+    root (``python -m ...`` puts it first on sys.path) would find the repository's own top-level kernels/
+    folder under that name instead (this package's Triton sources, installed as tauformer_kernels.kernels)
+    and transformers would fail to import. Import the installed one first, skipping the root."""
+    from tauformer_kernels import kernels as triton_sources
+
+    if "kernels" in sys.modules:
+        return
+    root = os.path.dirname(os.path.dirname(os.path.abspath(triton_sources.__file__)))
+    spec = importlib.machinery.PathFinder.find_spec("kernels", [p for p in sys.path if os.path.abspath(p or ".") != root])
+    if spec is not None:
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["kernels"] = module
+        spec.loader.exec_module(module)
+
+
+_import_the_installed_kernels_package()
 try:
     import transformers
     from transformers import (AttentionInterface, AutoConfig, AutoModelForCausalLM, GenerationMixin,
@@ -51,7 +74,7 @@ NAME = "taumode"
 # The cache's keyword: "past_key_values" until transformers 5.2x renamed it "cache" (the old name still works)
 CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 CACHE_NAMES = ("cache", "past_key_values")
-# The mask function's keyword calling convention and the Cache layers it relies on: tested 5.4 to 5.24
+# The mask function's keyword calling convention and the Cache layers it relies on: tested 5.4 to 5.25
 if tuple(int(n) for n in transformers.__version__.split(".")[:2]) < (5, 4):
     raise ImportError(f"tauformer_model.hf needs transformers 5.4 or later, found {transformers.__version__}")
 
