@@ -177,6 +177,7 @@ def kernel_cases() -> list[KernelCase]:
     GQA, causal and not, odd lengths, the 64-bit forward, the backward's split launches."""
     cases = [_lambda_fwd_case("fp16", 64), _lambda_fwd_case("fp32", 64), _lambda_fwd_case("bf16", 384)]
     # the reference crate's per-vector tau (tau="vector-median"): a tau row per block instead of a scalar
+    cases += [_lambda_fwd_case("fp32", 128)]
     cases += [_lambda_fwd_case(dtype, 128, per_vector_tau=True) for dtype in ("bf16", "fp32")]
     fwd = [("causal D=64 fp16", "fp16", 64, {}), ("causal D=64 bf16", "bf16", 64, {}),
            ("causal D=64 fp32", "fp32", 64, {}), ("causal alibi D=64 fp16", "fp16", 64, {"alibi": True}),

@@ -38,7 +38,10 @@ def lambda_forward_launch(f: int, dtype: torch.dtype, *, per_vector_tau: bool = 
     block_f = block_size(f)
     return Launch(
         {"BLOCK_T": 32 if dtype == torch.float32 else 64,  # fp32: tf32x3 holds three operand copies (64 spilled 264 B on sm_80)
-         "BLOCK_F": block_f, "BLOCK_C": min(block_f, 64), "BLOCK_K": min(block_f, 64),
+         # fp32 past F = 64: contraction chunks of 32 (of 64, the tf32x3 product at F = 128 spilled 24 B on
+         # sm_80 under Triton 3.6, 255 registers under 3.9)
+         "BLOCK_F": block_f, "BLOCK_C": min(block_f, 64),
+         "BLOCK_K": min(block_f, 32 if dtype == torch.float32 and block_f > 64 else 64),
          "SPLIT_L": dtype != torch.float32,
          # fp32 x: the three-pass tf32 split keeps ~fp32 accuracy; fp16/bf16 x times L's (hi, lo) halves is exact
          "DOT_PRECISION": "tf32x3" if dtype == torch.float32 else "ieee",
