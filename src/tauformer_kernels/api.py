@@ -41,8 +41,8 @@ def taumode_lambda(x, laplacian, *, tau=1.0, eps=1e-6, backend="auto", check_fin
     x: (..., F), any float dtype. laplacian: (F, F), dense, or sparse CSR (the reference backend multiplies it
     sparse; Triton takes it dense). tau: a float; a tensor of shape (H,) for x of shape (..., H, T, F) (one
     per head) or of shape x.shape[:-1] (one per vector); or the reference crate's per-vector rule,
-    "vector-median" / "vector-mean" (docs/math.md §Per-vector tau; the gradient flows through it to x). backend: "auto", "reference" or "triton" ("loglinear", an attention
-    algorithm, takes auto's λ). Returns λ of shape x.shape[:-1] in float32 (float64 for float64 x).
+    "vector-median" / "vector-mean" (docs/math.md §Per-vector tau; the gradient flows through it to x).
+    backend: "auto", "reference" or "triton" ("loglinear", an attention algorithm, takes auto's λ). Returns λ of shape x.shape[:-1] in float32 (float64 for float64 x).
     Gradients flow to x, tau (tensor) and laplacian (when it requires grad).
     """
     validation.check_tensor("x", x)

@@ -311,10 +311,10 @@ def load_laplacian(path, features: int | None = None, *, dtype=torch.float32, wi
         validate_laplacian(lap, features)
     except ValueError as e:
         raise ValueError(f"{path}: {e}") from e
-    csr = sp.csr_matrix(lap)
-    f = csr.shape[0]
-    sparse = layout == "sparse" or (layout == "auto" and f >= SPARSE_MIN_FEATURES and csr.nnz <= SPARSE_DENSITY * f * f)
-    if sparse:
+    f = lap.shape[0]
+    stored = lap.nnz if sp.issparse(lap) else np.count_nonzero(lap)
+    if layout == "sparse" or (layout == "auto" and f >= SPARSE_MIN_FEATURES and stored <= SPARSE_DENSITY * f * f):
+        csr = sp.csr_matrix(lap)
         csr.sort_indices()
         with warnings.catch_warnings():  # torch's "sparse CSR support is in beta"
             warnings.simplefilter("ignore", UserWarning)
@@ -323,7 +323,7 @@ def load_laplacian(path, features: int | None = None, *, dtype=torch.float32, wi
                                             torch.from_numpy(csr.data).to(dtype), size=csr.shape,
                                             check_invariants=True)
     else:
-        lap_t = torch.from_numpy(csr.toarray() if sp.issparse(lap) else lap).to(dtype)
+        lap_t = torch.from_numpy(lap.toarray() if sp.issparse(lap) else lap).to(dtype)
     return (lap_t, params) if with_parameters else lap_t
 
 
