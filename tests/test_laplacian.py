@@ -203,6 +203,54 @@ def test_crate_format_errors_name_the_file(tmp_path):
         load_laplacian(path)
 
 
+def test_two_laplacians_never_share_one_manifold_json(tmp_path):
+    """The crate reads one manifold.json per folder: a second .parquet saved beside a first must not rewrite the
+    first's tau rule (Mean → Median) nor its F; the first stays loadable as it was. Rewriting a file's own pair,
+    or a second pair the json describes alike, is allowed."""
+    pytest.importorskip("pyarrow")
+    first = tmp_path / "first.parquet"
+    save_laplacian(first, chain_laplacian(12, dtype=torch.float64), tau_rule="vector-mean")
+    meta = (tmp_path / "manifold.json").read_text()
+    for lap, rule in ((chain_laplacian(12, dtype=torch.float64), "vector-median"), (chain_laplacian(8), None)):
+        with pytest.raises(ValueError, match=r"manifold\.json describes first\.parquet .*folder of its own"):
+            save_laplacian(tmp_path / "second.parquet", lap, tau_rule=rule)
+        assert (tmp_path / "manifold.json").read_text() == meta and not (tmp_path / "second.parquet").exists()
+    _, params = load_laplacian(first, 12, with_parameters=True)
+    assert params["builder_config"]["synthesis"] == {"TauMode": "Mean"}
+    save_laplacian(first, chain_laplacian(12, dtype=torch.float64), tau_rule="vector-median")  # its own pair
+    assert load_laplacian(first, with_parameters=True)[1]["builder_config"]["synthesis"] == {"TauMode": "Median"}
+    (tmp_path / "b").mkdir()  # a folder of its own works
+    save_laplacian(tmp_path / "b" / "second.parquet", chain_laplacian(8), tau_rule="vector-mean")
+    assert load_laplacian(tmp_path / "b" / "second.parquet").shape == (8, 8)
+
+
+def test_a_synthesis_with_a_payload_is_named(tmp_path):
+    """arrowspace writes a TauMode with a payload as an object: a clear error, not `unhashable type: 'dict'`."""
+    pytest.importorskip("pyarrow")
+    path = _write_as_the_crate(tmp_path, chain_laplacian(6, dtype=torch.float64).numpy())
+    (tmp_path / "manifold.json").write_text(json.dumps(_crate_json(6, {"Fixed": 0.5})))
+    with pytest.raises(ValueError, match=r'manifold\.json: synthesis TauMode \{"Fixed": 0\.5\} is not one of'):
+        load_laplacian(path)
+
+
+def test_a_huge_declared_size_is_refused_dense(tmp_path):
+    """A crate file declaring F = 2e6 (with a few entries) would be 29 TiB dense: refused, naming the way out;
+    layout="sparse" (and "auto") load it."""
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    f = 2_000_000
+    path = _write_as_the_crate(tmp_path, chain_laplacian(4, dtype=torch.float64).numpy())
+    table = pq.read_table(path)
+    declared = pa.array([f] * table.num_rows, pa.uint64())
+    pq.write_table(table.set_column(1, "n_rows", declared).set_column(2, "n_cols", declared), path)
+    (tmp_path / "manifold.json").write_text(json.dumps(_crate_json(f)))
+    with pytest.raises(ValueError, match=r'manifold\.parquet: a dense 2000000×2000000 Laplacian .*layout="sparse"'):
+        load_laplacian(path)
+    assert load_laplacian(path, layout="sparse").shape == (f, f)
+    assert load_laplacian(path, layout="auto").layout == torch.sparse_csr
+
+
 @pytest.mark.skipif(not (os.path.exists(os.path.join(CRATE_MANIFOLD, "manifold.parquet")) and os.path.exists(REFERENCE_MANIFOLD)),
                     reason="the reference crate's own manifold.parquet (outside the repo) is absent")
 def test_the_crates_own_manifold_equals_the_converted_arrays(tmp_path):

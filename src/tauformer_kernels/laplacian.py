@@ -38,7 +38,8 @@ def knn_laplacian(embeddings, k: int = 8, sigma: float = 1.0, p: float = 2.0, *,
     w = 1 / (1 + (d / sigma)^p); the graph is symmetrised by union (the larger weight of the two
     directions). A feature whose column is all zeros has no direction: it gets no edges.
     """
-    emb = np.asarray(embeddings.detach().cpu() if isinstance(embeddings, torch.Tensor) else embeddings, dtype=np.float64)
+    emb = np.asarray(embeddings.detach().cpu() if isinstance(embeddings, torch.Tensor) else embeddings,
+                     dtype=np.float64)
     if emb.ndim != 2 or emb.shape[0] < 1 or emb.shape[1] < 2:
         raise ValueError(f"embeddings must be an N×F matrix with N >= 1 and F >= 2, got shape {emb.shape}")
     if not np.isfinite(emb).all():
@@ -83,7 +84,8 @@ def arrowspace_laplacian(embeddings, k: int = 8, sigma: float = 1.0, p: float = 
     try:
         import arrowspace
     except ImportError as e:
-        raise ImportError('arrowspace_laplacian needs the arrowspace package: pip install "tauformer[arrowspace]"') from e
+        raise ImportError('arrowspace_laplacian needs the arrowspace package: '
+                          'pip install "tauformer[arrowspace]"') from e
     emb = np.ascontiguousarray(embeddings.detach().cpu() if isinstance(embeddings, torch.Tensor) else embeddings,
                                dtype=np.float64)
     if emb.ndim != 2 or emb.shape[0] < 2 or emb.shape[1] < 2:
@@ -219,8 +221,10 @@ def _read_crate_manifold(path):
     except (KeyError, TypeError, ValueError) as e:
         raise ValueError(f"{meta_path}: not the crate's manifold metadata (builder_config.nfeatures.Usize and "
                          f"builder_config.synthesis.TauMode needed): {e!r}") from e
-    if synthesis not in TAU_RULE_OF_SYNTHESIS:
-        raise ValueError(f"{meta_path}: synthesis TauMode {synthesis!r} is not one of {sorted(TAU_RULE_OF_SYNTHESIS)}")
+    # arrowspace writes a TauMode with a payload as an object ({"Fixed": 0.1}): no per-vector rule of ours
+    if not isinstance(synthesis, str) or synthesis not in TAU_RULE_OF_SYNTHESIS:
+        raise ValueError(f"{meta_path}: synthesis TauMode {json.dumps(synthesis)} is not one of "
+                         f"{sorted(TAU_RULE_OF_SYNTHESIS)} (the per-vector tau rules this package implements)")
     if nfeatures != shape[0]:
         raise ValueError(f"{meta_path}: nfeatures = {nfeatures} does not match the Laplacian's {shape[0]} rows")
     # the parquet names its matrix apart from the file (the crate's shipped one: "dataset-gl-matrix")
@@ -232,7 +236,9 @@ def _write_crate_manifold(path, lap, params: dict) -> None:
     """The crate's pair: COO triplets in row-major order (as the crate writes its CSR), SNAPPY, and its json.
     params from a crate file (a builder_config) are kept as they are; otherwise a minimal builder_config
     (nfeatures, synthesis from params["tau_rule"], default Median) carries them under "tauformer".
-    params["parquet_name_id"] (set by the reader) names the matrix in the parquet, else the file's stem."""
+    params["parquet_name_id"] (set by the reader) names the matrix in the parquet, else the file's stem.
+    The crate reads one manifold.json per folder: a json that another .parquet of the folder shares is never
+    changed (ValueError naming both), so no save rewrites another Laplacian's F or tau rule."""
     import scipy.sparse as sp
 
     pa, pq = _pyarrow()
@@ -257,14 +263,33 @@ def _write_crate_manifold(path, lap, params: dict) -> None:
         meta["builder_config"]["nfeatures"] = {"Usize": n_rows}
     else:
         synthesis = {v: k for k, v in TAU_RULE_OF_SYNTHESIS.items()}.get(params.get("tau_rule"), "Median")
-        meta = {"name_id": name_id, "builder_config": {"nfeatures": {"Usize": n_rows}, "synthesis": {"TauMode": synthesis}},
+        meta = {"name_id": name_id,
+                "builder_config": {"nfeatures": {"Usize": n_rows}, "synthesis": {"TauMode": synthesis}},
                 "tauformer": params}
+    _check_shared_metadata(parquet, meta_path, meta)
     tmp_parquet, tmp_meta = f"{parquet}.tmp", f"{meta_path}.tmp"
     pq.write_table(pa.Table.from_pydict(columns, schema=schema), tmp_parquet, compression="snappy")
     with open(tmp_meta, "w") as f:
         json.dump(meta, f, indent=2)
     os.replace(tmp_parquet, parquet)
     os.replace(tmp_meta, meta_path)
+
+
+def _check_shared_metadata(parquet: str, meta_path: str, meta: dict) -> None:
+    """Refuse to write `meta` over a manifold.json that describes another .parquet of the folder differently."""
+    own = os.path.basename(parquet)
+    others = sorted(n for n in os.listdir(os.path.dirname(meta_path)) if n.endswith(".parquet") and n != own)
+    if not others or not os.path.exists(meta_path):
+        return
+    try:
+        with open(meta_path) as f:
+            current = json.load(f)
+    except (OSError, ValueError):
+        current = None
+    if current != meta:
+        raise ValueError(f"{meta_path} describes {', '.join(others)} beside it (the crate reads one manifold.json "
+                         f"per folder); writing {os.path.basename(parquet)} there would change it: save it into a "
+                         f"folder of its own")
 
 
 def save_laplacian(path, laplacian, **build_parameters) -> None:
@@ -287,6 +312,9 @@ def save_laplacian(path, laplacian, **build_parameters) -> None:
 # stored: below, a dense F×F product is faster than any sparse one on CPU and GPU alike.
 SPARSE_MIN_FEATURES = 1024
 SPARSE_DENSITY = 0.1
+# A dense load above this many features is refused (16384² float64 is 2 GiB while it is converted): a file that
+# declares more (the crate's n_rows of 2e6 would be 29 TiB) is either broken or meant to stay sparse.
+DENSE_MAX_FEATURES = 16384
 
 
 def load_laplacian(path, features: int | None = None, *, dtype=torch.float32, with_parameters: bool = False,
@@ -295,8 +323,9 @@ def load_laplacian(path, features: int | None = None, *, dtype=torch.float32, wi
     manifold.json beside it, or their folder; needs pyarrow), a COO .npz with arrays row, col, value, shape,
     or an .npy holding the F×F matrix.
 
-    layout: "dense" (an F×F tensor), "sparse" (a torch sparse CSR tensor; taumode_lambda's reference backend
-    multiplies it sparse), or "auto" (sparse for F >= SPARSE_MIN_FEATURES at density <= SPARSE_DENSITY).
+    layout: "dense" (an F×F tensor, up to F = DENSE_MAX_FEATURES), "sparse" (a torch sparse CSR tensor;
+    taumode_lambda's reference backend multiplies it sparse), or "auto" (sparse for F >= SPARSE_MIN_FEATURES at
+    density <= SPARSE_DENSITY).
     Returns L, or (L, build_parameters). Errors name the file."""
     import scipy.sparse as sp
 
@@ -307,13 +336,18 @@ def load_laplacian(path, features: int | None = None, *, dtype=torch.float32, wi
         lap, params = _read_crate_manifold(path)
     else:
         lap, params = _read_numpy_laplacian(path)
+    f = lap.shape[0]
+    stored = lap.nnz if sp.issparse(lap) else np.count_nonzero(lap)
+    sparse = layout == "sparse" or (layout == "auto" and f >= SPARSE_MIN_FEATURES and stored <= SPARSE_DENSITY * f * f)
+    if not sparse and f > DENSE_MAX_FEATURES:
+        raise ValueError(f"{path}: a dense {f}×{f} Laplacian ({stored} entries stored) would take "
+                         f"{f * f * 8 / 2**30:.3g} GiB in float64; load it with layout=\"sparse\" (dense is for "
+                         f"F <= {DENSE_MAX_FEATURES})")
     try:
         validate_laplacian(lap, features)
     except ValueError as e:
         raise ValueError(f"{path}: {e}") from e
-    f = lap.shape[0]
-    stored = lap.nnz if sp.issparse(lap) else np.count_nonzero(lap)
-    if layout == "sparse" or (layout == "auto" and f >= SPARSE_MIN_FEATURES and stored <= SPARSE_DENSITY * f * f):
+    if sparse:
         csr = sp.csr_matrix(lap)
         csr.sort_indices()
         with warnings.catch_warnings():  # torch's "sparse CSR support is in beta"
