@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from tauformer_model import TauGPT, TauGPTConfig
-from tauformer_model.model import alibi_slopes, apply_rope, key_energy, rope_cos_sin
+from tauformer_model.model import (DotAttention, TaumodeAttention, alibi_slopes, apply_rope, key_energy,
+                                   rope_cos_sin)
 
 
 def make_model(seed=0, **kw) -> TauGPT:
@@ -19,7 +20,7 @@ def make_model(seed=0, **kw) -> TauGPT:
         for block in model.blocks:
             block.attn.c_proj.weight.normal_(std=0.05)
             block.mlp.c_proj.weight.normal_(std=0.05)
-            if block.attn.attention == "taumode":
+            if isinstance(block.attn, TaumodeAttention):
                 block.attn.log_temperature.add_(0.3 * torch.randn_like(block.attn.log_temperature))
         model.lm_head.weight.normal_(std=0.1)
     return model.eval()
@@ -230,7 +231,8 @@ def test_hybrid_stack_has_dot_layers_and_their_cache():
     """dot_every=2 over 4 layers: layers 1 and 3 are dot product (K, V cache), 0 and 2 taumode (V, λk); the
     dot layers are the dot model's layers (same weights, same outputs)."""
     model = make_model(n_layer=4, dot_every=2)
-    assert [b.attn.attention for b in model.blocks] == ["taumode", "dot", "taumode", "dot"]
+    assert [type(b.attn) for b in model.blocks] == [TaumodeAttention, DotAttention] * 2
+    assert [b.attn.layer_idx for b in model.blocks] == [0, 1, 2, 3]
     cache = model.new_cache(3, 50)
     F = 16
     assert cache.bytes_per_token_per_layer == 2 * 4 * ((F + 1) + 2 * F) / 2  # mean of a taumode and a dot layer

@@ -62,12 +62,12 @@ def test_nothing_leaks_across_a_document_boundary(kw):
 def test_windows_without_a_boundary_take_the_dense_path():
     model = make_model()
     idx = torch.randint(0, 256, (2, 40))
-    assert pack_windows(torch.full((2, 40), 3), "taumode", "cpu") is None
+    assert pack_windows(torch.full((2, 40), 3)) is None
     with torch.no_grad():
         assert torch.equal(model(idx, doc_ids=torch.tensor([[1], [2]]).expand(2, 40)), model(idx))
-    packing = pack_windows(torch.tensor([[0, 0, 1, 1, 1], [4, 5, 5, 5, 6]]), "taumode", "cpu")
+    positions, packing = pack_windows(torch.tensor([[0, 0, 1, 1, 1], [4, 5, 5, 5, 6]]))
     assert packing.cu_q.tolist() == [0, 2, 5, 6, 9, 10] and packing.max_q == packing.max_k == 3
-    assert packing.positions.tolist() == [[0, 1, 0, 1, 2], [0, 0, 1, 2, 0]]  # RoPE restarts per document
+    assert positions.tolist() == [[0, 1, 0, 1, 2], [0, 0, 1, 2, 0]]  # RoPE restarts per document
 
 
 @pytest.mark.parametrize("kw", [VARIANTS[0], VARIANTS[3], VARIANTS[4]], ids=[IDS[0], IDS[3], IDS[4]])

@@ -1,14 +1,15 @@
-"""TauGPT: a small GPT whose attention runs on taumode scalars (docs/math.md §Model), and its (V, λk) cache
-(docs/math.md §The λ cache).
+"""TauGPT: a small GPT whose attention runs on taumode scalars (docs/math.md §Model), its (V, λk) cache
+(docs/math.md §The λ cache), and the taumode layer every host shares.
 
 Read top to bottom:
-  rope / rms_norm helpers -> Packing (documents in a window, ragged cache rows) -> KVCache ->
-  CausalSelfAttention -> MLP -> Block -> TauGPT.
+  rope / norm helpers -> Packing (how a forward's rows split into sequences) -> KVCache (the cache protocol)
+  -> TaumodeParams + taumode_attend (the taumode layer: TauGPT, tauformer_model.hf and a serving engine call
+  these) -> SelfAttention, DotAttention, TaumodeAttention, SlicedTaumodeAttention -> MLP -> Block -> TauGPT.
 
 attention="taumode": per head, q and k become one scalar each, λ = E / (E + tau) with
 E = xᵀLx / xᵀx (L the F×F Laplacian), and the logits are -|λq_i - λk_j| / temperature_h
 (optionally - slope_h·|i - j|, the recency term). attention="dot": the same model with PyTorch's
-scaled dot product attention: the baseline.
+scaled dot product attention: the baseline. A hybrid stack (dot_every) picks the class per layer.
 """
 
 from __future__ import annotations
@@ -89,57 +90,125 @@ def sliced_attention(lam_q: torch.Tensor, lam_k: torch.Tensor, v: torch.Tensor, 
     return (weights.to(v.dtype) @ v)
 
 
-class Packing(NamedTuple):
-    """How the B·T tokens of one forward split into sequences that attention never crosses
-    (docs/math.md §Packed sequences): the documents inside training windows, or the rows of a cache that
-    hold different numbers of tokens.
+def to_packed(t: torch.Tensor) -> torch.Tensor:
+    """(B, H, T, ...) -> the packed (B·T, H, ...) layout of docs/math.md §Packed sequences (a view when t is a
+    head-major view of a token-major tensor, as the caches hand out)."""
+    return t.transpose(1, 2).flatten(0, 1)
 
-    positions: (B, T) RoPE position of each token (restarting at each document; a cache row's own length).
-    taumode: cu_q / cu_k, int32 offsets into the B·T query rows and into the key rows (the same rows in
-    training; the cache's B·max_len rows with a cache), max_q / max_k their longest sequences, host ints so
-    that no call reads the offsets back. dot: allowed (B, 1, T, Tk), the block-diagonal causal mask SDPA
-    takes, and query_at (B, T), the key index each query stands at (its recency distances).
-    slots: with a cache, the (row, column) indices the T new tokens of each row are written to.
+
+def from_packed(y: torch.Tensor, batch: int) -> torch.Tensor:
+    """A packed result (B·T, H, D) -> (B, H, T, D), a view."""
+    return y.unflatten(0, (batch, -1)).transpose(1, 2)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Packing: how the rows of one forward split into sequences that attention never crosses
+# ---------------------------------------------------------------------------------------------------------
+
+class Packing(NamedTuple):
+    """The sequences of one forward (docs/math.md §Packed sequences), built once and handed to every layer (as
+    FlexAttention's BlockMask): the documents inside training windows, the rows of a cache that hold different
+    numbers of tokens, or the padding of a Hugging Face batch.
+
+    The B·Tq query rows and the B·key_stride key rows (row b's keys at b·key_stride ..) are cut by the int32
+    offsets cu_q / cu_k (sequence s: queries cu_q[s] .. cu_q[s+1], keys cu_k[s] .. cu_k[s+1], bottom-right
+    aligned); no sequence crosses a row. max_q / max_k bound their lengths (host ints: nothing is read back).
+    key_len: the keys of each row that any query may see (a dot layer attends over these columns).
+    allowed (B, 1, Tq, key_len) and query_at (B, Tq): the same sequences as the mask SDPA takes and the key
+    index each query stands at (its recency distances), made by with_dot_mask for models with dot layers.
     """
 
-    positions: torch.Tensor
-    cu_q: torch.Tensor | None = None
-    cu_k: torch.Tensor | None = None
-    max_q: int = 0
-    max_k: int = 0
+    cu_q: torch.Tensor
+    cu_k: torch.Tensor
+    max_q: int
+    max_k: int
+    key_stride: int
+    key_len: int
     allowed: torch.Tensor | None = None
     query_at: torch.Tensor | None = None
-    slots: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def varlen(self) -> dict:
         """The keyword arguments of a packed tauformer_kernels call."""
         return dict(cu_seqlens_q=self.cu_q, cu_seqlens_k=self.cu_k, max_seqlen_q=self.max_q, max_seqlen_k=self.max_k)
 
+    def with_dot_mask(self, batch: int, Tq: int) -> Packing:
+        """This packing with the boolean mask and query positions a dot-product layer needs (device ops)."""
+        device = self.cu_q.device
+        rows = torch.arange(batch * Tq, device=device, dtype=torch.int32)
+        seq = torch.searchsorted(self.cu_q, rows, right=True) - 1  # each query row's sequence
+        cu_q, cu_k = self.cu_q.long(), self.cu_k.long()
+        # the key row each query stands at: its sequence's last key minus the queries after it
+        at = cu_k[seq + 1] - (cu_q[seq + 1] - rows)
+        query_at = (at.view(batch, Tq) - torch.arange(batch, device=device)[:, None] * self.key_stride)
+        keys = torch.arange(self.key_len, device=device)
+        key_rows = torch.arange(batch, device=device)[:, None] * self.key_stride + keys  # (B, key_len)
+        first = cu_k[seq].view(batch, Tq)  # the first key row of each query's sequence
+        allowed = (key_rows[:, None, :] >= first[..., None]) & (key_rows[:, None, :] <= at.view(batch, Tq)[..., None])
+        return self._replace(allowed=allowed[:, None], query_at=query_at)
 
-def pack_windows(doc_ids: torch.Tensor, attention: str, device) -> Packing | None:
-    """The packing of training windows (B, T) cut at their document boundaries: a token whose document id
-    differs from its left neighbour's starts a sequence, and every window starts one. None when no window
-    holds a boundary (the dense causal call is then the same attention). Built on the host (ids on a device
-    are copied there: one sync), so the longest sequence is known without reading the device back."""
-    doc = doc_ids.detach().cpu()
-    B, T = doc.shape
-    first = torch.ones(B, T, dtype=torch.bool)
-    first[:, 1:] = doc[:, 1:] != doc[:, :-1]
+
+def sequence_starts(first: torch.Tensor) -> tuple[torch.Tensor, Packing] | None:
+    """Positions and packing of B rows of T tokens from ``first`` (B, T) bool on the host: True where a token
+    starts a sequence (every row starts one). None when no row holds a second sequence (the dense causal path
+    is then the same attention). A token's position is its distance to the last start at or before it."""
+    B, T = first.shape
+    first = first.clone()
+    first[:, 0] = True
     first = first.flatten()
     if int(first.sum()) == B:
         return None
     rows = torch.arange(B * T)
-    # a token's position is its distance to the last sequence start at or before it
-    positions = (rows - torch.where(first, rows, 0).cummax(0).values).view(B, T).to(device)
-    if attention == "dot":
-        segment = first.cumsum(0).view(B, T).to(device)
-        causal = torch.ones(T, T, dtype=torch.bool, device=device).tril()
-        allowed = (segment[:, :, None] == segment[:, None, :]) & causal
-        return Packing(positions, allowed=allowed[:, None], query_at=torch.arange(T, device=device).expand(B, T))
+    positions = (rows - torch.where(first, rows, 0).cummax(0).values).view(B, T)
     cu = torch.cat([rows[first], torch.tensor([B * T])]).to(torch.int32)
     longest = int(cu.diff().max())
-    cu = cu.to(device)
-    return Packing(positions, cu, cu, longest, longest)
+    return positions, Packing(cu, cu, longest, longest, T, T)
+
+
+def pack_windows(doc_ids: torch.Tensor) -> tuple[torch.Tensor, Packing] | None:
+    """Training windows (B, T) cut at their document boundaries: a token whose document id differs from its
+    left neighbour's starts a sequence. Built on the host (ids on a device are copied there: one sync), so the
+    longest sequence is known without reading the device back. (positions, packing) or None."""
+    doc = doc_ids.detach().cpu()
+    first = torch.ones(doc.shape, dtype=torch.bool)
+    first[:, 1:] = doc[:, 1:] != doc[:, :-1]
+    return sequence_starts(first)
+
+
+def pack_restarting_positions(position_ids: torch.Tensor, batch: int, T: int) -> Packing | None:
+    """Packed documents marked by restarting position_ids (Hugging Face's padding-free collators without
+    cu_seq_lens): a token starts a sequence when its position is not its left neighbour's + 1. Eager only
+    (it reads the positions on the host, once per call as transformers' own flash-attention path does)."""
+    pos = position_ids.expand(batch, T).detach().cpu()
+    first = torch.ones(batch, T, dtype=torch.bool)
+    first[:, 1:] = pos[:, 1:] != pos[:, :-1] + 1
+    found = sequence_starts(first)
+    return None if found is None else _on(found[1], position_ids.device)
+
+
+def pack_padding(attention_mask: torch.Tensor, Tq: int) -> Packing:
+    """The packing of a (B, Tk) padding mask whose rows are 0^p 1^n 0^r (left and/or right padding) for the
+    last Tq of its Tk tokens: row b is three sequences (its left padding, its real tokens, its right padding),
+    each attended to as if alone, so a left-padded row gives what its prompt gives alone; the padding's outputs
+    mean nothing. Device ops only; padding between real tokens is refused outside torch.compile (a host read)."""
+    B, Tk = attention_mask.shape
+    m = attention_mask.to(torch.int32)
+    if not torch.compiler.is_compiling():
+        runs = (m.diff(dim=1) == 1).sum(1) + m[:, 0]  # starts of runs of real tokens
+        if bool((runs > 1).any()):
+            raise ValueError("attention_mask has padding between real tokens; taumode attention takes left or "
+                             "right padding only (for generate, pad on the left: tokenizer.padding_side='left')")
+    n = m.sum(1)
+    first = torch.where(n > 0, m.argmax(1), Tk)
+    key_bounds = torch.stack([torch.zeros_like(first), first, first + n], 1)  # (B, 3) sequence starts in a row
+    query_bounds = (key_bounds - (Tk - Tq)).clamp(0, Tq)  # query i stands at key Tk - Tq + i
+    rows = torch.arange(B, device=m.device)[:, None]
+    cu_q = torch.cat([(query_bounds + rows * Tq).flatten(), query_bounds.new_full((1,), B * Tq)])
+    cu_k = torch.cat([(key_bounds + rows * Tk).flatten(), key_bounds.new_full((1,), B * Tk)])
+    return Packing(cu_q.to(torch.int32), cu_k.to(torch.int32), Tq, Tk, Tk, Tk)  # the maxima are bounds
+
+
+def _on(packing: Packing, device) -> Packing:
+    return packing._replace(cu_q=packing.cu_q.to(device), cu_k=packing.cu_k.to(device))
 
 
 def gap_offsets(stride: int, filled: torch.Tensor) -> torch.Tensor:
@@ -153,25 +222,24 @@ def gap_offsets(stride: int, filled: torch.Tensor) -> torch.Tensor:
     return cu
 
 
-def tokens(t: torch.Tensor) -> torch.Tensor:
-    """(B, H, T, ...) -> the packed (B·T, H, ...) layout of docs/math.md §Packed sequences."""
-    return t.transpose(1, 2).flatten(0, 1)
-
-
-def heads(y: torch.Tensor, batch: int) -> torch.Tensor:
-    """A packed result (B·T, H, D) -> (B, H, T, D), a view."""
-    return y.unflatten(0, (batch, -1)).transpose(1, 2)
-
+# ---------------------------------------------------------------------------------------------------------
+# The cache protocol: a layer hands its new entries to the cache and gets back the views to attend over
+# ---------------------------------------------------------------------------------------------------------
 
 class KVCache:
     """Per-layer cache (docs/math.md §The λ cache); ``model(idx, cache=c)`` appends each row's tokens.
 
+    The protocol every cache of this package follows (Hugging Face's ``Cache.update``, the TaumodeCache of
+    tauformer_model.hf, follows it too): ``update(keys, values, layer_idx)`` stores the call's new entries
+    and returns (B, Hkv, Tk, ·) views of everything the layer attends over. A taumode layer's keys are its
+    λk (B, Hkv, T, m), fp32 (m = 1, or the λ slices); a dot layer's are K.
+
     Token-major, so that the cache viewed packed as (B·max_len, Hkv, ·) costs nothing:
-    taumode: ``v[l]`` (B, max_len, Hkv, F) in the model's dtype and ``lam_k[l]`` (B, max_len, Hkv) fp32.
+    taumode: ``v[l]`` (B, max_len, Hkv, F) in the model's dtype and ``lam_k[l]`` (B, max_len, Hkv, m) fp32.
     dot:     ``k[l]`` and ``v[l]``, both (B, max_len, Hkv, F).
     ``lengths`` (host ints) and ``length_tensor`` (the same on the cache's device) count each row's tokens.
-    Rows of one length: attention reads the slices [:pos + T] as (B, Hkv, ·) views (no copies). Rows of
-    different lengths (prompts of different lengths): see `packing`. Nothing is reallocated while decoding.
+    Rows of one length: attention reads the slices [:pos + T] (no copies). Rows of different lengths (prompts
+    of different lengths): every row whole, with the Packing of `layout`. Nothing is reallocated while decoding.
 
     taumode with ``sorted=True``: ``sorted[l]`` is a tauformer_kernels.SortedCache per layer instead, made
     on the first call with the layer's temperatures and slopes (fixed at inference): a decode step costs
@@ -182,15 +250,18 @@ class KVCache:
     def __init__(self, config: TauGPTConfig, batch_size: int, max_len: int, device, dtype: torch.dtype,
                  sorted: bool = False):
         attentions = [config.layer_attention(i) for i in range(config.n_layer)]
-        if sorted and "dot" in attentions:
-            raise ValueError("sorted=True: the sorted cache is for taumode attention only (every layer)")
+        if sorted and ("dot" in attentions or config.lambda_slices > 1):
+            raise ValueError("sorted=True: the sorted cache is for taumode attention with one λ per head only "
+                             "(every layer)")
+        if batch_size < 1 or max_len < 1:
+            raise ValueError(f"a cache needs batch_size >= 1 and max_len >= 1, got {batch_size}, {max_len}")
         shape = (batch_size, max_len, config.n_kv_head, config.head_dim)
-        lambda_shape = shape[:3] + ((config.lambda_slices,) if config.lambda_slices > 1 else ())
         self.batch_size = batch_size
         self.max_len = max_len
         self.n_layer = config.n_layer
         self.lengths = [0] * batch_size
         self.length_tensor = torch.zeros(batch_size, dtype=torch.long, device=device)
+        self._slots = None  # the current call's write positions: (start, end) or (rows, columns) indices
         self.sorted = [None] * config.n_layer if sorted else None
         if sorted:  # the sorted caches hold the keys and values themselves
             self.v, self.k, self.lam_k = [], [], []
@@ -198,8 +269,8 @@ class KVCache:
         # per layer: V, and K (dot layers) or λk (taumode layers; None in the other list)
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in attentions]
         self.k = [torch.zeros(shape, device=device, dtype=dtype) if a == "dot" else None for a in attentions]
-        self.lam_k = [torch.zeros(lambda_shape, device=device, dtype=torch.float32) if a == "taumode" else None
-                      for a in attentions]
+        self.lam_k = [torch.zeros(shape[:3] + (config.lambda_slices,), device=device, dtype=torch.float32)
+                      if a == "taumode" else None for a in attentions]
 
     @property
     def pos(self) -> int:
@@ -208,36 +279,76 @@ class KVCache:
             raise ValueError(f"the cache's rows hold different numbers of tokens ({self.lengths}): no one pos")
         return self.lengths[0] if self.lengths else 0
 
-    def packing(self, T: int, valid: list[int] | None, attention: str) -> Packing | None:
-        """The layout of a call that appends T tokens to each row, of which the first valid[b] are real (the
-        rest right padding; None: all T). None when every row holds the same number of tokens and all T are
-        real: the dense path. Otherwise, taumode: the cache viewed packed as (B·C, Hkv, ·), C = max_len, row b
-        being sequence 2b = (its valid_b queries, its len_b + valid_b keys) and sequence 2b + 1 = (its padding
-        queries, the rest of the row), so cu_k = [0, end_0, C, C + end_1, 2C, ...] (docs/math.md §Packed
-        sequences); the padding's outputs are discarded. dot: a mask over the keys [0, max len + T)."""
+    def layout(self, T: int, valid: list[int] | None) -> tuple[int | torch.Tensor, Packing | None]:
+        """Begin a call that appends T tokens to each row, of which the first valid[b] are real (the rest right
+        padding; None: all T): the RoPE positions (the first token's, or (B, T)) and the call's Packing (None
+        when every row holds the same number of tokens and all T are real: the dense path). Otherwise the cache
+        is viewed packed as (B·C, Hkv, ·), C = max_len, row b being sequence 2b = (its valid_b queries, its
+        len_b + valid_b keys) and sequence 2b + 1 = (its padding queries, the rest of the row), so
+        cu_k = [0, end_0, C, C + end_1, 2C, ...] (docs/math.md §Packed sequences); the padding's outputs are
+        discarded."""
+        if T < 1 or max(self.lengths) + T > self.max_len:
+            raise ValueError(f"cache holds batch {self.batch_size} × {self.max_len} positions, rows at "
+                             f"{self.lengths}; cannot take {T} more tokens per row")
         n = [T] * self.batch_size if valid is None else list(valid)
         if len(set(self.lengths)) <= 1 and all(v == T for v in n):
-            return None
+            self._slots = (self.pos, self.pos + T)
+            return self.pos, None
         if self.sorted is not None:
             raise ValueError(f"the sorted cache holds rows of one length; this call would leave them at "
                              f"{[a + b for a, b in zip(self.lengths, n)]} tokens: use the plain cache "
                              f"(sorted=False) for prompts of different lengths")
         lens = self.length_tensor  # (B,) before this call
-        steps = torch.arange(T, device=lens.device)
-        positions = lens[:, None] + steps
-        slots = (torch.arange(self.batch_size, device=lens.device)[:, None], positions)
+        positions = lens[:, None] + torch.arange(T, device=lens.device)
+        self._slots = (torch.arange(self.batch_size, device=lens.device)[:, None], positions)
         filled = torch.full_like(lens, T) if valid is None else torch.tensor(n, device=lens.device)  # prefill: a copy
-        if attention == "dot":  # a padding query sees what the row's last real token sees
-            query_at = lens[:, None] + torch.minimum(steps, filled[:, None] - 1)
-            keys = torch.arange(max(self.lengths) + T, device=lens.device)
-            return Packing(positions, allowed=query_at[:, None, :, None] >= keys, query_at=query_at, slots=slots)
         ends = [a + b for a, b in zip(self.lengths, n)]
         C = self.max_len
-        return Packing(positions, gap_offsets(T, filled), gap_offsets(C, lens + filled),
-                       max(max(n), max(T - v for v in n)), max(max(ends), max(C - e for e in ends)), slots=slots)
+        packing = Packing(gap_offsets(T, filled), gap_offsets(C, lens + filled),
+                          max(max(n), max(T - v for v in n)), max(max(ends), max(C - e for e in ends)),
+                          key_stride=C, key_len=max(self.lengths) + T)
+        return positions, packing
+
+    def update(self, keys: torch.Tensor, values: torch.Tensor, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store layer ``layer_idx``'s new keys (K, or λk (B, Hkv, T, m)) and values (B, Hkv, T, ·) at the
+        call's positions; the (B, Hkv, ·, ·) views attention reads: rows of one length up to their end, rows of
+        different lengths whole (the call's Packing says which keys each query sees)."""
+        key_cache = self.lam_k[layer_idx] if self.k[layer_idx] is None else self.k[layer_idx]
+        value_cache = self.v[layer_idx]
+        if isinstance(self._slots[0], int):
+            start, end = self._slots
+            key_cache[:, start:end] = keys.transpose(1, 2)
+            value_cache[:, start:end] = values.transpose(1, 2)
+            return key_cache[:, :end].transpose(1, 2), value_cache[:, :end].transpose(1, 2)
+        key_cache[self._slots] = keys.transpose(1, 2)
+        value_cache[self._slots] = values.transpose(1, 2)
+        return key_cache.transpose(1, 2), value_cache.transpose(1, 2)
+
+    def attend_sorted(self, layer: TaumodeAttention, lam_q: torch.Tensor, lam_k: torch.Tensor,
+                      v: torch.Tensor) -> torch.Tensor:
+        """With sorted=True: append the call's (λk, v) to the layer's SortedCache and attend over it. A prefill
+        runs the full forward over the prompt, then stores its keys in bulk; decode steps attend one by one."""
+        B, _, T = lam_q.shape
+        temperature, slopes = layer.temperature(), layer.slopes()
+        slopes_bh = None if slopes is None else slopes.expand(B, layer.n_head)
+        sc = self.sorted[layer.layer_idx]
+        if sc is None:
+            sc = self.sorted[layer.layer_idx] = tk.SortedCache(temperature, layer.n_kv_head, slopes_bh,
+                                                                capacity=self.max_len)
+        if sc.length == 0 and T > 1:
+            y = tk.taumode_attention_from_lambda(lam_q, lam_k, v, temperature=temperature, is_causal=True,
+                                                 alibi_slopes=slopes, backend=layer.backend)
+            sc.append(lam_k, v)
+            return y
+        steps = []  # decode, or a chunk after a prefill: one query at a time
+        for t in range(T):
+            sc.append(lam_k[:, :, t:t + 1], v[:, :, t:t + 1])
+            steps.append(sc.attend(lam_q[:, :, t:t + 1], temperature, slopes_bh))
+        return torch.cat(steps, dim=2)
 
     def advance(self, T: int, valid: list[int] | None) -> None:
         """Count the tokens a call appended: T per row, or valid[b] to row b."""
+        self._slots = None
         if valid is None:
             self.lengths = [n + T for n in self.lengths]
             self.length_tensor += T
@@ -263,71 +374,165 @@ class KVCache:
     def reset(self) -> None:
         self.lengths = [0] * self.batch_size
         self.length_tensor.zero_()
+        self._slots = None
         if self.sorted is not None:
             self.sorted = [None] * self.n_layer
 
 
-class CausalSelfAttention(nn.Module):
-    def __init__(self, config: TauGPTConfig, attention: str):
+# ---------------------------------------------------------------------------------------------------------
+# The taumode layer: its parameters and its attention, shared by every host
+# ---------------------------------------------------------------------------------------------------------
+
+class RecencyTerm:
+    """The recency term −slope_h·|i − j| of an attention module (both kinds have it): ``log_slopes`` (H,), a
+    parameter ("learned", from ALiBi's slopes), a buffer ("fixed") or None ("none")."""
+
+    def register_slopes(self, n_head: int, recency: str) -> None:
+        if recency == "learned":
+            self.log_slopes = nn.Parameter(alibi_slopes(n_head).log())
+        elif recency == "fixed":
+            self.register_buffer("log_slopes", alibi_slopes(n_head).log())
+        else:
+            self.log_slopes = None
+
+    def slopes(self) -> torch.Tensor | None:
+        return None if self.log_slopes is None else self.log_slopes.float().exp()
+
+
+class TaumodeParams(RecencyTerm, nn.Module):
+    """The parameters of one taumode attention layer, whatever hosts it (TauGPT's TaumodeAttention is one; in
+    a Hugging Face model enable_taumode hangs one on each attention module as ``.taumode``).
+
+    log_temperature (H,) learned; log_tau (Hkv,: one per kv head, shared by its query heads; a buffer unless
+    learned; calibrated from key energies); log_slopes (see register_slopes); laplacian: the (F, F) Laplacian
+    as a buffer of its own (a Hugging Face layer: safetensors stores no shared tensors) or None (TauGPT
+    passes its model-wide one). tau_rule "vector-median" / "vector-mean": each vector's own tau instead
+    (docs/math.md §Per-vector tau). lambda_term False: λq = λk = 0 (the recency-only control).
+    """
+
+    def __init__(self, n_head: int, n_kv_head: int, *, temperature_init: float, tau_init: float,
+                 learn_tau: bool, recency: str, eps: float, backend: str, tau_rule: str = "calibrated",
+                 lambda_term: bool = True, laplacian: torch.Tensor | None = None):
         super().__init__()
-        self.config = config
-        self.attention = attention  # config.attention, or "dot" in a hybrid stack's dot layers
+        self.register_taumode(n_head, n_kv_head, temperature_init=temperature_init, tau_init=tau_init,
+                              learn_tau=learn_tau, recency=recency, eps=eps, backend=backend, tau_rule=tau_rule,
+                              lambda_term=lambda_term)
+        if laplacian is not None:
+            self.register_buffer("laplacian", laplacian.detach().to(torch.float32).clone())
+
+    def register_taumode(self, n_head: int, n_kv_head: int, *, temperature_init: float, tau_init: float,
+                         learn_tau: bool, recency: str, eps: float, backend: str, tau_rule: str,
+                         lambda_term: bool, temperature_shape: tuple[int, ...] | None = None) -> None:
+        """Register the parameters on self (TaumodeAttention calls this after its projections, keeping
+        TauGPT's parameter order and names)."""
+        if recency == "none" and not lambda_term:
+            raise ValueError("lambda_term=False (the recency-only control) needs recency 'fixed' or 'learned'")
+        self.n_head, self.n_kv_head, self.eps, self.backend = n_head, n_kv_head, eps, backend
+        self.tau_rule, self.lambda_term = tau_rule, lambda_term
+        # learned in log space; the initial value keeps attention non-uniform (docs/math.md §Defaults)
+        shape = temperature_shape or (n_head,)
+        self.log_temperature = nn.Parameter(torch.full(shape, math.log(temperature_init)))
+        log_tau = torch.full((n_kv_head,), math.log(tau_init))
+        if learn_tau:
+            self.log_tau = nn.Parameter(log_tau)
+        else:
+            self.register_buffer("log_tau", log_tau)
+        self.register_slopes(n_head, recency)
+
+    def temperature(self) -> torch.Tensor:
+        return self.log_temperature.float().exp()
+
+    def tau(self) -> torch.Tensor | str:
+        """(Hkv,), or the name of a per-vector rule (tauformer_kernels computes each vector's own)."""
+        return self.log_tau.float().exp() if self.tau_rule == "calibrated" else self.tau_rule
+
+    def query_lambda(self, q: torch.Tensor, laplacian: torch.Tensor) -> torch.Tensor:
+        """λ of (RMS-normed) queries (B, H, T, F): (B, H, T) fp32 (zeros without the λ term)."""
+        if not self.lambda_term:
+            return q.new_zeros(q.shape[:3], dtype=torch.float32)
+        tau = self.tau()
+        tau = tau if isinstance(tau, str) else tau.repeat_interleave(self.n_head // self.n_kv_head)
+        return tk.taumode_lambda(q, laplacian, tau=tau, eps=self.eps, backend=self.backend)
+
+    def key_lambda(self, k: torch.Tensor, laplacian: torch.Tensor) -> torch.Tensor:
+        """λ of (RMS-normed) keys (B, Hkv, T, F): (B, Hkv, T) fp32 (zeros without the λ term)."""
+        if not self.lambda_term:
+            return k.new_zeros(k.shape[:3], dtype=torch.float32)
+        return tk.taumode_lambda(k, laplacian, tau=self.tau(), eps=self.eps, backend=self.backend)
+
+
+def taumode_attend(params: TaumodeParams, q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor,
+                   laplacian: torch.Tensor, packing: Packing | None = None, *,
+                   lam_k: torch.Tensor | None = None) -> torch.Tensor:
+    """Causal taumode attention of one layer, the one call every host makes.
+
+    Args:
+        params: the layer's TaumodeParams (temperature, tau, slopes, eps, backend).
+        q: (B, H, Tq, F) queries after RoPE and the weightless RMS norm.
+        k: (B, Hkv, Tk, F) keys, likewise; None when ``lam_k`` is given.
+        v: (B, Hkv, Tk, Dv) values.
+        laplacian: (F, F).
+        packing: None (dense rows; queries bottom-right aligned: a chunk after a cache sees every earlier key),
+            or the forward's Packing over the B·Tq query and B·Tk key rows.
+        lam_k: (B, Hkv, Tk) fp32, the keys' λ as a (V, λk) cache holds them, instead of k.
+
+    Returns:
+        (B, H, Tq, Dv) in v's dtype.
+
+    Without a cache the λ projection and the attention run fused (tauformer_kernels.taumode_attention);
+    with cached λk the queries' λ is computed and attention runs from the two λ.
+    """
+    B = q.size(0)
+    kw = dict(temperature=params.temperature(), is_causal=True, alibi_slopes=params.slopes(), backend=params.backend)
+    if packing is not None:
+        kw.update(packing.varlen())
+    if lam_k is None and params.lambda_term:
+        kw.update(tau=params.tau(), eps=params.eps)
+        if packing is None:
+            return tk.taumode_attention(q, k, v, laplacian, **kw)
+        return from_packed(tk.taumode_attention(to_packed(q), to_packed(k), to_packed(v), laplacian, **kw), B)
+    lam_q = params.query_lambda(q, laplacian)
+    lam_k = params.key_lambda(k, laplacian) if lam_k is None else lam_k
+    if packing is None:
+        return tk.taumode_attention_from_lambda(lam_q, lam_k, v, **kw)
+    return from_packed(tk.taumode_attention_from_lambda(to_packed(lam_q), to_packed(lam_k), to_packed(v), **kw), B)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# TauGPT's attention layers: Block picks one per layer
+# ---------------------------------------------------------------------------------------------------------
+
+class SelfAttention(nn.Module):
+    """What both kinds of attention layer share: the q/k/v projections (clamped), RoPE, the RMS norm of q and
+    k, the optional output gate and the output projection. Subclasses set ``rope`` and implement ``attend``."""
+
+    rope = True
+
+    def register_projections(self, config: TauGPTConfig, layer_idx: int) -> None:
         C, H, Hkv, Fd = config.n_embd, config.n_head, config.n_kv_head, config.head_dim
-        self.n_head, self.n_kv_head, self.head_dim = H, Hkv, Fd
+        self.layer_idx, self.head_dim = layer_idx, Fd
+        self.n_head, self.n_kv_head = H, Hkv
+        self.rope_base = config.rope_base
         self.c_q = nn.Linear(C, H * Fd, bias=False)
         self.c_k = nn.Linear(C, Hkv * Fd, bias=False)
         self.c_v = nn.Linear(C, Hkv * Fd, bias=False)
         self.c_proj = nn.Linear(H * Fd, C, bias=False)
         self.c_gate = nn.Linear(C, H, bias=False) if config.output_gate else None
-        if attention == "taumode":
-            # Per-head temperature, learned in log space; the initial value keeps attention non-uniform.
-            # (H, m) with m λ slices per head: one per slice, m times warmer, as the logit sums m terms.
-            m = config.lambda_slices
-            shape = (H,) if m == 1 else (H, m)
-            self.log_temperature = nn.Parameter(torch.full(shape, math.log(config.temperature_init * m)))
-            # One tau per kv head (shared by the query heads of its group); calibrated by TauGPT.calibrate_tau.
-            log_tau = torch.full((Hkv,), math.log(config.tau_init))
-            if config.learn_tau:
-                self.log_tau = nn.Parameter(log_tau)
-            else:
-                self.register_buffer("log_tau", log_tau)
-        if config.recency == "none" and not (config.lambda_term or attention == "dot"):
-            raise ValueError("lambda_term=False (the recency-only control) needs recency 'fixed' or 'learned'")
-        if config.recency == "learned":
-            self.log_slopes = nn.Parameter(alibi_slopes(H).log())
-        elif config.recency == "fixed":
-            self.register_buffer("log_slopes", alibi_slopes(H).log())
-        else:
-            self.log_slopes = None
 
-    def project(self, x: torch.Tensor, positions: int | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def project(self, x: torch.Tensor, positions: int | torch.Tensor) -> tuple[torch.Tensor, ...]:
         """q (B,H,T,F), k and v (B,Hkv,T,F): projection, clamp, RoPE, RMS norm of q, k. positions: the first
         token's position (the others follow it), or a (B, T) tensor with each token's own."""
         B, T, _ = x.shape
         q = self.c_q(x).clamp(-QKV_CLAMP, QKV_CLAMP).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
         k = self.c_k(x).clamp(-QKV_CLAMP, QKV_CLAMP).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         v = self.c_v(x).clamp(-QKV_CLAMP, QKV_CLAMP).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
-        if not (self.attention == "taumode" and self.config.lambda_before_rope):
+        if self.rope:
             if isinstance(positions, int):
-                cos, sin = rope_cos_sin(self.head_dim, positions, T, self.config.rope_base, x.device)
+                cos, sin = rope_cos_sin(self.head_dim, positions, T, self.rope_base, x.device)
             else:  # (B, 1, T, F/2): one angle per token, shared by the heads
-                cos, sin = rope_at(self.head_dim, positions[:, None], self.config.rope_base)
+                cos, sin = rope_at(self.head_dim, positions[:, None], self.rope_base)
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         return rms_norm(q), rms_norm(k), v
-
-    def slopes(self) -> torch.Tensor | None:
-        return None if self.log_slopes is None else self.log_slopes.float().exp()
-
-    def forward(self, x: torch.Tensor, laplacian: torch.Tensor, cache: KVCache | None = None,
-                layer: int = 0, packing: Packing | None = None) -> torch.Tensor:
-        B, T, C = x.shape
-        start = 0 if cache is None or packing is not None else cache.pos
-        q, k, v = self.project(x, start if packing is None else packing.positions)
-        if self.attention == "taumode":
-            y = self._taumode(q, k, v, laplacian, cache, layer, start, packing)
-        else:
-            y = self._dot(q, k, v, cache, layer, start, packing)
-        return self.output(y, x)
 
     def output(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """The heads' outputs y (B, H, T, F), gated (with output_gate: by σ of the block's normed input x) and
@@ -337,124 +542,104 @@ class CausalSelfAttention(nn.Module):
         B, H, T, Fd = y.shape
         return self.c_proj(y.transpose(1, 2).reshape(B, T, H * Fd))
 
-    def _taumode(self, q, k, v, laplacian, cache, layer, start, packing):
-        cfg = self.config
-        # (Hkv,), or the name of a per-vector rule (tauformer_kernels computes each vector's own)
-        tau = self.log_tau.float().exp() if cfg.tau_rule == "calibrated" else cfg.tau_rule
-        temperature = self.log_temperature.float().exp()  # (H,)
-        slopes = self.slopes()
-        if cfg.lambda_slices > 1:
-            return self._taumode_slices(q, k, v, laplacian, tau, temperature, slopes, cache, layer, start, packing)
-        if not cfg.lambda_term:  # the recency-only control: λq = λk = 0
-            return self._taumode_from_lambda(q.new_zeros(q.shape[:3], dtype=torch.float32),
-                                             k.new_zeros(k.shape[:3], dtype=torch.float32), v, temperature,
-                                             slopes, cache, layer, start, packing)
-        if cache is None:  # training / full forward: one fused call over the whole sequence, or the pack
-            kw = dict(tau=tau, temperature=temperature, eps=cfg.eps, is_causal=True, alibi_slopes=slopes,
-                      backend=cfg.backend)
-            if packing is None:
-                return tk.taumode_attention(q, k, v, laplacian, **kw)
-            return heads(tk.taumode_attention(tokens(q), tokens(k), tokens(v), laplacian, **kw,
-                                              **packing.varlen()), q.size(0))
-        group = self.n_head // self.n_kv_head
-        tau_q = tau if isinstance(tau, str) else tau.repeat_interleave(group)
-        lam_q = tk.taumode_lambda(q, laplacian, tau=tau_q, eps=cfg.eps, backend=cfg.backend)
-        lam_k = tk.taumode_lambda(k, laplacian, tau=tau, eps=cfg.eps, backend=cfg.backend)
-        return self._taumode_from_lambda(lam_q, lam_k, v, temperature, slopes, cache, layer, start, packing)
+    def forward(self, x: torch.Tensor, laplacian: torch.Tensor, positions: int | torch.Tensor = 0,
+                packing: Packing | None = None, cache=None) -> torch.Tensor:
+        q, k, v = self.project(x, positions)
+        return self.output(self.attend(q, k, v, laplacian, packing, cache), x)
 
-    def _taumode_slices(self, q, k, v, laplacian, tau, temperature, slopes, cache, layer, start, packing):
-        if packing is not None:
-            raise ValueError("lambda_slices > 1 runs dense sequences only: no packed documents (doc_ids) and no "
-                             "cache rows of different lengths")
-        m, eps = self.config.lambda_slices, self.config.eps
-        group = self.n_head // self.n_kv_head
-        lam_q = slice_energy(q, laplacian, eps, m)
-        lam_q = lam_q / (lam_q + tau.repeat_interleave(group)[None, :, None, None])
-        lam_k = slice_energy(k, laplacian, eps, m)
-        lam_k = lam_k / (lam_k + tau[None, :, None, None])
-        if not self.config.lambda_term:
-            lam_q, lam_k = torch.zeros_like(lam_q), torch.zeros_like(lam_k)
+
+class DotAttention(RecencyTerm, SelfAttention):
+    """Scaled dot-product attention (PyTorch SDPA): the baseline, and the dot layers of a hybrid stack."""
+
+    def __init__(self, config: TauGPTConfig, layer_idx: int):
+        super().__init__()
+        self.register_projections(config, layer_idx)
+        self.register_slopes(config.n_head, config.recency)
+
+    def attend(self, q, k, v, laplacian, packing, cache):
         if cache is not None:
-            end = start + q.size(2)
-            cache.lam_k[layer][:, start:end] = lam_k.transpose(1, 2)
-            cache.v[layer][:, start:end] = v.transpose(1, 2)
-            lam_k, v = cache.lam_k[layer][:, :end].transpose(1, 2), cache.v[layer][:, :end].transpose(1, 2)
-        return sliced_attention(lam_q, lam_k, v, temperature, slopes)
-
-    def _taumode_from_lambda(self, lam_q, lam_k, v, temperature, slopes, cache, layer, start, packing):
-        kw = dict(temperature=temperature, is_causal=True, alibi_slopes=slopes, backend=self.config.backend)
-        B = lam_q.size(0)
-        if cache is None:
-            if packing is None:
-                return tk.taumode_attention_from_lambda(lam_q, lam_k, v, **kw)
-            return heads(tk.taumode_attention_from_lambda(tokens(lam_q), tokens(lam_k), tokens(v), **kw,
-                                                          **packing.varlen()), B)
-        if cache.sorted is not None:
-            return self._taumode_sorted(lam_q, lam_k, v, temperature, slopes, cache, layer)
-        lk_cache, v_cache = cache.lam_k[layer], cache.v[layer]  # token-major (B, C, Hkv[, F])
-        if packing is None:  # rows of one length: dense attention over (B, Hkv, ·) views of the cache
-            end = start + lam_q.size(2)
-            lk_cache[:, start:end] = lam_k.transpose(1, 2)
-            v_cache[:, start:end] = v.transpose(1, 2)
-            return tk.taumode_attention_from_lambda(lam_q, lk_cache[:, :end].transpose(1, 2),
-                                                    v_cache[:, :end].transpose(1, 2), **kw)
-        # rows of different lengths: one packed call over the whole cache, gaps and all (KVCache.packing)
-        lk_cache[packing.slots] = lam_k.transpose(1, 2)
-        v_cache[packing.slots] = v.transpose(1, 2)
-        return heads(tk.taumode_attention_from_lambda(tokens(lam_q), lk_cache.flatten(0, 1), v_cache.flatten(0, 1),
-                                                      **kw, **packing.varlen()), B)
-
-    def _taumode_sorted(self, lam_q, lam_k, v, temperature, slopes, cache, layer):
-        B, _, T = lam_q.shape
-        slopes_bh = None if slopes is None else slopes.expand(B, self.n_head)
-        sc = cache.sorted[layer]
-        if sc is None:
-            sc = cache.sorted[layer] = tk.SortedCache(temperature, self.n_kv_head, slopes_bh, capacity=cache.max_len)
-        if sc.length == 0 and T > 1:  # a prefill: the full forward over the prompt, then its keys in bulk
-            y = tk.taumode_attention_from_lambda(lam_q, lam_k, v, temperature=temperature, is_causal=True,
-                                                 alibi_slopes=slopes, backend=self.config.backend)
-            sc.append(lam_k, v)
-            return y
-        steps = []  # decode, or a chunk after a prefill: one query at a time
-        for t in range(T):
-            sc.append(lam_k[:, :, t:t + 1], v[:, :, t:t + 1])
-            steps.append(sc.attend(lam_q[:, :, t:t + 1], temperature, slopes_bh))
-        return torch.cat(steps, dim=2)
-
-    def _dot(self, q, k, v, cache, layer, start, packing):
-        if cache is not None:
-            k, v = self._dot_cache(k, v, cache, layer, start, packing)
+            k, v = cache.update(k, v, self.layer_idx)
         Tq, Tk = q.size(2), k.size(2)
         gqa = self.n_head != self.n_kv_head
         slopes = self.slopes()
-        keys = torch.arange(Tk, device=q.device)
         if packing is None:
             if slopes is None and Tq == Tk:
                 return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
             # Bottom-right aligned causal mask (a chunk appended to a cache sees every earlier key).
+            keys = torch.arange(Tk, device=q.device)
             dist = (torch.arange(Tq, device=q.device) + (Tk - Tq))[:, None] - keys
             allowed = dist >= 0
-        else:  # block-diagonal: the same attention as the taumode pack (docs/math.md §Packed sequences)
+        else:  # the same sequences as the taumode layers' (docs/math.md §Packed sequences)
+            k, v = k[:, :, :packing.key_len], v[:, :, :packing.key_len]
             allowed = packing.allowed
-            dist = None if slopes is None else packing.query_at[:, None, :, None] - keys
+            dist = None if slopes is None else packing.query_at[:, None, :, None] - torch.arange(k.size(2),
+                                                                                                  device=q.device)
         if slopes is None:
             mask = allowed
         else:
             mask = (-slopes[:, None, None] * dist.float()).masked_fill(~allowed, float("-inf")).to(q.dtype)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
 
+
+class TaumodeAttention(SelfAttention, TaumodeParams):
+    """Taumode attention (docs/math.md §Model): the projections, and TaumodeParams on the module itself."""
+
+    def __init__(self, config: TauGPTConfig, layer_idx: int):
+        nn.Module.__init__(self)
+        self.register_projections(config, layer_idx)
+        self.rope = not config.lambda_before_rope  # λ from the un-rotated q and k (an option)
+        self.register_taumode(config.n_head, config.n_kv_head, temperature_init=self.temperature_init(config),
+                              tau_init=config.tau_init, learn_tau=config.learn_tau, recency=config.recency,
+                              eps=config.eps, backend=config.backend, tau_rule=config.tau_rule,
+                              lambda_term=config.lambda_term, temperature_shape=self.temperature_shape(config))
+
     @staticmethod
-    def _dot_cache(k, v, cache, layer, start, packing):
-        """Write k, v into the (token-major) cache; the keys attention reads, as (B, Hkv, Tk, F) views."""
-        if packing is None:
-            end = start + k.size(2)
-            cache.k[layer][:, start:end] = k.transpose(1, 2)
-            cache.v[layer][:, start:end] = v.transpose(1, 2)
-        else:
-            cache.k[layer][packing.slots] = k.transpose(1, 2)
-            cache.v[layer][packing.slots] = v.transpose(1, 2)
-            end = packing.allowed.size(-1)
-        return cache.k[layer][:, :end].transpose(1, 2), cache.v[layer][:, :end].transpose(1, 2)
+    def temperature_init(config: TauGPTConfig) -> float:
+        return config.temperature_init
+
+    @staticmethod
+    def temperature_shape(config: TauGPTConfig) -> tuple[int, ...]:
+        return (config.n_head,)
+
+    def attend(self, q, k, v, laplacian, packing, cache):
+        if cache is None:  # training / full forward: one fused call over the whole sequence, or the pack
+            return taumode_attend(self, q, k, v, laplacian, packing)
+        lam_q, lam_k = self.query_lambda(q, laplacian), self.key_lambda(k, laplacian)
+        if isinstance(cache, KVCache) and cache.sorted is not None:
+            return cache.attend_sorted(self, lam_q, lam_k, v)
+        lam_k, v = cache.update(lam_k[..., None], v, self.layer_idx)
+        return taumode_attend(self, q, None, v, laplacian, packing, lam_k=lam_k[..., 0])
+
+
+class SlicedTaumodeAttention(TaumodeAttention):
+    """The m-λ experiment (lambda_slices = m > 1): each head cut into m slices of F/m, each with its own λ (from
+    its diagonal block of the Laplacian) and temperature (initially temperature_init·m, as the logit sums m
+    terms); eager PyTorch (sliced_attention), dense sequences only."""
+
+    @staticmethod
+    def temperature_init(config: TauGPTConfig) -> float:
+        return config.temperature_init * config.lambda_slices
+
+    @staticmethod
+    def temperature_shape(config: TauGPTConfig) -> tuple[int, ...]:
+        return (config.n_head, config.lambda_slices)
+
+    def attend(self, q, k, v, laplacian, packing, cache):
+        if packing is not None:
+            raise ValueError("lambda_slices > 1 runs dense sequences only: no packed documents (doc_ids), no "
+                             "padding masks and no cache rows of different lengths")
+        m = self.log_temperature.size(-1)
+        group = self.n_head // self.n_kv_head
+        tau = self.log_tau.float().exp()
+        lam_q = slice_energy(q, laplacian, self.eps, m)
+        lam_q = lam_q / (lam_q + tau.repeat_interleave(group)[None, :, None, None])
+        lam_k = slice_energy(k, laplacian, self.eps, m)
+        lam_k = lam_k / (lam_k + tau[None, :, None, None])
+        if not self.lambda_term:
+            lam_q, lam_k = torch.zeros_like(lam_q), torch.zeros_like(lam_k)
+        if cache is not None:
+            lam_k, v = cache.update(lam_k, v, self.layer_idx)
+        return sliced_attention(lam_q, lam_k, v, self.temperature(), self.slopes())
 
 
 class MLP(nn.Module):
@@ -467,14 +652,22 @@ class MLP(nn.Module):
         return self.c_proj(F.relu(self.c_fc(x)).square())
 
 
+def attention_class(config: TauGPTConfig, layer_idx: int) -> type[SelfAttention]:
+    """The attention layer of layer ``layer_idx``: dot product (the baseline, a hybrid stack's dot layers),
+    taumode, or taumode with m λ per head."""
+    if config.layer_attention(layer_idx) == "dot":
+        return DotAttention
+    return SlicedTaumodeAttention if config.lambda_slices > 1 else TaumodeAttention
+
+
 class Block(nn.Module):
-    def __init__(self, config: TauGPTConfig, attention: str):
+    def __init__(self, config: TauGPTConfig, layer_idx: int):
         super().__init__()
-        self.attn = CausalSelfAttention(config, attention)
+        self.attn = attention_class(config, layer_idx)(config, layer_idx)
         self.mlp = MLP(config)
 
-    def forward(self, x, laplacian, cache=None, layer=0, packing=None):
-        x = x + self.attn(rms_norm(x), laplacian, cache, layer, packing)
+    def forward(self, x, laplacian, positions=0, packing=None, cache=None):
+        x = x + self.attn(rms_norm(x), laplacian, positions, packing, cache)
         return x + self.mlp(rms_norm(x))
 
 
@@ -484,7 +677,7 @@ class TauGPT(nn.Module):
         super().__init__()
         self.config = config
         self.wte = nn.Embedding(config.vocab_size, config.n_embd)
-        self.blocks = nn.ModuleList(Block(config, config.layer_attention(i)) for i in range(config.n_layer))
+        self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         if laplacian is None:
             laplacian = build_laplacian(config.laplacian, config.head_dim)
@@ -518,59 +711,88 @@ class TauGPT(nn.Module):
                 nn.init.zeros_(block.attn.c_gate.weight)
             nn.init.zeros_(block.mlp.c_proj.weight)
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None,
-                doc_ids: torch.Tensor | None = None, lengths=None) -> torch.Tensor:
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache=None,
+                doc_ids: torch.Tensor | None = None, lengths=None, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (B, T, vocab) in fp32; with ``targets`` the mean cross-entropy instead.
 
-        With ``cache`` the tokens of row b are placed at positions len_b .. len_b + T − 1 of that row (prefill
-        is one call, decode is T = 1) and the row advances by T; ``lengths`` (host ints, (B,)) says that only
-        the first lengths[b] tokens of row b are real (a right-padded batch of prompts: the row advances by
-        lengths[b], the padding's logits mean nothing).
+        With ``cache`` (a KVCache: new_cache) the tokens of row b are placed at positions len_b .. len_b + T − 1
+        of that row (prefill is one call, decode is T = 1) and the row advances by T; ``lengths`` (host ints,
+        (B,)) says that only the first lengths[b] tokens of row b are real (a right-padded batch of prompts: the
+        row advances by lengths[b], the padding's logits mean nothing).
         ``doc_ids`` (B, T), without a cache: the document of each token (training on packed documents,
         docs/math.md §Packed sequences): attention never crosses a document boundary inside a window and
         RoPE positions restart at each document. Give it on the host (a device tensor is copied there).
+        ``attention_mask`` (B, past + T) / ``position_ids`` (B, T): Hugging Face's padding mask (left or right
+        padding) and positions, with a transformers Cache as ``cache`` or none (see tauformer_model.hf).
         """
-        # one layout per kind of layer (both in a hybrid stack): a mask for dot, cu_seqlens for taumode
-        packings = {a: self._packing(idx, cache, doc_ids, lengths, a) for a in self.layer_attentions()}
+        return self.logits(self.hidden_states(idx, cache, doc_ids, lengths, attention_mask, position_ids), targets)
+
+    def hidden_states(self, idx, cache=None, doc_ids=None, lengths=None, attention_mask=None, position_ids=None,
+                      packing: Packing | None = None):
+        """The last block's output (B, T, n_embd), before the final norm (forward's arguments; ``packing``:
+        the sequences of a flattened row as the caller built them, e.g. from Hugging Face's cu_seq_lens)."""
+        positions, found = self._layout(idx, cache, doc_ids, lengths, attention_mask, position_ids)
+        packing = found if packing is None else packing
+        if packing is not None and "dot" in self.layer_attentions():
+            packing = packing.with_dot_mask(idx.size(0), idx.size(1))
         x = self.wte(idx)
         laplacian = self.attention_laplacian()
-        for layer, block in enumerate(self.blocks):
-            x = block(x, laplacian, cache, layer, packings[block.attn.attention])
+        for block in self.blocks:
+            x = block(x, laplacian, positions, packing, cache)
+        if isinstance(cache, KVCache):
+            cache.advance(idx.size(1), None if lengths is None else [int(n) for n in lengths])
+        return x
+
+    def logits(self, x: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+        """The head over hidden states x: softcapped fp32 logits, or with ``targets`` the mean cross-entropy."""
         logits = self.lm_head(rms_norm(x)).float()
         cap = self.config.logit_softcap
         logits = cap * torch.tanh(logits / cap)
-        if cache is not None:
-            cache.advance(idx.size(1), None if lengths is None else [int(n) for n in lengths])
         if targets is None:
             return logits
         return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
 
     def layer_attentions(self) -> set[str]:
-        return {block.attn.attention for block in self.blocks}
+        return {self.config.layer_attention(i) for i in range(self.config.n_layer)}
 
-    def _packing(self, idx, cache, doc_ids, lengths, attention: str) -> Packing | None:
-        """Check a forward's arguments; its packing for layers of ``attention`` (None: the dense path)."""
+    def _layout(self, idx, cache, doc_ids, lengths, attention_mask, position_ids):
+        """Check a forward's arguments; the RoPE positions (the first token's, or (B, T)) and the Packing every
+        layer gets (None: the dense path)."""
         B, T = idx.shape
-        if cache is None:
-            if T > self.config.block_size:
-                raise ValueError(f"sequence length {T} exceeds block_size {self.config.block_size}")
-            if lengths is not None:
-                raise ValueError("lengths is for a call with a cache (without one, right padding needs no mask: "
-                                 "causal attention never reads it)")
-            if doc_ids is None:
-                return None
+        if lengths is not None and not isinstance(cache, KVCache):
+            raise ValueError("lengths is for a call with a KVCache (without one, right padding needs no mask: "
+                             "causal attention never reads it)")
+        if doc_ids is not None and (cache is not None or attention_mask is not None or position_ids is not None):
+            raise ValueError("doc_ids is for training windows: no cache, attention_mask or position_ids with it")
+        if isinstance(cache, KVCache):
+            if attention_mask is not None or position_ids is not None:
+                raise ValueError("a KVCache takes right-padded prompts through lengths, not attention_mask / "
+                                 "position_ids")
+            if B != cache.batch_size:
+                raise ValueError(f"cache holds batch {cache.batch_size}; cannot take idx of shape {(B, T)}")
+            valid = None if lengths is None else [int(n) for n in lengths]
+            if valid is not None and (len(valid) != B or not all(0 <= n <= T for n in valid)):
+                raise ValueError(f"lengths {valid}: one per row of idx {(B, T)}, each in 0 .. {T}")
+            return cache.layout(T, valid)
+        past = 0 if cache is None else cache.get_seq_length()  # a transformers Cache
+        if cache is None and T > self.config.block_size:
+            raise ValueError(f"sequence length {T} exceeds block_size {self.config.block_size}")
+        if doc_ids is not None:
             if tuple(doc_ids.shape) != (B, T):
                 raise ValueError(f"doc_ids has shape {tuple(doc_ids.shape)}, idx {(B, T)}")
-            return pack_windows(doc_ids, attention, idx.device)
-        if doc_ids is not None:
-            raise ValueError("doc_ids is for training windows; a cache's rows are separate sequences already")
-        if B != cache.batch_size or max(cache.lengths, default=0) + T > cache.max_len:
-            raise ValueError(f"cache holds batch {cache.batch_size} × {cache.max_len} positions, rows at "
-                             f"{cache.lengths}; cannot take idx of shape {(B, T)}")
-        valid = None if lengths is None else [int(n) for n in lengths]
-        if valid is not None and (len(valid) != B or not all(0 <= n <= T for n in valid)):
-            raise ValueError(f"lengths {valid}: one per row of idx {(B, T)}, each in 0 .. {T}")
-        return cache.packing(T, valid, attention)
+            found = pack_windows(doc_ids)
+            return (0, None) if found is None else (found[0].to(idx.device), _on(found[1], idx.device))
+        positions = past if position_ids is None else position_ids.expand(B, T)
+        if attention_mask is not None:
+            if tuple(attention_mask.shape) != (B, past + T):
+                raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}; a padding mask of the "
+                                 f"{past} cached and {T} new tokens is ({B}, {past + T})")
+            if torch.compiler.is_compiling() or not bool(attention_mask.all()):
+                return positions, pack_padding(attention_mask, T)
+        elif position_ids is not None and past == 0 and not torch.compiler.is_compiling():
+            return positions, pack_restarting_positions(position_ids, B, T)
+        return positions, None
 
     def new_cache(self, batch_size: int, max_len: int, dtype: torch.dtype | None = None,
                   sorted: bool = False) -> KVCache:
@@ -581,8 +803,9 @@ class TauGPT(nn.Module):
     def first_layer_keys(self, idx: torch.Tensor, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
         """The first layer's keys as λ sees them (RoPE'd, RMS-normed), (B, Hkv, T, F); with doc_ids at the
         positions packed training gives them (restarting at each document)."""
-        packing = None if doc_ids is None else pack_windows(doc_ids, "taumode", idx.device)
-        return self.blocks[0].attn.project(rms_norm(self.wte(idx)), 0 if packing is None else packing.positions)[1]
+        found = None if doc_ids is None else pack_windows(doc_ids)
+        positions = 0 if found is None else found[0].to(idx.device)
+        return self.blocks[0].attn.project(rms_norm(self.wte(idx)), positions)[1]
 
     def first_layer_key_energy(self, idx: torch.Tensor, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
         """E of the first layer's keys (first_layer_keys) for a batch of tokens, fp32 (B, Hkv, T)."""
@@ -592,12 +815,14 @@ class TauGPT(nn.Module):
 
     @torch.no_grad()
     def calibrate_tau(self, idx: torch.Tensor, doc_ids: torch.Tensor | None = None) -> float:
-        """Set every layer's tau to the median E of the first layer's keys over ``idx``; returns it."""
+        """Set every taumode layer's tau to the median E of the first layer's keys over ``idx``; returns it."""
         if self.config.attention != "taumode":
             return float("nan")
+        if idx.numel() == 0:
+            raise ValueError(f"calibrate_tau needs at least one token; idx has shape {tuple(idx.shape)}")
         tau = float(self.first_layer_key_energy(idx, doc_ids).median().clamp_min(1e-4))
         for block in self.blocks:
-            if block.attn.attention == "taumode":
+            if isinstance(block.attn, TaumodeAttention):
                 block.attn.log_tau.fill_(math.log(tau))
         return tau
 
