@@ -423,3 +423,116 @@ def test_imports_from_the_repository_root():
                             text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip() == "ok"
+
+
+@pytest.mark.parametrize("extra", [dict(attention="dot"), dict(dot_every=2), dict(lambda_slices=2),
+                                   dict(tau_rule="vector-median"), dict(learn_laplacian=True, learn_tau=True),
+                                   dict(lambda_term=False, recency="fixed"), dict(lambda_before_rope=True)],
+                         ids=["dot", "hybrid", "slices", "vector-tau", "learned-L", "recency-only", "before-rope"])
+def test_taugpt_for_causal_lm_serves_every_option(extra):
+    """TauGPTForCausalLM is a head over TauGPT's own forward: every model option, the same logits, the same
+    greedy tokens from its cached generate as from this package's generate."""
+    hf_model, model = taugpt_model(**extra)
+    ids = torch.randint(1, 256, (2, 11))
+    assert torch.equal(hf_model(ids, use_cache=False).logits, model(ids))
+    ours, _ = taugpt_generate(model, ids, 6, temperature=0)
+    theirs = hf_model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert torch.equal(ours, theirs)
+    if extra.get("lambda_slices", 1) == 1:  # padding masks: the packed path of every kind of layer
+        prompts = [torch.randint(1, 256, (n,)) for n in (4, 9)]
+        padded, mask = left_pad(prompts)
+        positions = (mask.cumsum(1) - 1).clamp_min(0)
+        logits = hf_model(padded, attention_mask=mask, position_ids=positions, use_cache=False).logits
+        assert rel_err(logits[0, 5:], model(prompts[0][None])[0]) < 1e-5
+
+
+def test_calibrate_tau_refuses_a_batch_without_real_tokens():
+    model = taumode_model()
+    ids = torch.randint(1, 256, (2, 6))
+    before = [m.taumode.log_tau.clone() for m in hf._attention_modules(model)]
+    with pytest.raises(ValueError, match="real token"):
+        hf.calibrate_tau(model, ids, attention_mask=torch.zeros(2, 6, dtype=torch.long))
+    assert all(torch.equal(a, m.taumode.log_tau) for a, m in zip(before, hf._attention_modules(model)))
+    assert all(m.taumode.key_energies is None for m in hf._attention_modules(model))  # listening ended
+    _, taugpt = taugpt_model()
+    with pytest.raises(ValueError, match="at least one token"):
+        taugpt.calibrate_tau(torch.zeros(2, 0, dtype=torch.long))
+
+
+def test_a_plain_from_pretrained_refuses_a_taumode_folder(tmp_path, caplog):
+    model = taumode_model()
+    model.save_pretrained(tmp_path)
+    ids = torch.randint(1, 256, (1, 6))
+    # with this module imported: the folder loads as taumode attention, and without enable_taumode's tensors
+    # its first forward names load_taumode instead of running another attention
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert plain.config._attn_implementation == "taumode"
+    with pytest.raises(ValueError, match="load_taumode"):
+        plain(ids)
+    # without it (a process that never imported tauformer_model.hf): transformers refuses the implementation
+    import subprocess
+    import sys
+    code = "import sys, transformers; transformers.AutoModelForCausalLM.from_pretrained(sys.argv[1])"
+    result = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=300,
+                            cwd=tmp_path)
+    assert result.returncode != 0 and "taumode" in result.stderr
+    # load_taumode: the model, with no "unexpected keys" report
+    caplog.clear()
+    loaded = hf.load_taumode(tmp_path)
+    assert torch.equal(loaded(ids).logits, model(ids).logits)
+    assert "UNEXPECTED" not in caplog.text and "unexpected" not in caplog.text.lower()
+
+
+def test_load_taumode_names_a_truncated_weights_file(tmp_path):
+    taumode_model().save_pretrained(tmp_path)
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(ValueError, match="model.safetensors.*truncated"):
+        hf.load_taumode(tmp_path)
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int64])
+def test_cu_seq_lens_are_checked(dtype):
+    """Offsets that leave a token in no sequence (short of the row, past it, decreasing) are refused, whatever
+    their integer dtype; valid ones in either dtype give the same logits."""
+    for name in ("llama", "taugpt"):
+        model = any_model(name)
+        ids = torch.randint(1, 256, (1, 9))
+        good = torch.tensor([0, 4, 9], dtype=dtype)
+        positions = torch.tensor([[0, 1, 2, 3, 0, 1, 2, 3, 4]])  # as a padding-free collator gives them
+        out = model(ids, position_ids=positions, cu_seq_lens_q=good, cu_seq_lens_k=good, max_length_q=5,
+                    max_length_k=5, use_cache=False).logits
+        assert rel_err(out[0, 4:], model(ids[:, 4:], use_cache=False).logits[0]) < 1e-5
+        for bad in ([0, 4, 8], [0, 4, 12], [0, 6, 4, 9], [1, 4, 9]):
+            cu = torch.tensor(bad, dtype=dtype)
+            with pytest.raises(ValueError, match="cu_seq_lens_q"):
+                model(ids, cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=9, max_length_k=9, use_cache=False)
+
+
+def test_enable_taumode_validates_the_laplacian():
+    F = 16
+    with pytest.raises(ValueError, match="laplacian.*non-finite"):
+        taumode_model(laplacian=torch.full((F, F), float("nan")))
+    with pytest.raises(ValueError, match="laplacian.*symmetric"):
+        taumode_model(laplacian=torch.randn(F, F))
+    with pytest.raises(TypeError, match="laplacian"):
+        taumode_model(laplacian=[[0.0]])
+    L = tk.chain_laplacian(F)
+    model = taumode_model(laplacian=L.numpy())  # a numpy array is a Laplacian too
+    assert torch.equal(model.model.layers[0].self_attn.taumode.laplacian, L)
+
+
+def test_models_without_rope_or_kv_head_counts():
+    """OPT (learned positions, no num_key_value_heads in its config) runs taumode attention; its cache holds λk."""
+    from transformers import OPTConfig
+
+    model = AutoModelForCausalLM.from_config(OPTConfig(hidden_size=64, ffn_dim=128, num_hidden_layers=2,
+                                                       num_attention_heads=4, vocab_size=256,
+                                                       max_position_embeddings=64, word_embed_proj_dim=64))
+    hf.enable_taumode(model).eval()
+    ids = torch.randint(1, 256, (1, 7))
+    full = model(ids, use_cache=False).logits
+    cache = hf.TaumodeCache(model)
+    steps = torch.cat([model(ids[:, :5], **{hf.CACHE_FIELD: cache}).logits]
+                      + [model(ids[:, t:t + 1], **{hf.CACHE_FIELD: cache}).logits for t in (5, 6)], 1)
+    assert rel_err(steps, full) < 1e-5
