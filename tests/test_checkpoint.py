@@ -198,3 +198,120 @@ def test_a_torn_last_metrics_line_is_dropped_on_resume(tmp_path, corpus):
         f.write('{"step": 8, "train_lo')  # a kill while appending an evaluation
     assert train_mod.train(_micro(out, corpus, tmp_path / "cache", resume=True), log=_quiet)["step"] == 8
     assert [r["step"] for r in train_mod.read_metrics(out / "metrics.jsonl")] == [0, 4, 8]
+
+
+# Issue 29: a full disk fails differently in each writer: ENOSPC from safetensors or a file write, a
+# RuntimeError from torch.save's zip writer ("unexpected pos ..."), EIO from fsync. Every one must clean up and
+# be one line, and resume must sweep what a killed save left before it writes anything.
+TORCH_ZIP_ERROR = RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 3328 vs 3216\n"
+                               "frame #0: c10::ThrowEnforceNotMet(...)")
+
+
+def _half_a_file(error):
+    def fail(obj, path, *args, **kwargs):  # half a file, then the error, as a full disk does
+        with open(path, "wb") as f:
+            f.write(b"\0" * 100)
+        raise error
+    return fail
+
+
+def _fsync_fails(error):
+    def fail(path):
+        raise error
+    return fail
+
+
+@pytest.mark.parametrize("error", [TORCH_ZIP_ERROR, OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))],
+                         ids=["RuntimeError", "ENOSPC"])
+@pytest.mark.parametrize("where", ["torch.save", "save_file", "fsync"])
+def test_every_failed_write_cleans_up_and_is_one_line(tmp_path, where, error, monkeypatch):
+    model = TauGPT(TauGPTConfig(n_layer=1, n_head=2, n_kv_head=1, n_embd=16, block_size=8))
+    first = ckpt.save_checkpoint(tmp_path, model, {"step": 1})
+    target, replacement = {"torch.save": (ckpt.torch, "save"), "save_file": (ckpt, "save_file"),
+                           "fsync": (ckpt, "_fsync")}[where]
+    monkeypatch.setattr(target, replacement, _fsync_fails(error) if where == "fsync" else _half_a_file(error))
+    with pytest.raises(ckpt.CheckpointError) as info:
+        ckpt.save_checkpoint(tmp_path, model, {"step": 2})
+    message = str(info.value)
+    assert "\n" not in message and "could not write the step-2 checkpoint" in message and "is kept" in message
+    assert ("unexpected pos 3328 vs 3216" if isinstance(error, RuntimeError) else "No space left on device") in message
+    monkeypatch.undo()
+    assert ckpt.find_checkpoint(tmp_path) == first and _resumable(tmp_path) == 1
+    _no_temporaries(tmp_path)
+
+
+def test_an_interrupted_save_cleans_up_and_goes_on_interrupting(tmp_path, monkeypatch):
+    model = TauGPT(TauGPTConfig(n_layer=1, n_head=2, n_kv_head=1, n_embd=16, block_size=8))
+    ckpt.save_checkpoint(tmp_path, model, {"step": 1})
+    monkeypatch.setattr(ckpt.torch, "save", _half_a_file(KeyboardInterrupt()))
+    with pytest.raises(KeyboardInterrupt):
+        ckpt.save_checkpoint(tmp_path, model, {"step": 2})
+    _no_temporaries(tmp_path)
+
+
+def test_resume_sweeps_temporaries_before_it_writes(tmp_path, corpus, monkeypatch, capsys):
+    """A partial checkpoint left by a failed save filled the disk; --resume then died in write_plot (ENOSPC)
+    before it swept it. Now the sweep comes first, and a failed metrics or plot write is one line."""
+    out = tmp_path / "run"
+    train_mod.train(_micro(out, corpus, tmp_path / "cache", stop_at=4), log=_quiet)
+    partial = out / ".checkpoint-000008.partial-12345"
+    partial.mkdir()
+    (partial / "state.pt").write_bytes(b"\0" * 1000)
+    (out / "loss.png.tmp").write_bytes(b"\0" * 10)
+
+    def full_disk(folder, rows):
+        assert not partial.exists() and not (out / "loss.png.tmp").exists()  # swept before the first write
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(folder / "loss.png.tmp"))
+
+    monkeypatch.setattr(train_mod, "write_plot", full_disk)
+    argv = [*MICRO, "--data", str(corpus), "--data-cache", str(tmp_path / "cache"), "--out", str(out), "--resume"]
+    assert train_mod.main(argv) == 1
+    err = capsys.readouterr().err
+    assert err == f"error: could not write {out / 'loss.png.tmp'}: No space left on device\n"
+    assert _resumable(out) == 4
+    _no_temporaries(out)
+
+
+def test_a_temperature_that_underflows_to_zero_stops_the_run(tmp_path, corpus, capsys):
+    """--lr 1e3 drove log_temperature so low that exp gave exactly 0: every value finite, so the guard missed it
+    and evaluation died in a traceback. Now the step that does it stops the run with the message."""
+    out = tmp_path / "run"
+    argv = [*MICRO, "--data", str(corpus), "--data-cache", str(tmp_path / "cache"), "--out", str(out),
+            "--lr", "1e3", "--checkpoint-every", "1", "--max-steps", "40"]
+    assert train_mod.main(argv) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "stopping" in err and "Traceback" not in err
+    assert "non-finite" in err  # on this seed: "a temperature or tau 0 or non-finite (exp of ...)" at step 2
+    model, _ = ckpt.load_model(out)
+    temperatures = [t.exp() for name, t in model.named_parameters() if name.endswith("log_temperature")]
+    assert temperatures and all(bool((t > 0).all() and torch.isfinite(t).all()) for t in temperatures)
+
+
+def test_the_guard_names_a_zero_temperature():
+    """What the step's guard sees: a log temperature whose exp is 0 in fp32 (every value finite), then a
+    non-finite weight; a healthy model passes."""
+    model = TauGPT(TauGPTConfig(n_layer=2, n_head=2, n_kv_head=1, n_embd=16, block_size=8))
+    assert train_mod.broken_parameters(model) is None
+    name, log_temperature = next((n, p) for n, p in model.named_parameters() if n.endswith("log_temperature"))
+    with torch.no_grad():
+        log_temperature.fill_(-200.0)
+    assert train_mod.broken_parameters(model) == (
+        f"a temperature or tau 0 or non-finite (exp of {name} under- or overflowed)")
+    with torch.no_grad():
+        log_temperature.fill_(0.0)
+        model.lm_head.weight[0, 0] = float("inf")
+    assert train_mod.broken_parameters(model) == "parameters non-finite (lm_head.weight)"
+
+
+def test_the_stop_message_after_a_resume_names_its_evaluation(tmp_path, corpus, capsys):
+    """Resumed and stopped again before any evaluation, the message showed the step-0 val loss as if it were
+    the stop step's; it now says which step it is from."""
+    base = [*MICRO, "--data", str(corpus), "--data-cache", str(tmp_path / "cache"), "--out", str(tmp_path / "run"),
+            "--eval-every", "100", "--max-steps", "20"]
+    assert train_mod.main([*base, "--stop-at", "3"]) == 0
+    assert train_mod.main([*base, "--resume", "--stop-at", "5"]) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last.startswith("stop_at at step 5: val loss ") and "(the last evaluation, at step 0)" in last
+    assert train_mod.main([*base, "--resume"]) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last.startswith("done at step 20: val loss ") and "last evaluation" not in last

@@ -6,9 +6,17 @@ import numpy as np
 import pytest
 import torch
 
-from tauformer_kernels import chain_laplacian, knn_laplacian, load_laplacian, save_laplacian, taumode_lambda, validate_laplacian
+from tauformer_kernels import (
+    chain_laplacian,
+    knn_laplacian,
+    load_laplacian,
+    save_laplacian,
+    taumode_lambda,
+    validate_laplacian,
+)
 
-REFERENCE_MANIFOLD = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "reference-manifold", "laplacian_384_coo.npz")
+REFERENCE_MANIFOLD = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "reference-manifold",
+                                  "laplacian_384_coo.npz")
 
 
 def test_chain_laplacian():
@@ -96,7 +104,8 @@ def test_load_rejects_a_broken_file(tmp_path):
         load_laplacian(tmp_path / "other.npz")
 
 
-@pytest.mark.skipif(not os.path.exists(REFERENCE_MANIFOLD), reason="the reference crate's 384×384 Laplacian (outside the repo) is absent")
+@pytest.mark.skipif(not os.path.exists(REFERENCE_MANIFOLD),
+                    reason="the reference crate's 384×384 Laplacian (outside the repo) is absent")
 def test_reference_crate_manifold_loads_and_projects_heads_of_384():
     lap = load_laplacian(REFERENCE_MANIFOLD, 384)
     assert lap.shape == (384, 384) and int((lap != 0).sum()) == 6408
@@ -251,7 +260,8 @@ def test_a_huge_declared_size_is_refused_dense(tmp_path):
     assert load_laplacian(path, layout="auto").layout == torch.sparse_csr
 
 
-@pytest.mark.skipif(not (os.path.exists(os.path.join(CRATE_MANIFOLD, "manifold.parquet")) and os.path.exists(REFERENCE_MANIFOLD)),
+@pytest.mark.skipif(not (os.path.exists(os.path.join(CRATE_MANIFOLD, "manifold.parquet"))
+                         and os.path.exists(REFERENCE_MANIFOLD)),
                     reason="the reference crate's own manifold.parquet (outside the repo) is absent")
 def test_the_crates_own_manifold_equals_the_converted_arrays(tmp_path):
     pq = pytest.importorskip("pyarrow.parquet")

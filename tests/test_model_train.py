@@ -14,6 +14,7 @@ import torch
 from tauformer_model import TauGPT, TauGPTConfig
 from tauformer_model import generate as gen_mod
 from tauformer_model import train as train_mod
+from tauformer_model.common import mean_sd, read_metrics
 from tauformer_model.data import ByteTokenizer, list_files, load_dataset, split_files
 
 
@@ -51,7 +52,8 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, corpus, attention):
     """A run stopped at step 3 (not an eval or checkpoint step) and resumed gives identical losses."""
     model = dict(attention=attention)
     full = train_mod.train(micro_config(tmp_path / "full", corpus, tmp_path / "cache", model=model), log=quiet)
-    part = train_mod.train(micro_config(tmp_path / "part", corpus, tmp_path / "cache", model=model, stop_at=3), log=quiet)
+    part = train_mod.train(micro_config(tmp_path / "part", corpus, tmp_path / "cache", model=model, stop_at=3),
+                           log=quiet)
     assert part["stopped"] == "stop_at" and part["step"] == 3
     resumed = train_mod.train(micro_config(tmp_path / "part", corpus, tmp_path / "cache", model=model, resume=True),
                               log=quiet)
@@ -203,8 +205,8 @@ def test_compare_writes_the_side_by_side_table(tmp_path, corpus, capsys):
     for name, cells in rows.items():
         assert cells[1] == "5, 6"  # both seeds, each in its own folder
         assert (out / name / "seed-5" / "metrics.jsonl").exists() and (out / name / "seed-6" / "checkpoint").exists()
-        vals = [compare.read_rows(out / name / f"seed-{s}")[-1]["val_loss"] for s in (5, 6)]
-        assert cells[2] == compare.mean_sd(vals) and " ± " in cells[2]
+        vals = [read_metrics(out / name / f"seed-{s}" / "metrics.jsonl")[-1]["val_loss"] for s in (5, 6)]
+        assert cells[2] == mean_sd(vals) and " ± " in cells[2]
     assert rows["dot"][3] == "–" and rows["taumode"][3].endswith(" %")
     # micro: head dim 16, 1 kv head, fp32: V + λ = 17 × 4 bytes; K + V = 32 × 4 bytes
     assert rows["taumode+recency"][-1] == "68 |" and rows["dot"][-1] == "128 |"

@@ -81,12 +81,12 @@ def test_accuracy_counts_only_the_answers():
 
 def test_one_command_writes_every_row(tmp_path, capsys):
     out = tmp_path / "table.md"
-    assert tasks.main(["--tasks", "mqar,needle", "--seeds", "2", "--steps", "2", "--batch-size", "4", "--eval-size", "8",
-                       "--out", str(out)]) == 0
+    assert tasks.main(["--tasks", "mqar,needle", "--seeds", "2", "--steps", "2", "--batch-size", "4",
+                       "--eval-size", "8", "--out", str(out)]) == 0
     text = out.read_text()
     assert "Command: `python -m tauformer_model.tasks --tasks mqar,needle" in text
     rows = [line for line in text.splitlines() if line.startswith("| ")]
-    assert [r.split(" | ")[0][2:] for r in rows] == ["variant", "chance", *tasks.VARIANTS]
+    assert [r.split(" | ")[0][2:] for r in rows] == ["variant", "chance", *tasks.DEFAULT_VARIANTS]
     header = rows[0].split(" | ")
     assert "mqar" in header and "needle L64 d0.9 |" in rows[0]
     assert len(header) == 2 + len(tasks.NEEDLE_DEPTHS) * len(tasks.NEEDLE_LENGTHS)

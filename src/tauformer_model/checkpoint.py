@@ -12,9 +12,11 @@ A run folder holds its checkpoint as
 A save writes a new folder under a temporary name, flushes every file and the folder to disk, renames it
 to checkpoint-<step>, then points the link at it with one atomic rename (os.replace of a symlink), and only
 then deletes the previous folder. A kill at any instant therefore leaves the link on the previous complete
-checkpoint or on the new one; a failed write (a full disk) removes its temporary folder and raises
-CheckpointError, keeping the previous checkpoint. `find_checkpoint` also accepts a run whose link is
-missing (a run killed while converting an older layout) by taking its newest complete folder.
+checkpoint or on the new one; a write that fails in any way (a full disk: ENOSPC from one writer, a
+RuntimeError from torch.save's zip writer) removes its temporary folder and raises CheckpointError with one
+line, keeping the previous checkpoint; `remove_temporaries` sweeps what a killed save left (--resume calls it
+before writing anything). `find_checkpoint` also accepts a run whose link is missing (a run killed while
+converting an older layout) by taking its newest complete folder.
 """
 
 from __future__ import annotations
@@ -78,9 +80,9 @@ def find_checkpoint(path: str | os.PathLike) -> pathlib.Path | None:
     return folders[-1] if folders else None
 
 
-def _remove_temporaries(run: pathlib.Path) -> None:
+def remove_temporaries(run: str | os.PathLike) -> None:
     """Leftovers of a save that was killed: partial folders and unplaced links."""
-    for p in run.glob(_TEMPORARY_PREFIX + "*"):
+    for p in pathlib.Path(run).glob(_TEMPORARY_PREFIX + "*"):
         if p.is_dir() and not p.is_symlink():
             shutil.rmtree(p, ignore_errors=True)
         else:
@@ -108,6 +110,14 @@ def _write_files(folder: pathlib.Path, model: TauGPT, state: dict, tokenizer) ->
     _fsync(folder)
 
 
+def _reason(error: Exception) -> str:
+    """One line saying why a write failed: the OS's words, else the exception's first line."""
+    if isinstance(error, OSError) and error.strerror:
+        return error.strerror
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0] if lines else 'no message'}"
+
+
 def _point_link(run: pathlib.Path, name: str) -> None:
     """Make run/checkpoint point at run/name with one rename."""
     link = run / LINK
@@ -127,12 +137,13 @@ def save_checkpoint(run: str | os.PathLike, model: TauGPT, state: dict, tokenize
     replace its last good checkpoint."""
     run = pathlib.Path(run)
     step = int(state["step"])
-    bad = [name for name, t in model.state_dict().items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    bad = [name for name, t in model.state_dict().items()
+           if t.is_floating_point() and not bool(torch.isfinite(t).all())]
     if bad:
         raise CheckpointError(f"not saving the step-{step} checkpoint: non-finite values in {', '.join(bad[:5])}"
                               + (f" and {len(bad) - 5} more" if len(bad) > 5 else ""))
     run.mkdir(parents=True, exist_ok=True)
-    _remove_temporaries(run)
+    remove_temporaries(run)
     previous = find_checkpoint(run)
     tmp = run / f"{_TEMPORARY_PREFIX}{step:06d}.partial-{os.getpid()}"
     name = _new_folder_name(run, step)
@@ -142,14 +153,15 @@ def save_checkpoint(run: str | os.PathLike, model: TauGPT, state: dict, tokenize
         os.rename(tmp, run / name)
         _fsync(run)
         _point_link(run, name)
-    except OSError as e:
+    except BaseException as e:  # every failure of a write cleans up; Ctrl-C and exits then go on as they were
         shutil.rmtree(tmp, ignore_errors=True)
         if find_checkpoint(run) != (run / name).resolve():  # renamed but never linked: not the run's checkpoint
             shutil.rmtree(run / name, ignore_errors=True)
-        _remove_temporaries(run)
+        remove_temporaries(run)
+        if not isinstance(e, Exception):
+            raise
         kept = f"the previous checkpoint ({previous}) is kept" if previous else "there is no previous checkpoint"
-        raise CheckpointError(f"could not write the step-{step} checkpoint into {run}: "
-                              f"{e.strerror or e}; {kept}") from e
+        raise CheckpointError(f"could not write the step-{step} checkpoint into {run}: {_reason(e)}; {kept}") from e
     for old in _complete_folders(run):
         if old.name != name:
             shutil.rmtree(old, ignore_errors=True)

@@ -13,50 +13,20 @@ tensors of each model's cache).
 from __future__ import annotations
 
 import argparse
-import json
 import pathlib
 import shlex
 import statistics
 import sys
 
 from .checkpoint import load_model
+from .common import mean_sd, print0, read_metrics
 from .train import build_parser as train_parser
-from .train import config_from_args, print0, train
-
-# Flags per variant on top of the preset. The tiny preset gives taumode 8 heads of 16 and dot product 4 of
-# 32 (its "model_taumode"); "-4x32" / "-8x16" pin the other shape, for the same-shape comparisons.
-FOUR = ["--n-head", "4", "--n-kv-head", "4"]
-EIGHT = ["--n-head", "8", "--n-kv-head", "8"]
-VARIANTS = {
-    "dot": ["--attention", "dot", "--recency", "none"],
-    "dot-8x16": ["--attention", "dot", "--recency", "none", *EIGHT],
-    "dot+recency": ["--attention", "dot", "--recency", "learned"],
-    # taumode as the reference crate defines it (no recency term), at the dot baseline's shape
-    "taumode": ["--attention", "taumode", "--recency", "none", *FOUR],
-    # the control: λ term removed, the recency term alone (what the λ term adds is the difference)
-    "recency-only": ["--attention", "taumode", "--recency", "learned", "--no-lambda-term", *FOUR],
-    "taumode+recency-4x32": ["--attention", "taumode", "--recency", "learned", *FOUR],
-    "taumode+recency": ["--attention", "taumode", "--recency", "learned"],
-    "taumode+fixed-recency": ["--attention", "taumode", "--recency", "fixed"],
-    "taumode+recency+lambda-before-rope": ["--attention", "taumode", "--recency", "learned", "--lambda-before-rope"],
-    "taumode+recency+learn-tau": ["--attention", "taumode", "--recency", "learned", "--learn-tau"],
-    "taumode+recency+learn-laplacian": ["--attention", "taumode", "--recency", "learned", "--learn-laplacian"],
-    # ideas that could close the gap to dot: a sigmoid gate per head on the attention output; a hybrid
-    # stack whose last layer (of the tiny preset's 4) is dot product, with learned recency like the others
-    "taumode+recency+gate": ["--attention", "taumode", "--recency", "learned", "--output-gate"],
-    "hybrid-dot-every-4": ["--attention", "taumode", "--recency", "learned", "--dot-every", "4"],
-    # two λ per head (two slices of 8 of the preset's heads of 16), logits summed over the slices
-    "taumode+recency+2-lambdas": ["--attention", "taumode", "--recency", "learned", "--lambda-slices", "2"],
-}
-
-
-def read_rows(folder: pathlib.Path) -> list[dict]:
-    path = folder / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+from .train import config_from_args, train
+from .variants import VARIANTS, as_flags
 
 
 def finished(folder: pathlib.Path, max_steps: int) -> bool:
-    rows = read_rows(folder)
+    rows = read_metrics(folder / "metrics.jsonl")
     return bool(rows) and rows[-1]["step"] >= max_steps
 
 
@@ -64,18 +34,12 @@ def run_folder(out: pathlib.Path, name: str, seed: int) -> pathlib.Path:
     return out / name / f"seed-{seed}"
 
 
-def mean_sd(values: list[float], digits: int = 4) -> str:
-    """"mean ± sd" (sample sd, n − 1) of values; the mean alone for one value."""
-    if len(values) == 1:
-        return f"{values[0]:.{digits}f}"
-    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
-
-
 def table(out: pathlib.Path, names: list[str], seeds: list[int]) -> str:
     """Val loss of every variant as mean ± sd over the seeds that finished, at the last step every run reached
     and at the training wall-clock every run reached; the gap to the first variant paired by seed (the same
     seed draws the same batches for every variant), as mean ± sd of the per-seed relative gaps."""
-    runs = {n: {s: rows for s in seeds if len(rows := read_rows(run_folder(out, n, s))) > 1} for n in names}
+    runs = {n: {s: rows for s in seeds if len(rows := read_metrics(run_folder(out, n, s) / "metrics.jsonl")) > 1}
+            for n in names}
     last = max((rows[-1]["step"] for by_seed in runs.values() for rows in by_seed.values()), default=0)
     # a run still going (or stopped early) is left out: every row compares runs of the same length
     runs = {n: {s: rows for s, rows in by_seed.items() if rows[-1]["step"] == last} for n, by_seed in runs.items()}
@@ -93,8 +57,8 @@ def table(out: pathlib.Path, names: list[str], seeds: list[int]) -> str:
         return [r for r in rows if r["train_time_s"] <= wall + 1e-6][-1]
 
     reference = next(iter(runs))
-    lines = [f"| variant | seeds | val @ step {step} | vs {reference} (paired by seed) | val @ {wall:.0f} s of training "
-             "(steps) | tokens/s (median) | training time | cache bytes / token / layer |",
+    lines = [f"| variant | seeds | val @ step {step} | vs {reference} (paired by seed) | val @ {wall:.0f} s of "
+             "training (steps) | tokens/s (median) | training time | cache bytes / token / layer |",
              "|---|---|---|---|---|---|---|---|"]
     for name, by_seed in runs.items():
         vals = [at_step(rows) for rows in by_seed.values()]
@@ -131,12 +95,16 @@ def main(argv: list[str] | None = None) -> int:
     args, passthrough = p.parse_known_args(argv)  # any other flag goes to every training run
     if args.seeds < 1:
         p.error(f"--seeds must be at least 1, got {args.seeds}")
-    variants = dict(VARIANTS)
+    variants = {name: as_flags(overrides) for name, overrides in VARIANTS.items()}
     for spec in args.variant:
         name, sep, flags = spec.partition("=")
-        if not sep or not name.strip():
+        name = name.strip()
+        if not sep or not name:
             p.error(f"--variant must be NAME=FLAGS, got {spec!r}")
-        variants[name.strip()] = shlex.split(flags)
+        if name in variants:  # a silent redefinition would label one model's runs with another's name
+            what = "a built-in variant" if name in VARIANTS else "an earlier --variant"
+            p.error(f"--variant {name}: {what} has this name ({' '.join(variants[name])}); choose another name")
+        variants[name] = shlex.split(flags)
     out = pathlib.Path(args.out)
     names = [n.strip() for n in args.variants.split(",") if n.strip()]
     for name in names:

@@ -30,7 +30,7 @@ import time
 import torch
 
 from .checkpoint import load_model
-from .cli import git_commit
+from .common import git_commit, output_file
 from .config import TauGPTConfig
 from .model import TauGPT
 
@@ -92,7 +92,8 @@ def measure(model: TauGPT, mode: str, prompt_len: int, new_tokens: int) -> dict:
         cache_bytes = cache.nbytes
     ordered = sorted(steps)
     return {"prefill_ms": 1e3 * prefill, "ttft_ms": 1e3 * (prefill + steps[0]),
-            "p50_ms": 1e3 * statistics.median(ordered), "p95_ms": 1e3 * ordered[math.ceil(0.95 * len(ordered)) - 1],  # nearest rank
+            "p50_ms": 1e3 * statistics.median(ordered),
+            "p95_ms": 1e3 * ordered[math.ceil(0.95 * len(ordered)) - 1],  # nearest rank
             "tokens_per_s": len(steps) / sum(steps), "peak_rss_mb": peak_rss_mb(), "cache_bytes": cache_bytes,
             "params_m": model.num_params() / 1e6}
 
@@ -141,7 +142,8 @@ def main(argv: list[str] | None = None) -> int:
                         "taumode and a dot checkpoint the same NAME to pair them in the ratio column")
     p.add_argument("--no-random", action="store_true", help="skip the random-weight models")
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads in every row")
-    p.add_argument("--out", default=None, help="write the table (with the command and machine) here")
+    p.add_argument("--out", type=output_file, default=None,
+                   help="write the table (with the command and machine) here; checked before the rows run")
     p.add_argument("--row", default=None, help=argparse.SUPPRESS)  # internal: measure one row, print JSON
     args = p.parse_args(argv)
     if args.threads < 1:
@@ -181,12 +183,14 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{name} {attention} {mode} prompt {prompt}: prefill {r['prefill_ms']:.0f} ms, "
                       f"{r['tokens_per_s']:.1f} tokens/s, p95 {r['p95_ms']:.1f} ms", flush=True)
     order = {(name, attention): i for i, (name, _, attention) in enumerate(models)}
-    rows.sort(key=lambda r: (order[r["model"], r["attention"]], modes.index(r["mode"])))  # stable: prompts stay in order
+    # stable: the prompts stay in order
+    rows.sort(key=lambda r: (order[r["model"], r["attention"]], modes.index(r["mode"])))
     text = table(rows)
     print(text)
     if args.out:
         command = "python -m tauformer_model.decode_bench " + " ".join(argv if argv is not None else sys.argv[1:])
-        header = (f"# End-to-end decode, batch 1, greedy\n\nCommand: `{command}`; commit {code}; torch {torch.__version__}; "
+        header = (f"# End-to-end decode, batch 1, greedy\n\nCommand: `{command}`; commit {code}; "
+                  f"torch {torch.__version__}; "
                   f"{platform.machine()}, {args.threads} threads; random models: {RANDOM_SHAPE}.\n\n")
         pathlib.Path(args.out).write_text(header + text + "\n")
     return 0

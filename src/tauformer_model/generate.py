@@ -17,13 +17,13 @@ import torch
 from tauformer_kernels import BACKENDS
 
 from .checkpoint import CheckpointError, find_checkpoint, load_model
-from .cli import nonnegative_float, nonnegative_int, positive_int
+from .common import nonnegative_float, nonnegative_int, positive_int, print0, resolve_device
 from .data import BPETokenizer, ByteTokenizer
 from .model import TauGPT
-from .train import print0, resolve_device
 
 
-def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None, generator: torch.Generator | None) -> torch.Tensor:
+def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None,
+                generator: torch.Generator | None) -> torch.Tensor:
     """One token per row of logits (B, vocab); temperature 0 means greedy."""
     if temperature <= 0:
         return logits.argmax(-1)
@@ -62,10 +62,17 @@ def generate(model: TauGPT, prompts, max_new_tokens: int, temperature: float = 0
     tensors or a right-padded (B, T0) tensor with ``lengths`` (returns a list of 1-D tensors, prompt then
     new tokens). The prompts go into the cache in one batched call (packed over the prompts when their
     lengths differ), then each step decodes one token per row, every row at its own length
-    (docs/math.md §The λ cache). sorted_cache: the sorted (V, λk) cache (taumode, prompts of one length)."""
+    (docs/math.md §The λ cache). sorted_cache: the sorted (V, λk) cache (taumode, prompts of one length).
+    The longest prompt plus max_new_tokens must fit the model's context (config.block_size): RoPE would go on
+    past it, at positions the model never trained on, so it is refused (ValueError)."""
     model.eval()
     batch, valid = as_batch(prompts, lengths)
     B, T0 = batch.shape
+    longest = T0 if valid is None else max(valid)
+    if longest + max_new_tokens > model.config.block_size:
+        raise ValueError(f"a prompt of {longest} tokens + max_new_tokens {max_new_tokens} = "
+                         f"{longest + max_new_tokens} tokens exceeds the model's context of "
+                         f"{model.config.block_size} (block_size): shorten the prompt or generate fewer tokens")
     model(batch[:, :1], cache=model.new_cache(B, 1, sorted=sorted_cache))  # one-time op setup, untimed
     cache = model.new_cache(B, T0 + max_new_tokens, sorted=sorted_cache)
     last = torch.tensor([T0 - 1] * B if valid is None else [n - 1 for n in valid], device=batch.device)
@@ -96,15 +103,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", action="append", default=None,
                    help="text to continue (default 'def '); give it several times for a batch of prompts of "
                         "different lengths, decoded together")
-    p.add_argument("--max-new-tokens", type=positive_int, default=200, help="tokens to sample after the prompt")
+    p.add_argument("--max-new-tokens", type=positive_int, default=None,
+                   help="tokens to sample after the prompt (default: up to the model's context, at most 200)")
     p.add_argument("--temperature", type=nonnegative_float, default=0.8, help="sampling temperature (0: greedy)")
     p.add_argument("--top-k", type=nonnegative_int, default=50, help="sample among the k most likely tokens (0: all)")
-    p.add_argument("--num-samples", type=positive_int, default=1, help="independent samples per prompt; all are decoded as one batch")
+    p.add_argument("--num-samples", type=positive_int, default=1,
+                   help="independent samples per prompt; all are decoded as one batch")
     p.add_argument("--seed", type=int, default=0, help="seed of the sampler")
     p.add_argument("--device", default="auto", help="'auto' (cuda if available), 'cpu', 'cuda', ...")
     p.add_argument("--threads", type=positive_int, default=None,
                    help="torch.set_num_threads (on a busy CPU, 1 thread decodes faster than 2)")
-    p.add_argument("--backend", default=None, choices=BACKENDS, help="override the checkpoint's tauformer_kernels backend")
+    p.add_argument("--backend", default=None, choices=BACKENDS,
+                   help="override the checkpoint's tauformer_kernels backend")
     p.add_argument("--sorted-cache", action="store_true",
                    help="taumode: decode with the sorted cache (exact; per step O(log T)-ish blocks instead of "
                         "O(T) keys, for long contexts; about 2.5x the cache bytes at 64k tokens)")
@@ -120,7 +130,10 @@ def main(argv: list[str] | None = None) -> int:
     if folder is None:
         parser.error(f"--checkpoint {args.checkpoint}: no checkpoint there (a run folder of train, or its "
                      f"checkpoint/ folder)")
-    device = resolve_device(args.device)
+    try:
+        device = resolve_device(args.device)
+    except ValueError as e:
+        parser.error(str(e))
     try:
         model, meta = load_model(folder, device)
     except CheckpointError as e:
@@ -134,8 +147,15 @@ def main(argv: list[str] | None = None) -> int:
                for text in texts for _ in range(args.num_samples)]
     if args.sorted_cache and len({len(p) for p in prompts}) > 1:
         parser.error("--sorted-cache decodes prompts of one length (in tokens); these differ")
+    longest, context = max(len(p) for p in prompts), model.config.block_size
+    new_tokens = args.max_new_tokens or min(200, context - longest)
+    if longest >= context:
+        parser.error(f"--prompt of {longest} tokens fills the model's context of {context} tokens: shorten it")
+    if longest + new_tokens > context:
+        parser.error(f"--prompt of {longest} tokens + --max-new-tokens {new_tokens} exceeds the model's context "
+                     f"of {context} tokens: shorten the prompt or lower --max-new-tokens")
     gen = torch.Generator(device=device).manual_seed(args.seed)
-    out, stats = generate(model, prompts, args.max_new_tokens, args.temperature, args.top_k or None, gen,
+    out, stats = generate(model, prompts, new_tokens, args.temperature, args.top_k or None, gen,
                           sorted_cache=args.sorted_cache)
     cfg = model.config
     for i, row in enumerate(out):

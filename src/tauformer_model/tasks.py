@@ -14,9 +14,9 @@ Four tasks, generated on the fly (the tasks the reference crate tests):
 
 Every sequence is (x, y) with y = -100 except at the answers, and each task has a solver that reads the answers
 off x alone (the tests check that the answer is in the sequence). The variants are the model comparison's
-rows at one head shape: dot product, taumode as the crate defines it, taumode + learned recency (the
-default), and the recency-only control. Accuracy is over a fixed evaluation set drawn from its own seed, the
-same for every training seed and variant.
+(tauformer_model.variants), on top of this module's one small model (4 heads of 16); by default dot product,
+taumode as the crate defines it, taumode + learned recency (the default), and the recency-only control.
+Accuracy is over a fixed evaluation set drawn from its own seed, the same for every training seed and variant.
 """
 
 from __future__ import annotations
@@ -26,18 +26,16 @@ import dataclasses
 import json
 import pathlib
 import platform
-import statistics
 import sys
 import time
 from dataclasses import dataclass
 
 import torch
 
-from .cli import git_commit
+from .common import git_commit, lr_at, mean_sd, output_file
 from .config import TauGPTConfig
-from .compare import mean_sd
 from .model import TauGPT
-from .train import TrainConfig, lr_at
+from .variants import VARIANTS
 
 IGNORE = -100
 BLANK, SEP, QUERY, NEEDLE = 0, 1, 2, 3
@@ -198,14 +196,11 @@ TASKS = {t.name: t for t in (
     Task("induction", induction, solve_induction, 32, 1 / (32 // 3)),  # which of the segment's tokens
 )}
 
-# The rows, at one head shape (4 heads of 16): TauGPTConfig fields on top of MODEL.
-VARIANTS = {
-    "dot": dict(attention="dot", recency="none"),
-    "taumode": dict(attention="taumode", recency="none"),  # as the reference crate defines it
-    "taumode+recency": dict(attention="taumode", recency="learned"),  # the default
-    "recency-only": dict(attention="taumode", recency="learned", lambda_term=False),  # the control
-}
+# The model every variant's TauGPTConfig fields go on top of: 4 heads of 16 (a variant's n_head counts heads of
+# this width).
 MODEL = dict(n_layer=2, n_head=4, n_kv_head=4, n_embd=64, vocab_size=VOCAB, block_size=max(NEEDLE_LENGTHS))
+DEFAULT_VARIANTS = ("dot", "taumode", "taumode+recency", "recency-only")
+MODEL_FIELDS = {f.name for f in dataclasses.fields(TauGPTConfig)}
 
 
 @dataclass
@@ -238,15 +233,14 @@ def accuracy(model: TauGPT, x: torch.Tensor, y: torch.Tensor, batch_size: int = 
 def train_task(task: Task, variant: str, seed: int, run: TaskRun) -> dict[str, float]:
     """Train a TauGPT from scratch on ``task`` (batches from ``seed``); accuracy on each evaluation set."""
     torch.manual_seed(seed)
-    model = TauGPT(TauGPTConfig(**MODEL, **VARIANTS[variant]))
+    model = TauGPT(TauGPTConfig(**{**MODEL, **VARIANTS[variant]}))
     gen = torch.Generator().manual_seed(seed)
     if model.config.attention == "taumode":
         model.calibrate_tau(task.train_batch(run.batch_size, gen)[0])
     optimizer = torch.optim.AdamW(model.optimizer_groups(run.weight_decay), lr=run.lr, betas=(0.9, 0.95))
-    schedule = TrainConfig(lr=run.lr, warmup_steps=run.warmup_steps, max_steps=run.steps, min_lr_frac=0.1)
     for step in range(run.steps):
         for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, schedule)
+            group["lr"] = lr_at(step, max_lr=run.lr, warmup=run.warmup_steps, total=run.steps, min_ratio=0.1)
         x, y = task.train_batch(run.batch_size, gen)
         loss = model(x, y)
         optimizer.zero_grad(set_to_none=True)
@@ -273,13 +267,16 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m tauformer_model.tasks", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tasks", default=",".join(TASKS), help=f"comma-separated, from {', '.join(TASKS)}")
-    p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, from {', '.join(VARIANTS)}")
+    p.add_argument("--variants", default=",".join(DEFAULT_VARIANTS),
+                   help=f"comma-separated, from {', '.join(VARIANTS)} (tauformer_model.variants)")
     p.add_argument("--seeds", type=int, default=3, help="training seeds per task and variant: 0, 1, ...")
     p.add_argument("--steps", type=int, default=TaskRun.steps, help="AdamW steps per training run")
     p.add_argument("--batch-size", type=int, default=TaskRun.batch_size)
     p.add_argument("--eval-size", type=int, default=TaskRun.eval_size, help="sequences per evaluation set")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
-    p.add_argument("--out", default=None, help="write the table (with the command and machine) to this file")
+    p.add_argument("--out", type=output_file, default=None,
+                   help="write the table (with the command and machine) to this file, and every seed's accuracies "
+                        "beside it (.json); checked before the runs start")
     args = p.parse_args(argv)
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
@@ -287,6 +284,10 @@ def main(argv: list[str] | None = None) -> int:
         for n in name:
             if n not in known:
                 p.error(f"{flag}: unknown {n!r}; choose from {', '.join(known)}")
+    for v in variants:
+        if not VARIANTS[v].keys() <= MODEL_FIELDS:  # tasks trains with its own TaskRun, not TrainConfig
+            p.error(f"--variants: {v!r} sets training options ({', '.join(VARIANTS[v].keys() - MODEL_FIELDS)}), "
+                    "which tasks does not take")
     for flag, value in (("--seeds", args.seeds), ("--steps", args.steps), ("--batch-size", args.batch_size),
                         ("--eval-size", args.eval_size)):
         if value < 1:

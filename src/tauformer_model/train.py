@@ -32,21 +32,22 @@ import torch
 
 from tauformer_kernels import BACKENDS, load_laplacian
 
-from .checkpoint import CheckpointError, find_checkpoint, load_model, load_state, save_checkpoint
-from .cli import fraction, laplacian_spec, nonnegative_float, nonnegative_int, positive_float, positive_int
+from .checkpoint import CheckpointError, find_checkpoint, load_model, load_state, remove_temporaries, save_checkpoint
+from .common import (
+    fraction,
+    laplacian_spec,
+    lr_at,
+    nonnegative_float,
+    nonnegative_int,
+    positive_float,
+    positive_int,
+    print0,
+    read_metrics,
+    resolve_device,
+)
 from .config import ATTENTIONS, PRESETS, RECENCIES, TAU_RULES, TauGPTConfig
 from .data import DataError, Dataset, load_dataset
 from .model import TauGPT
-
-def print0(*args, **kwargs) -> None:
-    """The one output function: prints on rank 0 only, above the progress bar."""
-    if int(os.environ.get("RANK", "0")) != 0:
-        return
-    from tqdm import tqdm
-
-    out = kwargs.get("file", sys.stdout)
-    tqdm.write(" ".join(str(a) for a in args), file=out)
-    out.flush()
 
 
 class NonFiniteLoss(RuntimeError):
@@ -89,23 +90,10 @@ class TrainConfig:
     progress: bool = True
     model: TauGPTConfig = field(default_factory=TauGPTConfig)
 
-
-def lr_at(step: int, tc: TrainConfig) -> float:
-    """Linear warm-up to tc.lr, then cosine decay to tc.lr * tc.min_lr_frac at tc.max_steps."""
-    if step < tc.warmup_steps:
-        return tc.lr * (step + 1) / tc.warmup_steps
-    progress = min(1.0, (step - tc.warmup_steps) / max(1, tc.max_steps - tc.warmup_steps))
-    low = tc.lr * tc.min_lr_frac
-    return low + 0.5 * (tc.lr - low) * (1.0 + math.cos(math.pi * progress))
-
-
-def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    if name == "auto":
-        return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device(f"cuda:{local_rank}")
-    return device
+    def learning_rate(self, step: int) -> float:
+        """The learning rate of `step`: warm-up to lr, cosine decay to lr * min_lr_frac at max_steps."""
+        return lr_at(step, max_lr=self.lr, warmup=self.warmup_steps, total=self.max_steps,
+                     min_ratio=self.min_lr_frac)
 
 
 @dataclass
@@ -156,6 +144,9 @@ def setup_distributed(device_name: str) -> tuple[Dist, torch.device]:
     return Dist(rank, world, local_rank, owns, str(device) if device.type == "cuda" else "cpu"), device
 
 
+PLOT_TMP = "loss.png.tmp"
+
+
 def write_plot(out: pathlib.Path, rows: list[dict]) -> None:
     """loss.png: train and val loss against step (matplotlib's Agg canvas, no pyplot state)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -174,9 +165,12 @@ def write_plot(out: pathlib.Path, rows: list[dict]) -> None:
     ax.set_title(rows[-1].get("label", "TauGPT"))
     ax.grid(alpha=0.3)
     ax.legend()
-    tmp = out / "loss.png.tmp"
-    fig.savefig(tmp, format="png")
-    os.replace(tmp, out / "loss.png")
+    tmp = out / PLOT_TMP
+    try:
+        fig.savefig(tmp, format="png")
+        os.replace(tmp, out / "loss.png")
+    finally:  # a failed write (a full disk) leaves no half plot behind
+        tmp.unlink(missing_ok=True)
 
 
 class Progress:
@@ -203,21 +197,6 @@ class Progress:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
-
-
-def read_metrics(path: pathlib.Path, up_to_step: int | None = None) -> list[dict]:
-    if not path.exists():
-        return []
-    lines = [line for line in path.read_text().splitlines() if line.strip()]
-    rows = []
-    for i, line in enumerate(lines):
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            if i + 1 < len(lines):
-                raise
-            # the last line of a run killed while appending it: that evaluation is redone on --resume
-    return [r for r in rows if up_to_step is None or r["step"] <= up_to_step]
 
 
 def read_batch(dataset: Dataset, split: str, starts: list[int], tc: TrainConfig, device):
@@ -326,7 +305,7 @@ def train(tc: TrainConfig, log=print0) -> dict:
             torch.distributed.destroy_process_group()
     rows = read_metrics(run.metrics_path) if dist.main else []
     return {"stopped": stopped, "step": run.state.step, "train_time_s": run.state.train_time,
-            "final_val_loss": rows[-1]["val_loss"] if rows else None,
+            "final_val_loss": rows[-1]["val_loss"] if rows else None, "val_step": rows[-1]["step"] if rows else None,
             "best_val_loss": min(r["val_loss"] for r in rows) if rows else None}
 
 
@@ -335,6 +314,9 @@ def start_run(tc: TrainConfig, log, dist: Dist, device: torch.device) -> Run:
     calibrated, evaluated at step 0) or as the checkpoint in tc.out left them (--resume)."""
     if dist.main:
         pathlib.Path(tc.out).mkdir(parents=True, exist_ok=True)
+        # what a killed or failed write left (a partial checkpoint on a full disk) goes before anything is written
+        remove_temporaries(tc.out)
+        (pathlib.Path(tc.out) / PLOT_TMP).unlink(missing_ok=True)
     if tc.threads:
         torch.set_num_threads(tc.threads)
     torch.manual_seed(tc.seed)  # before the model is built: its initialisation draws from it
@@ -498,7 +480,7 @@ def train_step(run: Run) -> float:
     NonFiniteLoss before a non-finite loss, gradient norm or parameter can reach a checkpoint."""
     tc, dist, step, block = run.tc, run.dist, run.state.step, run.model.config.block_size
     for group in run.optimizer.param_groups:
-        group["lr"] = lr_at(step, tc)
+        group["lr"] = tc.learning_rate(step)
     micro_batches = tc.grad_accum * dist.world
     starts = run.dataset.starts("train", tc.batch_size * micro_batches, block, run.data_gen)  # alike on every rank
     local_loss = 0.0
@@ -519,8 +501,9 @@ def train_step(run: Run) -> float:
             raise NonFiniteLoss(divergence_message(run, f"non-finite {what} ({value})", step + 1))
     run.optimizer.step()
     run.optimizer.zero_grad(set_to_none=True)
-    if not all_finite(run.model.parameters()):
-        raise NonFiniteLoss(divergence_message(run, "the update made parameters non-finite", step + 1))
+    broken = broken_parameters(run.model)
+    if broken:
+        raise NonFiniteLoss(divergence_message(run, f"the update made {broken}", step + 1))
     return loss_value
 
 
@@ -537,7 +520,7 @@ def evaluate_and_log(run: Run) -> None:
     val_loss = evaluate(run.fwd, run.dataset, run.tc, run.device, run.autocast, run.dist)
     row = {"step": st.step, "train_loss": st.loss_sum / st.loss_count if st.loss_count else None,
            "val_loss": val_loss, "tokens_per_s": round(st.tokens_per_s, 1) if st.step else None,
-           "train_time_s": round(st.train_time, 3), "lr": lr_at(max(st.step - 1, 0), run.tc), "label": run.label}
+           "train_time_s": round(st.train_time, 3), "lr": run.tc.learning_rate(max(st.step - 1, 0)), "label": run.label}
     if run.dist.main:
         with run.metrics_path.open("a") as f:
             f.write(json.dumps(row) + "\n")
@@ -567,10 +550,26 @@ def checkpoint_state(run: Run) -> dict:
             "train_config": train_config_to_dict(run.tc), "model_config": run.model.config.to_dict()}
 
 
-def all_finite(tensors) -> bool:
-    """One device-to-host read for all of them (a norm overflows to inf only for values past ~1e38)."""
-    norms = torch._foreach_norm([t.detach() for t in tensors])
-    return bool(torch.isfinite(torch.stack(norms)).all())
+# Parameters and buffers held in log space (by name suffix): the model uses exp of them, which is 0 or inf for
+# finite logs past fp32's range (a diverged --lr 1e3 run drove a temperature to exactly 0).
+LOG_SCALES = ("log_temperature", "log_tau")
+
+
+def broken_parameters(model: torch.nn.Module) -> str | None:
+    """What the last update broke, or None: parameters that are not finite, or a temperature or tau (exp of
+    its log, as the model computes it) that is 0 or not finite. One device-to-host read for all of them."""
+    params = list(model.named_parameters())
+    scales = [(name, t) for name, t in (*params, *model.named_buffers()) if name.endswith(LOG_SCALES)]
+    norms = torch._foreach_norm([t.detach() for _, t in params])  # inf only for values past ~1e38
+    exps = [t.detach().float().exp() for _, t in scales]
+    ok = torch.stack([torch.isfinite(n) for n in norms] + [(torch.isfinite(e) & (e > 0)).all() for e in exps]).tolist()
+    bad = [name for (name, _), good in zip(params + scales, ok) if not good]
+    if not bad:
+        return None
+    named = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+    if all(good for good in ok[:len(params)]):
+        return f"a temperature or tau 0 or non-finite (exp of {named} under- or overflowed)"
+    return f"parameters non-finite ({named})"
 
 
 def train_config_to_dict(tc: TrainConfig) -> dict:
@@ -602,7 +601,8 @@ MODEL_FLAGS = {
     "output_gate": (bool, "scale each head's attention output by a learned sigmoid gate of the block's input"),
     "dot_every": (nonnegative_int, "taumode: hybrid stack, the last of every N layers is dot-product (0: none)"),
     "lambda_slices": (positive_int, "taumode: m λ per head from m slices of it (eager PyTorch; 1: the kernels)"),
-    "laplacian": (laplacian_spec, "'chain' or a Laplacian file (python -m tauformer_model.laplacian_cli, or an F×F .npy)"),
+    "laplacian": (laplacian_spec,
+                  "'chain' or a Laplacian file (python -m tauformer_model.laplacian_cli, or an F×F .npy)"),
     "backend": (str, "tauformer_kernels backend", BACKENDS),
 }
 TRAIN_FLAGS = {
@@ -619,7 +619,8 @@ TRAIN_FLAGS = {
     "warmup_steps": (nonnegative_int, "linear warm-up steps"),
     "weight_decay": (nonnegative_float, "AdamW weight decay (matrices only)"),
     "grad_clip": (nonnegative_float, "clip the gradient norm to this (0: off)"),
-    "grad_accum": (positive_int, "micro-batches per step and rank; a step trains on batch_size × grad_accum × ranks sequences"),
+    "grad_accum": (positive_int,
+                   "micro-batches per step and rank; a step trains on batch_size × grad_accum × ranks sequences"),
     "eval_every": (positive_int, "evaluate the val loss every N steps"),
     "eval_batches": (positive_int, "batches per evaluation"),
     "checkpoint_every": (positive_int, "write a checkpoint every N steps"),
@@ -673,6 +674,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     train_fields.update(out=out, compile=args.compile, resume=args.resume,
                         recalibrate_tau=args.recalibrate_tau, progress=not args.no_progress)
     names = {f.name for f in dataclasses.fields(TrainConfig)} - {"model"}
+    resolve_device(train_fields.get("device", "auto"))  # a GPU this machine lacks fails here, not in the run
     model = TauGPTConfig.from_dict(model_fields)
     if model.attention == "taumode" and model.laplacian != "chain" and not found:
         load_laplacian(model.laplacian, model.head_dim)  # a file that is not a head_dim² Laplacian fails here
@@ -691,9 +693,13 @@ def main(argv: list[str] | None = None) -> int:
     except (NonFiniteLoss, CheckpointError, DataError, FileNotFoundError) as e:
         print0(f"error: {e}", file=sys.stderr)
         return 1
+    except OSError as e:  # metrics.jsonl or loss.png not written (a full disk); the checkpoint is whole
+        print0(f"error: could not write {e.filename or tc.out}: {e.strerror or e}", file=sys.stderr)
+        return 1
     if summary["final_val_loss"] is None:  # not rank 0
         return 0
-    print0(f"{summary['stopped']} at step {summary['step']}: val loss {summary['final_val_loss']:.4f} "
+    at = "" if summary["val_step"] == summary["step"] else f" (the last evaluation, at step {summary['val_step']})"
+    print0(f"{summary['stopped']} at step {summary['step']}: val loss {summary['final_val_loss']:.4f}{at} "
            f"(best {summary['best_val_loss']:.4f}), training time {summary['train_time_s']:.0f}s; "
            f"outputs in {tc.out}")
     return 0
