@@ -30,9 +30,8 @@ class TauGPTConfig:
     # for dot (plain SDPA).
     recency: str = "auto"
     # Initial per-head attention temperature of taumode (learned in log space). λ lies in [0, 1), so
-    # temperature 1 would make attention nearly uniform (docs/math.md §Defaults). Measured on the tiny preset
-    # (8 heads of 16, learned recency and Laplacian, val @600): 0.01 → 1.717, 0.02 → 1.654, 0.05 → 1.633,
-    # 0.1 → 1.621.
+    # temperature 1 would make attention nearly uniform (docs/math.md §Defaults); 0.1 measured best of
+    # 0.01-0.1 (bench/results/model-comparison-tiny-cpu.md).
     temperature_init: float = 0.1
     # Initial tau of λ = E / (E + tau); the trainer replaces it by the median E of the first layer's
     # keys over a batch (calibrate_tau). One tau per kv head, shared by all layers.
@@ -121,9 +120,8 @@ PRESETS: dict[str, dict[str, dict]] = {
     # About 5 minutes on 2 CPU cores; the README's model section has what it reaches.
     "tiny": {
         "model": dict(n_layer=4, n_head=4, n_kv_head=4, n_embd=128, block_size=128),
-        # Same width and parameter count, more heads of smaller F: one λ scalar per head carries more
-        # with more heads (val @600, learned recency: 8 heads of 16 beat 4 of 32 and 16 of 8), while
-        # dot product does better with 4 heads of 32 (bench/results/model-comparison-tiny-cpu.md).
+        # Same width and parameter count, more heads of smaller F: one λ scalar per head carries more with
+        # more heads, dot product does better with fewer (bench/results/model-comparison-tiny-cpu.md).
         "model_taumode": dict(n_head=8, n_kv_head=8),
         "train": dict(batch_size=32, max_steps=600, lr=3e-3, warmup_steps=30, eval_every=100,
                       eval_batches=8, checkpoint_every=200),
