@@ -5,10 +5,12 @@ Public API:
     chain_laplacian, knn_laplacian, arrowspace_laplacian, save_laplacian, load_laplacian, validate_laplacian
     vector_tau, TAU_RULES   (the reference crate's per-vector tau: tau="vector-median" / "vector-mean")
     SortedCache   (exact decode in O(log T)-ish blocks per step)
+    ContextParallel, context_parallel_attention, context_parallel_taumode_attention   (a sequence over ranks)
     BACKENDS
 """
 from .api import taumode_attention, taumode_attention_from_lambda, taumode_lambda
 from .backends import BACKENDS
+from .context_parallel import ContextParallel, context_parallel_attention, context_parallel_taumode_attention
 from .laplacian import (
     arrowspace_laplacian, chain_laplacian, knn_laplacian, load_laplacian, save_laplacian, validate_laplacian,
 )
@@ -17,10 +19,13 @@ from .sorted_cache import SortedCache
 
 __all__ = [
     "BACKENDS",
+    "ContextParallel",
     "SortedCache",
     "TAU_RULES",
     "arrowspace_laplacian",
     "chain_laplacian",
+    "context_parallel_attention",
+    "context_parallel_taumode_attention",
     "knn_laplacian",
     "load_laplacian",
     "save_laplacian",
