@@ -473,7 +473,8 @@ def taumode_attend(params: TaumodeParams, q: torch.Tensor, k: torch.Tensor | Non
         v: (B, Hkv, Tk, Dv) values.
         laplacian: (F, F).
         packing: None (dense rows; queries bottom-right aligned: a chunk after a cache sees every earlier key),
-            or the forward's Packing over the B·Tq query and B·Tk key rows.
+            the forward's Packing over the B·Tq query and B·Tk key rows, or a tauformer_kernels.ContextParallel
+            (the rows are this rank's share of longer sequences: every rank's λk and V are read).
         lam_k: (B, Hkv, Tk) fp32, the keys' λ as a (V, λk) cache holds them, instead of k.
 
     Returns:
@@ -484,6 +485,10 @@ def taumode_attend(params: TaumodeParams, q: torch.Tensor, k: torch.Tensor | Non
     """
     B = q.size(0)
     kw = dict(temperature=params.temperature(), is_causal=True, alibi_slopes=params.slopes(), backend=params.backend)
+    context_parallel = packing if isinstance(packing, tk.ContextParallel) else None
+    if context_parallel is not None:  # only λk and V travel between the ranks, so λ is projected first
+        lam_k = params.key_lambda(k, laplacian) if lam_k is None else lam_k
+        return context_parallel.attend(params.query_lambda(q, laplacian), lam_k, v, **kw)
     if packing is not None:
         kw.update(packing.varlen())
     if lam_k is None and params.lambda_term:
@@ -713,7 +718,7 @@ class TauGPT(nn.Module):
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache=None,
                 doc_ids: torch.Tensor | None = None, lengths=None, attention_mask: torch.Tensor | None = None,
-                position_ids: torch.Tensor | None = None) -> torch.Tensor:
+                position_ids: torch.Tensor | None = None, context_parallel=None) -> torch.Tensor:
         """Logits (B, T, vocab) in fp32; with ``targets`` the mean cross-entropy instead.
 
         With ``cache`` (a KVCache: new_cache) the tokens of row b are placed at positions len_b .. len_b + T − 1
@@ -725,16 +730,26 @@ class TauGPT(nn.Module):
         RoPE positions restart at each document. Give it on the host (a device tensor is copied there).
         ``attention_mask`` (B, past + T) / ``position_ids`` (B, T): Hugging Face's padding mask (left or right
         padding) and positions, with a transformers Cache as ``cache`` or none (see tauformer_model.hf).
+        ``context_parallel`` (a tauformer_kernels.ContextParallel): idx (and targets) are this rank's share of
+        each window (ContextParallel.shard); attention reads every rank's λk and V, RoPE positions are global.
         """
-        return self.logits(self.hidden_states(idx, cache, doc_ids, lengths, attention_mask, position_ids), targets)
+        x = self.hidden_states(idx, cache, doc_ids, lengths, attention_mask, position_ids, packing=context_parallel)
+        return self.logits(x, targets)
 
     def hidden_states(self, idx, cache=None, doc_ids=None, lengths=None, attention_mask=None, position_ids=None,
                       packing: Packing | None = None):
         """The last block's output (B, T, n_embd), before the final norm (forward's arguments; ``packing``:
-        the sequences of a flattened row as the caller built them, e.g. from Hugging Face's cu_seq_lens)."""
+        the sequences of a flattened row as the caller built them, e.g. from Hugging Face's cu_seq_lens, or a
+        ContextParallel: forward's context_parallel)."""
         positions, found = self._layout(idx, cache, doc_ids, lengths, attention_mask, position_ids)
         packing = found if packing is None else packing
-        if packing is not None and "dot" in self.layer_attentions():
+        if isinstance(packing, tk.ContextParallel):
+            if found is not None or cache is not None or self.layer_attentions() != {"taumode"} \
+                    or self.config.lambda_slices > 1:
+                raise ValueError("context parallel runs taumode layers (one λ per head) over dense windows: no "
+                                 "dot layers, λ slices, cache, doc_ids or padding")
+            positions = packing.positions(idx.size(1), idx.device).expand(idx.size(0), -1)
+        elif packing is not None and "dot" in self.layer_attentions():
             packing = packing.with_dot_mask(idx.size(0), idx.size(1))
         x = self.wte(idx)
         laplacian = self.attention_laplacian()
