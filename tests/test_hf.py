@@ -536,3 +536,23 @@ def test_models_without_rope_or_kv_head_counts():
     steps = torch.cat([model(ids[:, :5], **{hf.CACHE_FIELD: cache}).logits]
                       + [model(ids[:, t:t + 1], **{hf.CACHE_FIELD: cache}).logits for t in (5, 6)], 1)
     assert rel_err(steps, full) < 1e-5
+
+
+def test_export_writes_a_folder_transformers_and_vllm_load(tmp_path, capsys):
+    """python -m tauformer_model.export RUN OUT: the model and its byte tokenizer as transformers reads them."""
+    from transformers import AutoTokenizer
+
+    from tauformer_model import export
+
+    hf_model, model = taugpt_model()
+    save_checkpoint(tmp_path / "run", model, {"step": 3})
+    assert export.main([str(tmp_path / "run"), str(tmp_path / "out")]) == 0
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    assert loaded.config.architectures == ["TauGPTForCausalLM"]
+    ids = torch.randint(1, 256, (2, 12))
+    assert torch.equal(loaded(ids).logits, hf_model(ids).logits)
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "out")
+    text = "def f(x):\n    return 'é'"
+    assert tokenizer(text)["input_ids"] == list(text.encode()) and tokenizer.decode(list(text.encode())) == text
+    assert export.main([str(tmp_path / "nothing"), str(tmp_path / "x")]) == 1
+    assert "error:" in capsys.readouterr().err
