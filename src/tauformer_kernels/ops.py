@@ -9,6 +9,11 @@ Two layers:
   `taumode_attention_from_lambda`. They check shapes, resolve `backend="auto"`, broadcast the per-head
   parameters and call the backend ops, so autograd and tracing see only the backend ops.
 
+Layouts, as the fake implementations promise them (a compiled graph asserts them; tests/test_opcheck.py
+checks every op with the layouts its callers pass): λ, the attention output and its logsumexp are contiguous
+(a pack's output: packed (total, H, Dv) memory); each gradient has its input's layout (torch.empty_like:
+a token-major view's gradient is token-major), whatever layout the backend allocated (`_like` copies).
+
 `direct=True` (the public Python functions pass it in eager inference, `eager_inference`): the composites
 check the same values and call the backend's function themselves, without the op layers: torch.library's
 Python dispatch costs ~70 µs per layer on CPU, which is most of a decode step's λ projection and several
@@ -22,6 +27,21 @@ import torch
 from torch import Tensor
 
 from . import backends, reference, validation, varlen
+
+
+def _like(result: Tensor, t: Tensor) -> Tensor:
+    """`result` in the memory layout of torch.empty_like(t) (t's strides when t is dense, else contiguous):
+    itself when it has that layout already, else a copy. A gradient takes its input's layout (as autograd's
+    own do), which is what the fake implementations promise: the backends allocate their results as they
+    like (a token-major view of q or v gets a contiguous gradient from most of them), and a compiled graph
+    asserts the promised strides. Strides of size-1 dimensions are not compared (they address nothing); a
+    sparse Laplacian's gradient is left as it is (no strides)."""
+    if result.layout != torch.strided or t.layout != torch.strided:
+        return result
+    want = torch.empty_like(t, dtype=result.dtype, device="meta")
+    if all(n <= 1 or a == b for n, a, b in zip(result.shape, result.stride(), want.stride())):
+        return result
+    return torch.empty_like(t, dtype=result.dtype).copy_(result)
 
 
 def eager_inference(*tensors: Optional[Tensor]) -> bool:
@@ -41,7 +61,8 @@ def eager_inference(*tensors: Optional[Tensor]) -> bool:
 def lambda_fwd(x: Tensor, laplacian: Tensor, tau: Tensor, eps: float, backend: str, check_finite: bool,
                name: str) -> Tensor:
     validation.check_lambda_values(name, x, laplacian, tau, check_finite)
-    return backends.implementation("lambda", backend)[0](x, laplacian, tau, eps)
+    # contiguous, whatever x's layout (the reference's λ of a token-major x is token-major)
+    return backends.implementation("lambda", backend)[0](x, laplacian, tau, eps).contiguous()
 
 
 @lambda_fwd.register_fake
@@ -58,7 +79,7 @@ def lambda_bwd(
         dlap = reference.lambda_laplacian_grad(dlam, x, laplacian, tau, eps).to(laplacian.dtype)
     else:
         dlap = torch.zeros_like(laplacian)
-    return dx, dtau, dlap
+    return _like(dx, x), _like(dtau, tau), _like(dlap, laplacian)
 
 
 @lambda_bwd.register_fake
@@ -94,7 +115,7 @@ def attention_fwd(
     validation.check_attention_values(lq, lk, v, temperature, alibi_slopes, check_finite)
     seqs = _seqs(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     out, lse = backends.implementation("attention", backend)[0](lq, lk, v, temperature, alibi_slopes, is_causal, seqs)
-    return (out if seqs is None else varlen.as_packed(out)), lse
+    return (out.contiguous() if seqs is None else varlen.as_packed(out)), lse.contiguous()
 
 
 @attention_fwd.register_fake
@@ -118,18 +139,16 @@ def attention_bwd(
         dlq, dlk = reference.remove_translation(dlq, dlk)
     else:
         dlq, dlk = varlen.remove_translation(dlq, dlk, seqs)
-        dv = varlen.as_packed(dv)
-    # custom ops cannot return None: without slopes the slope gradient is an empty tensor
-    return dlq, dlk, dv, dtemp, (lq.new_empty(0) if dalibi is None else dalibi)
+    # each gradient in its input's layout (like); custom ops cannot return None: without slopes the slope
+    # gradient is an empty tensor
+    dalibi = lq.new_empty(0) if dalibi is None else _like(dalibi, alibi_slopes)
+    return _like(dlq, lq), _like(dlk, lk), _like(dv, v), _like(dtemp, temperature), dalibi
 
 
 @attention_bwd.register_fake
 def _(dout, lq, lk, v, out, lse, temperature, alibi_slopes, is_causal, backend, cu_q, cu_k, max_q, max_k):
     dalibi = lq.new_empty(0) if alibi_slopes is None else torch.empty_like(alibi_slopes)
-    if cu_q is None:
-        return torch.empty_like(lq), torch.empty_like(lk), torch.empty_like(v), torch.empty_like(temperature), dalibi
-    dv = varlen.empty_packed(v.shape[2], v.shape[1], v.shape[3], v)
-    return lq.new_empty(lq.shape), lk.new_empty(lk.shape), dv, torch.empty_like(temperature), dalibi
+    return torch.empty_like(lq), torch.empty_like(lk), torch.empty_like(v), torch.empty_like(temperature), dalibi
 
 
 def _attention_fwd_setup_context(ctx, inputs, output):
