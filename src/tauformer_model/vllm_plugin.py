@@ -28,5 +28,8 @@ def register() -> None:
 
     if NAME not in AttentionBackendEnum.__members__:
         register_backend(NAME, "tauformer_model.vllm_backend.TaumodeAttentionBackend")
-    if "TauGPTForCausalLM" not in ModelRegistry.get_supported_archs():
-        ModelRegistry.register_model("TauGPTForCausalLM", "tauformer_model.vllm_model:TauGPTForVLLM")
+    served = {"TauGPTForCausalLM": "TauGPTForVLLM", **{f"Taumode{family}ForCausalLM": f"Taumode{family}ForCausalLM"
+                                                       for family in ("Llama", "Qwen2", "Mistral")}}
+    for architecture, name in served.items():
+        if architecture not in ModelRegistry.get_supported_archs():
+            ModelRegistry.register_model(architecture, f"tauformer_model.vllm_model:{name}")
