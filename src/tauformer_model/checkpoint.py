@@ -5,7 +5,8 @@ A run folder holds its checkpoint as
   checkpoint -> checkpoint-000200      a symbolic link, the one name readers use
   checkpoint-000200/
     model.safetensors  weights and buffers (Laplacian, tau); metadata: "config" (JSON), "step"
-    state.pt           optimizer, step, data sampler and RNG states, configs (torch.save, weights_only-safe)
+    state.pt           optimizer, step, data sampler and RNG states, configs (torch.save, weights_only-safe);
+                       the optimizer state whole, keyed by parameter name, whatever the run's sharding
     config.json        the model config, for people
     tokenizer.json     only for a BPE tokenizer
 
@@ -97,8 +98,8 @@ def _new_folder_name(run: pathlib.Path, step: int) -> str:
     return name
 
 
-def _write_files(folder: pathlib.Path, model: TauGPT, state: dict, tokenizer) -> None:
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+def _write_files(folder: pathlib.Path, model: TauGPT, weights: dict, state: dict, tokenizer) -> None:
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in weights.items()}
     meta = {"config": json.dumps(model.config.to_dict()), "step": str(int(state["step"]))}
     save_file(tensors, folder / MODEL_FILE, metadata=meta)
     (folder / "config.json").write_text(json.dumps(model.config.to_dict(), indent=2) + "\n")
@@ -130,14 +131,18 @@ def _point_link(run: pathlib.Path, name: str) -> None:
     _fsync(run)
 
 
-def save_checkpoint(run: str | os.PathLike, model: TauGPT, state: dict, tokenizer=None) -> pathlib.Path:
+def save_checkpoint(run: str | os.PathLike, model: TauGPT, state: dict, tokenizer=None,
+                    weights: dict | None = None) -> pathlib.Path:
     """Write a checkpoint of the run folder `run` as one unit (see the module docstring); returns its folder.
+    ``weights``: the model's full state dict when the model holds only shards of it (FSDP: the trainer gathers
+    it to this rank first); default model.state_dict().
 
     Refuses (CheckpointError) a model with a non-finite parameter or buffer: a diverged run must never
     replace its last good checkpoint."""
     run = pathlib.Path(run)
     step = int(state["step"])
-    bad = [name for name, t in model.state_dict().items()
+    weights = model.state_dict() if weights is None else weights
+    bad = [name for name, t in weights.items()
            if t.is_floating_point() and not bool(torch.isfinite(t).all())]
     if bad:
         raise CheckpointError(f"not saving the step-{step} checkpoint: non-finite values in {', '.join(bad[:5])}"
@@ -149,7 +154,7 @@ def save_checkpoint(run: str | os.PathLike, model: TauGPT, state: dict, tokenize
     name = _new_folder_name(run, step)
     try:
         tmp.mkdir()
-        _write_files(tmp, model, state, tokenizer)
+        _write_files(tmp, model, weights, state, tokenizer)
         os.rename(tmp, run / name)
         _fsync(run)
         _point_link(run, name)

@@ -10,6 +10,13 @@ Data parallel: ``torchrun --nproc_per_node=N -m tauformer_model.train ...`` (DDP
 on CPU). A step trains on batch_size × grad_accum × N windows drawn by one sampler; rank r reads its
 own slice, rank 0 alone writes. A run resumes under another N when batch_size × grad_accum × N stays
 the same (e.g. 2 ranks, or 1 rank with --grad-accum 2).
+
+``--fsdp``: the model sharded over the ranks instead of replicated (FSDP2's fully_shard, one unit per block
+and one for the rest). A checkpoint is the same files as ever: the full weights and optimizer state are
+gathered to rank 0, which writes them as one unit, so any number of ranks, sharded or not, resumes it.
+
+``--context-parallel C``: each window split over C ranks (tauformer_kernels.ContextParallel: zigzag chunks,
+λk and V exchanged per layer); the N ranks form N / C data-parallel groups of C.
 """
 
 from __future__ import annotations
@@ -29,8 +36,15 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_optimizer_state_dict,
+)
 
-from tauformer_kernels import BACKENDS, load_laplacian
+from tauformer_kernels import BACKENDS, ContextParallel, load_laplacian
+from tauformer_kernels.context_parallel import exchange_bytes
 
 from .checkpoint import CheckpointError, find_checkpoint, load_model, load_state, remove_temporaries, save_checkpoint
 from .common import (
@@ -48,6 +62,8 @@ from .common import (
 from .config import ATTENTIONS, PRESETS, RECENCIES, TAU_RULES, TauGPTConfig
 from .data import DataError, Dataset, load_dataset
 from .model import TauGPT
+
+FULL_STATE = StateDictOptions(full_state_dict=True, cpu_offload=True)  # whole tensors, on rank 0's CPU
 
 
 class NonFiniteLoss(RuntimeError):
@@ -82,6 +98,8 @@ class TrainConfig:
     device: str = "auto"
     threads: int | None = None
     compile: bool = False
+    fsdp: bool = False  # shard the model over the ranks (FSDP2) instead of replicating it (DDP)
+    context_parallel: int = 1  # ranks each window is split over
     resume: bool = False
     recalibrate_tau: bool = False
     # Attention never crosses a document (a file of the corpus) inside a window, and RoPE positions restart
@@ -105,10 +123,24 @@ class Dist:
     local_rank: int = 0
     owns_group: bool = False  # this module initialised the process group (and destroys it)
     collective_device: str = "cpu"  # where all_sum's tensor lives (the GPU under NCCL)
+    context: ContextParallel | None = None  # this rank's context-parallel group (consecutive ranks)
 
     @property
     def main(self) -> bool:
         return self.rank == 0
+
+    @property
+    def cp_size(self) -> int:
+        return 1 if self.context is None else self.context.world
+
+    @property
+    def dp_rank(self) -> int:
+        """This rank's data-parallel index: the ranks of one context-parallel group read the same windows."""
+        return self.rank // self.cp_size
+
+    @property
+    def dp_world(self) -> int:
+        return self.world // self.cp_size
 
     def all_sum(self, values: list[float]) -> list[float]:
         """Sum a few floats over the ranks (in float64)."""
@@ -127,9 +159,13 @@ class Dist:
             dist.barrier()
 
 
-def setup_distributed(device_name: str) -> tuple[Dist, torch.device]:
-    """Join the torchrun job described by RANK / WORLD_SIZE / LOCAL_RANK (NCCL on GPUs, gloo on CPU)."""
+def setup_distributed(device_name: str, context_parallel: int = 1) -> tuple[Dist, torch.device]:
+    """Join the torchrun job described by RANK / WORLD_SIZE / LOCAL_RANK (NCCL on GPUs, gloo on CPU), with
+    context-parallel groups of ``context_parallel`` consecutive ranks."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world % context_parallel:
+        raise ValueError(f"--context-parallel {context_parallel}: the {world} ranks of this job do not split into "
+                         f"groups of {context_parallel} (start it with torchrun --nproc_per_node=a multiple)")
     if world == 1:
         return Dist(), resolve_device(device_name)
     import torch.distributed as dist
@@ -141,7 +177,11 @@ def setup_distributed(device_name: str) -> tuple[Dist, torch.device]:
         if device.type == "cuda":
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return Dist(rank, world, local_rank, owns, str(device) if device.type == "cuda" else "cpu"), device
+    context = None
+    if context_parallel > 1:  # every rank creates every group, in the same order
+        groups = [dist.new_group(list(range(g, g + context_parallel))) for g in range(0, world, context_parallel)]
+        context = ContextParallel(groups[rank // context_parallel])
+    return Dist(rank, world, local_rank, owns, str(device) if device.type == "cuda" else "cpu", context), device
 
 
 PLOT_TMP = "loss.png.tmp"
@@ -212,17 +252,22 @@ def evaluate(model, dataset, tc: TrainConfig, device, autocast, dist: Dist) -> f
     """Mean val loss over tc.eval_batches batches of windows spread evenly over the val split: the same
     text at every evaluation and for every seed (runs of different seeds are scored alike), split over ranks."""
     model.eval()
-    size = tc.batch_size
+    size, cp = tc.batch_size, dist.context
     all_starts = dataset.evaluation_starts("val", tc.eval_batches * size, tc.model.block_size)
     total = 0.0
-    for i in range(tc.eval_batches):
-        starts = all_starts[i * size:(i + 1) * size]
-        if i % dist.world == dist.rank:
-            x, y, doc_ids = read_batch(dataset, "val", starts, tc, device)
-            with autocast():
-                total += float(model(x, y, doc_ids=doc_ids))
+    # every rank runs as many forwards (FSDP and context parallel forwards are collectives): a rank left
+    # without a batch of its own repeats the first one and does not count it
+    rounds = -(-tc.eval_batches // dist.dp_world)
+    for i in range(dist.dp_rank, rounds * dist.dp_world, dist.dp_world):
+        starts = all_starts[i * size:(i + 1) * size] if i < tc.eval_batches else all_starts[:size]
+        x, y, doc_ids = read_batch(dataset, "val", starts, tc, device)
+        if cp is not None:
+            x, y = cp.shard(x, 1), cp.shard(y, 1)
+        with autocast():
+            loss = float(model(x, y, doc_ids=doc_ids, context_parallel=cp))
+        total += loss if i < tc.eval_batches else 0.0
     model.train()
-    return dist.all_sum([total])[0] / tc.eval_batches
+    return dist.all_sum([total])[0] / (tc.eval_batches * dist.cp_size)
 
 
 @dataclass
@@ -263,7 +308,7 @@ class Run:
     optimizer: torch.optim.Optimizer
     data_gen: torch.Generator  # the training-batch sampler, advanced alike on every rank
     state: RunState = field(default_factory=RunState)
-    wrapped: torch.nn.Module | None = None  # the model under DDP with several ranks (wrap_model)
+    wrapped: torch.nn.Module | None = None  # the model under DDP with several ranks (wrap_model); FSDP: model
     fwd: Callable | None = None  # `wrapped`, or torch.compile of it
 
     @property
@@ -273,6 +318,11 @@ class Run:
     @property
     def metrics_path(self) -> pathlib.Path:
         return self.out / "metrics.jsonl"
+
+    @property
+    def sharded(self) -> bool:
+        """FSDP over several ranks (--fsdp in one process is a plain run)."""
+        return self.tc.fsdp and self.dist.world > 1
 
     @property
     def label(self) -> str:
@@ -290,7 +340,7 @@ def train(tc: TrainConfig, log=print0) -> dict:
 
     Under torchrun each step's global batch is batch_size × grad_accum × world_size windows, drawn by
     one sampler that every rank advances identically; rank r trains on its own slice of them."""
-    dist, device = setup_distributed(tc.device)
+    dist, device = setup_distributed(tc.device, tc.context_parallel)
     try:
         run = start_run(tc, log if dist.main else (lambda *a, **k: None), dist, device)
         stopped = train_loop(run)
@@ -326,16 +376,19 @@ def start_run(tc: TrainConfig, log, dist: Dist, device: torch.device) -> Run:
     else:
         tc.model.vocab_size = dataset.tokenizer.vocab_size
         model = TauGPT(tc.model).to(device)
-    optimizer = torch.optim.AdamW(model.optimizer_groups(tc.weight_decay), lr=tc.lr,
-                                  betas=(tc.beta1, tc.beta2), eps=1e-8)
-    run = Run(tc, log, dist, device, dataset, model, optimizer, torch.Generator().manual_seed(tc.seed + 1))
+    run = Run(tc, log, dist, device, dataset, model, None, torch.Generator().manual_seed(tc.seed + 1))
+    if model.config.attention == "taumode" and (not tc.resume or tc.recalibrate_tau):
+        # before sharding: calibration reads the first layer's keys outside a forward
+        calibrate_tau(run, "tau recalibrated" if tc.resume else "tau calibrated (median E of layer-0 keys)")
+    if run.sharded:
+        shard_model(run)
+    # after sharding: FSDP replaces the parameters by sharded ones, which the optimizer must hold
+    run.optimizer = torch.optim.AdamW(model.optimizer_groups(tc.weight_decay), lr=tc.lr,
+                                      betas=(tc.beta1, tc.beta2), eps=1e-8)
     if tc.resume:
         restore_state(run, ckpt_dir, saved)
-    else:
-        if dist.main:
-            run.metrics_path.write_text("")
-        if model.config.attention == "taumode":
-            calibrate_tau(run, "tau calibrated (median E of layer-0 keys)")
+    elif dist.main:
+        run.metrics_path.write_text("")
     log_model(run)
     wrap_model(run)
     if not tc.resume:
@@ -372,7 +425,7 @@ def load_checkpoint_model(tc: TrainConfig, dataset: Dataset, device: torch.devic
 def restore_state(run: Run, ckpt_dir: pathlib.Path, saved: dict) -> None:
     """Put the optimizer, the sampler, the RNGs and the counters back where the checkpoint left them,
     so that the resumed run draws and computes what the uninterrupted one would have."""
-    run.optimizer.load_state_dict(saved["optimizer"])
+    load_optimizer_state(run, saved["optimizer"])
     run.data_gen.set_state(saved["data_rng"])
     torch.set_rng_state(saved["torch_rng"])
     if run.device.type == "cuda" and saved.get("cuda_rng") is not None:
@@ -383,8 +436,18 @@ def restore_state(run: Run, ckpt_dir: pathlib.Path, saved: dict) -> None:
         rows = read_metrics(run.metrics_path, up_to_step=run.state.step)
         run.metrics_path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     run.log(f"resumed {ckpt_dir} at step {run.state.step}")
-    if run.tc.recalibrate_tau and run.model.config.attention == "taumode":
-        calibrate_tau(run, "tau recalibrated")
+
+
+def load_optimizer_state(run: Run, saved: dict) -> None:
+    """The optimizer state of a checkpoint: whole tensors keyed by parameter name (get_optimizer_state_dict),
+    which a sharded or a plain optimizer takes alike; checkpoints written before are keyed by position."""
+    if saved["param_groups"] and isinstance(saved["param_groups"][0]["params"][0], int):
+        if run.sharded:
+            raise CheckpointError("this checkpoint predates --fsdp (its optimizer state is keyed by position): "
+                                  "resume it once without --fsdp")
+        run.optimizer.load_state_dict(saved)
+        return
+    set_optimizer_state_dict(run.model, run.optimizer, saved, options=StateDictOptions(full_state_dict=True))
 
 
 def calibrate_tau(run: Run, message: str) -> None:
@@ -396,19 +459,51 @@ def calibrate_tau(run: Run, message: str) -> None:
 
 
 def log_model(run: Run) -> None:
-    """The run's header line: the model's size and shape, the device, the ranks."""
-    mc = run.model.config
+    """The run's header line: the model's size and shape, the device, the ranks; with context parallel, the
+    bytes its exchange sends."""
+    mc, dist = run.model.config, run.dist
     total, embedding = run.model.num_params(), run.model.num_embedding_params()
+    ranks = f", {dist.world} ranks ({'FSDP' if run.sharded else 'DDP'}" if dist.world > 1 else ""
+    if ranks and dist.context is not None:
+        ranks += f", context parallel over {dist.cp_size} × data parallel over {dist.dp_world}"
     run.log(f"{run.label}: {total / 1e6:.2f}M parameters ({(total - embedding) / 1e6:.2f}M in the blocks, "
             f"{embedding / 1e6:.2f}M in the embedding and lm head of {mc.vocab_size} tokens), {mc.n_layer} layers, "
             f"{mc.n_head} heads ({mc.n_kv_head} kv) of {mc.head_dim}, context {mc.block_size}, device {run.device}"
-            + (f", {run.dist.world} ranks" if run.dist.world > 1 else ""))
+            + (ranks + ")" if ranks else ""))
+    if dist.context is not None:
+        sent = context_parallel_bytes(run)
+        run.log(f"context parallel: each rank sends {sent['lambda_v'] / 1e6:.3f} MB per layer and step (λk and V, "
+                f"forward and backward), a K/V exchange would send {sent['k_v'] / 1e6:.3f} MB "
+                f"({100 * sent['ratio']:.1f} %)")
+
+
+def context_parallel_bytes(run: Run) -> dict:
+    """tauformer_kernels.context_parallel.exchange_bytes for this run's step (its micro-batches; V in bf16
+    under the GPU's autocast)."""
+    mc, tc = run.model.config, run.tc
+    return exchange_bytes(batch=tc.batch_size * tc.grad_accum, kv_heads=mc.n_kv_head, seq_len=mc.block_size,
+                          head_dim=mc.head_dim, v_dim=mc.head_dim, world=run.dist.cp_size,
+                          v_itemsize=2 if run.device.type == "cuda" else 4)
+
+
+def shard_model(run: Run) -> None:
+    """FSDP2: each block one unit, the rest (embedding, head, a learned Laplacian's edge weights) the root's;
+    each rank keeps a shard of every parameter (tau and temperatures included). Buffers (the Laplacian, a
+    fixed tau) stay whole on every rank, as they are small."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(run.device.type, (run.dist.world,))
+    for block in run.model.blocks:
+        fully_shard(block, mesh=mesh)
+    fully_shard(run.model, mesh=mesh)
 
 
 def wrap_model(run: Run) -> None:
-    """The model as the steps call it: under DDP with several ranks, then torch.compile'd with --compile."""
+    """The model as the steps call it: under DDP with several ranks (FSDP: already sharded), then
+    torch.compile'd with --compile."""
     run.wrapped = run.model
-    if run.dist.world > 1:
+    if run.dist.world > 1 and not run.sharded:
         from torch.nn.parallel import DistributedDataParallel
 
         device_ids = [run.device.index] if run.device.type == "cuda" else None
@@ -421,7 +516,7 @@ def train_loop(run: Run) -> str:
     checkpoint where it stops; returns why it stopped: "done", "stop_at" or "interrupted"."""
     tc, state = run.tc, run.state
     end_step = tc.max_steps if tc.stop_at is None else min(tc.max_steps, tc.stop_at)
-    tokens_per_step = tc.batch_size * tc.grad_accum * run.dist.world * run.model.config.block_size
+    tokens_per_step = tc.batch_size * tc.grad_accum * run.dist.dp_world * run.model.config.block_size
     stopped = "done"
     with ctrl_c_flag() as interrupted:
         progress = Progress(tc.max_steps, state.step, run.label, run.log) if tc.progress and run.dist.main else None
@@ -481,27 +576,33 @@ def train_step(run: Run) -> float:
     tc, dist, step, block = run.tc, run.dist, run.state.step, run.model.config.block_size
     for group in run.optimizer.param_groups:
         group["lr"] = tc.learning_rate(step)
-    micro_batches = tc.grad_accum * dist.world
-    starts = run.dataset.starts("train", tc.batch_size * micro_batches, block, run.data_gen)  # alike on every rank
+    cp = dist.context
+    # alike on every rank; the ranks of a context-parallel group read the same windows
+    starts = run.dataset.starts("train", tc.batch_size * tc.grad_accum * dist.dp_world, block, run.data_gen)
     local_loss = 0.0
     for micro in range(tc.grad_accum):
-        first = (dist.rank * tc.grad_accum + micro) * tc.batch_size
+        first = (dist.dp_rank * tc.grad_accum + micro) * tc.batch_size
         x, y, doc_ids = read_batch(run.dataset, "train", starts[first:first + tc.batch_size], tc, run.device)
-        sync = dist.world == 1 or micro + 1 == tc.grad_accum  # DDP all-reduces on the last micro-batch only
-        with (contextlib.nullcontext() if sync else run.wrapped.no_sync()), run.autocast():
-            loss = run.fwd(x, y, doc_ids=doc_ids)
+        if cp is not None:
+            x, y = cp.shard(x, 1), cp.shard(y, 1)
+        sync = dist.world == 1 or micro + 1 == tc.grad_accum  # gradients reduced on the last micro-batch only
+        if run.sharded:
+            run.model.set_requires_gradient_sync(sync)
+        with (contextlib.nullcontext() if sync or run.sharded else run.wrapped.no_sync()), run.autocast():
+            loss = run.fwd(x, y, doc_ids=doc_ids, context_parallel=cp)
         (loss / tc.grad_accum).backward()
         local_loss += float(loss.detach())
-    loss_value = dist.all_sum([local_loss])[0] / micro_batches
+    # every rank's loss is the mean over as many tokens (its share of its windows): the mean of the means
+    loss_value = dist.all_sum([local_loss])[0] / (tc.grad_accum * dist.world)
     # the norm is needed to clip; with clipping off, max_norm = inf only measures it
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(
-        run.model.parameters(), tc.grad_clip if tc.grad_clip > 0 else float("inf")))
+    norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), tc.grad_clip if tc.grad_clip > 0 else float("inf"))
+    grad_norm = float(norm.full_tensor() if run.sharded else norm)  # FSDP: a DTensor
     for what, value in (("training loss", loss_value), ("gradient norm", grad_norm)):
         if not math.isfinite(value):
             raise NonFiniteLoss(divergence_message(run, f"non-finite {what} ({value})", step + 1))
     run.optimizer.step()
     run.optimizer.zero_grad(set_to_none=True)
-    broken = broken_parameters(run.model)
+    broken = broken_parameters(run.model, dist.all_sum if run.sharded else None)
     if broken:
         raise NonFiniteLoss(divergence_message(run, f"the update made {broken}", step + 1))
     return loss_value
@@ -534,16 +635,20 @@ def evaluate_and_log(run: Run) -> None:
 
 
 def save(run: Run) -> None:
-    """Checkpoint the run: rank 0 writes it (atomically, see checkpoint.py); every rank waits for it."""
+    """Checkpoint the run: every rank takes part in gathering the full weights and optimizer state (FSDP: from
+    the shards) to rank 0, which writes them (atomically, see checkpoint.py); every rank waits for it."""
+    weights = get_model_state_dict(run.model, options=FULL_STATE) if run.sharded else None
+    state = checkpoint_state(run)
     if run.dist.main:
-        save_checkpoint(run.out, run.model, checkpoint_state(run), run.dataset.tokenizer)
+        save_checkpoint(run.out, run.model, state, run.dataset.tokenizer, weights=weights)
     run.dist.barrier()
 
 
 def checkpoint_state(run: Run) -> dict:
     """Everything but the weights that --resume needs to continue exactly (state.pt)."""
     st = run.state
-    return {"step": st.step, "optimizer": run.optimizer.state_dict(), "data_rng": run.data_gen.get_state(),
+    optimizer = get_optimizer_state_dict(run.model, run.optimizer, options=FULL_STATE)  # keyed by name
+    return {"step": st.step, "optimizer": optimizer, "data_rng": run.data_gen.get_state(),
             "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state(run.device) if run.device.type == "cuda" else None,
             "loss_sum": st.loss_sum, "loss_count": st.loss_count, "train_time": st.train_time,
@@ -555,14 +660,18 @@ def checkpoint_state(run: Run) -> dict:
 LOG_SCALES = ("log_temperature", "log_tau")
 
 
-def broken_parameters(model: torch.nn.Module) -> str | None:
+def broken_parameters(model: torch.nn.Module, all_sum: Callable | None = None) -> str | None:
     """What the last update broke, or None: parameters that are not finite, or a temperature or tau (exp of
-    its log, as the model computes it) that is 0 or not finite. One device-to-host read for all of them."""
-    params = list(model.named_parameters())
+    its log, as the model computes it) that is 0 or not finite. One device-to-host read for all of them.
+    Sharded parameters (FSDP): each rank checks its shards and ``all_sum`` (Dist.all_sum) joins the verdicts,
+    so every rank stops at the same step."""
+    params = [(name, _local(t)) for name, t in model.named_parameters()]
     scales = [(name, t) for name, t in (*params, *model.named_buffers()) if name.endswith(LOG_SCALES)]
     norms = torch._foreach_norm([t.detach() for _, t in params])  # inf only for values past ~1e38
     exps = [t.detach().float().exp() for _, t in scales]
     ok = torch.stack([torch.isfinite(n) for n in norms] + [(torch.isfinite(e) & (e > 0)).all() for e in exps]).tolist()
+    if all_sum is not None:
+        ok = [bad == 0 for bad in all_sum([float(not good) for good in ok])]
     bad = [name for (name, _), good in zip(params + scales, ok) if not good]
     if not bad:
         return None
@@ -570,6 +679,11 @@ def broken_parameters(model: torch.nn.Module) -> str | None:
     if all(good for good in ok[:len(params)]):
         return f"a temperature or tau 0 or non-finite (exp of {named} under- or overflowed)"
     return f"parameters non-finite ({named})"
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """A sharded parameter's shard on this rank (a DTensor's local tensor); others as they are."""
+    return t.to_local() if hasattr(t, "to_local") else t
 
 
 def train_config_to_dict(tc: TrainConfig) -> dict:
@@ -644,6 +758,11 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             p.add_argument(flag, type=typ, default=None, help=text, choices=choices[0] if choices else None)
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--fsdp", action="store_true",
+                   help="under torchrun: shard the model over the ranks (FSDP2) instead of replicating it (DDP)")
+    p.add_argument("--context-parallel", type=positive_int, default=1, metavar="C",
+                   help="under torchrun: split each window over C ranks (taumode layers; the ranks form groups of "
+                        "C, data parallel between the groups)")
     p.add_argument("--resume", action="store_true", help="continue the run whose checkpoint is in --out")
     p.add_argument("--recalibrate-tau", action="store_true",
                    help="with --resume: recalibrate tau on the (new) data instead of keeping the checkpoint's")
@@ -671,14 +790,35 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     for name in TRAIN_FLAGS:
         if name in given:
             train_fields[name] = given[name]
-    train_fields.update(out=out, compile=args.compile, resume=args.resume,
+    # how the run is spread over ranks is chosen anew at each start, as the number of ranks is
+    train_fields.update(out=out, compile=args.compile, fsdp=args.fsdp, context_parallel=args.context_parallel,
+                        resume=args.resume,
                         recalibrate_tau=args.recalibrate_tau, progress=not args.no_progress)
     names = {f.name for f in dataclasses.fields(TrainConfig)} - {"model"}
     resolve_device(train_fields.get("device", "auto"))  # a GPU this machine lacks fails here, not in the run
     model = TauGPTConfig.from_dict(model_fields)
     if model.attention == "taumode" and model.laplacian != "chain" and not found:
         load_laplacian(model.laplacian, model.head_dim)  # a file that is not a head_dim² Laplacian fails here
-    return TrainConfig(**{k: v for k, v in train_fields.items() if k in names}, model=model)
+    tc = TrainConfig(**{k: v for k, v in train_fields.items() if k in names}, model=model)
+    check_context_parallel(tc)
+    return tc
+
+
+def check_context_parallel(tc: TrainConfig) -> None:
+    """--context-parallel C runs what tauformer_kernels.ContextParallel covers (ValueError otherwise)."""
+    C, mc = tc.context_parallel, tc.model
+    if C == 1:
+        return
+    if mc.attention != "taumode" or mc.dot_every or mc.lambda_slices > 1:
+        raise ValueError(f"--context-parallel {C}: taumode layers with one λ per head only (no --attention dot, "
+                         "--dot-every or --lambda-slices)")
+    if tc.pack_documents:
+        raise ValueError(f"--context-parallel {C}: not with --pack-documents (dense windows only)")
+    if tc.fsdp:
+        raise ValueError(f"--context-parallel {C}: with DDP only (--fsdp together with it is untested)")
+    if mc.block_size % (2 * C):
+        raise ValueError(f"--context-parallel {C}: the context {mc.block_size} must split into {2 * C} equal "
+                         "chunks (two per rank, for the causal load balance)")
 
 
 def main(argv: list[str] | None = None) -> int:
