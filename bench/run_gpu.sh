@@ -15,11 +15,14 @@
 #   bench.json     pytest-benchmark's JSON
 #   probes.json    bench/gpu_probes.py: the num_stages × warps sweep, SDPA (flash) side by side, the probes
 #   <device>.md    the summary table (bench/summarize.py), and <device>.json
+#   multigpu.log   with more than one GPU: FSDP2 and context parallel training beside one GPU (losses, bytes)
 # Copy <device>.md/.json and probes.json into bench/results/ to commit them.
 #
 # Knobs (environment): TAUFORMER_DEADLINE_S (total, default 540), TAUFORMER_TESTS_S (test time box,
 # default 150), TAUFORMER_BENCH_LENGTHS (default 1024,4096,16384), TAUFORMER_BENCH_HEAD_DIMS (64,128),
-# TAUFORMER_BENCH_CONTEXTS (1024,4096,16384,32768), TAUFORMER_PROBE_S (each probe's box, default 40).
+# TAUFORMER_BENCH_CONTEXTS (1024,4096,16384,32768), TAUFORMER_PROBE_S (each probe's box, default 40),
+# TAUFORMER_MULTI_S (the multi-GPU box: default 90 with more than one GPU, half of it from the tests' default
+# box and half from the bench's; 0 with one GPU).
 set -u
 DRY=0
 if [ "${1:-}" = "--dry-run" ]; then DRY=1; shift; fi
@@ -38,7 +41,15 @@ elapsed() { echo $(( $(date +%s) - START )); }
 TRITON_TESTS="tests/test_attention_triton.py tests/test_attention_triton_backward.py tests/test_lambda_triton.py \
 tests/test_lambda_triton_backward.py tests/test_gpu_sizes.py tests/test_bad_input.py"
 PROBES="big-forward many-heads long-backward"
-BENCH_S=$(( DEADLINE - TESTS_S - SWEEP_S - SDPA_S - 3 * PROBE_S - 30 ))
+NGPU=$("$PY" -c "import torch; print(torch.cuda.device_count())" 2>/dev/null || echo 0)
+MULTI_S=0
+if [ "$NGPU" -gt 1 ]; then  # its box comes out of the tests' and the bench's in equal parts
+    MULTI_S=${TAUFORMER_MULTI_S:-90}
+    TESTS_S=${TAUFORMER_TESTS_S:-$(( 150 - MULTI_S / 2 ))}
+fi
+# context parallel needs the 128-token windows of the tiny preset cut into 2 chunks per rank
+NCP=$NGPU; if [ $(( 128 % (2 * NGPU + (NGPU == 0)) )) -ne 0 ]; then NCP=2; fi
+BENCH_S=$(( DEADLINE - TESTS_S - SWEEP_S - SDPA_S - 3 * PROBE_S - MULTI_S - 30 ))
 
 if [ "$DRY" = 1 ]; then
     cat <<EOF
@@ -51,8 +62,10 @@ plan (total deadline ${DEADLINE} s; the device tool allows 600 s a command):
   3. sweep, ${SWEEP_S} s box: $PY bench/gpu_probes.py sweep   (num_stages 1,2,3 x warps 4,8; B4 H16 T4096 D64 bf16)
   4. sdpa, ${SDPA_S} s box: $PY bench/gpu_probes.py sdpa     (SDPA pinned to FLASH_ATTENTION, recorded)
   5. probes, ${PROBE_S} s box each, each in its own process: ${PROBES}
-  6. summary: $PY bench/summarize.py OUT/bench.json --out OUT; probes merged into OUT/probes.json
-budget: ${TESTS_S} + ${BENCH_S} + ${SWEEP_S} + ${SDPA_S} + 3 x ${PROBE_S} + 30 (install, summary) = ${DEADLINE} s
+  6. multi-GPU, ${MULTI_S} s box (${NGPU} GPUs seen; 0 s with one): tiny preset, 20 steps each, one GPU beside
+       torchrun --nproc_per_node=${NGPU} --fsdp and --nproc_per_node=${NCP} --context-parallel ${NCP} -> OUT/multigpu.log
+  7. summary: $PY bench/summarize.py OUT/bench.json --out OUT; probes merged into OUT/probes.json
+budget: ${TESTS_S} + ${BENCH_S} + ${SWEEP_S} + ${SDPA_S} + 3 x ${PROBE_S} + ${MULTI_S} + 30 (install, summary) = ${DEADLINE} s
 EOF
     exit 0
 fi
@@ -134,7 +147,29 @@ for name in ("sweep", "sdpa", "big-forward", "many-heads", "long-backward"):
 json.dump(merged, open(out, "w"), indent=2)
 EOF
 
-# --- 6. the summary ----------------------------------------------------------------------------------
+# --- 6. more than one GPU: FSDP2 and context parallel beside one GPU (NCCL, bf16 autocast) -------------
+# Same windows and seed: FSDP over N GPUs against one GPU with --grad-accum N, context parallel over NCP
+# GPUs against one GPU on whole windows; the losses agree to bf16 noise, the log has the bytes each rank sends.
+if [ "$NGPU" -gt 1 ]; then
+    echo "multi-GPU: up to ${MULTI_S} s (${NGPU} GPUs)"
+    TRAIN="-m tauformer_model.train --preset tiny --tokenizer byte --max-steps 20 --eval-every 10 --eval-batches 2 \
+--checkpoint-every 20 --batch-size 8 --seed 1 --no-progress"
+    RUN="$PY -m torch.distributed.run --standalone"
+    timeout -s INT -k 15 "$MULTI_S" bash -c "
+      set -x
+      $PY $TRAIN --out $WORK/one --grad-accum $NGPU
+      $RUN --nproc_per_node=$NGPU $TRAIN --out $WORK/fsdp --fsdp
+      $PY $TRAIN --out $WORK/one-window
+      $RUN --nproc_per_node=$NCP $TRAIN --out $WORK/cp --context-parallel $NCP
+    " >"$OUT/multigpu.log" 2>&1
+    echo "multi-GPU exit code $? after $(elapsed) s" | tee -a "$OUT/multigpu.log"
+    for run in one fsdp one-window cp; do
+        echo "== $run"; cat "$WORK/$run/metrics.jsonl" 2>/dev/null || echo "(no metrics)"
+    done >>"$OUT/multigpu.log"
+    tail -12 "$OUT/multigpu.log"
+fi
+
+# --- 7. the summary ----------------------------------------------------------------------------------
 if [ -s "$OUT/bench.json" ]; then
     "$PY" bench/summarize.py "$OUT/bench.json" --out "$OUT" 2>&1 | tee -a "$OUT/bench.log"
     sed -n "/^## Headline/,/^## Skipped/p" "$OUT"/*.md 2>/dev/null | head -80
