@@ -9,17 +9,14 @@ row over many key blocks. Each result is poisoned and held to the contract's cri
 Without a GPU the kernels run in Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1) with the
 GPU's numerics emulated, bf16 included.
 """
-import os
 
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
 pytest.importorskip("triton")
 
 from helpers import Attention, flash_close, oracle  # noqa: E402
+
 from tauformer_kernels.attention_triton import attention_fwd_triton  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
