@@ -41,7 +41,8 @@ ATTENTION_CASES = [
     ("v 3-D", lambda a: dict(v=a["v"][0]), ValueError, "v"),
     ("v dtype", lambda a: dict(v=a["v"].double()), TypeError, "dtype"),
     ("Tq > Tk", lambda a: dict(q=torch.randn(2, 4, 7, 8, device=DEVICE)), ValueError, "Tq <= Tk"),
-    ("Tq = 0", lambda a: dict(q=torch.randn(2, 4, 0, 8, device=DEVICE)), ValueError, "sequence lengths"),
+    ("Tk = 0", lambda a: dict(k=torch.randn(2, 2, 0, 8, device=DEVICE), v=torch.randn(2, 2, 0, 8, device=DEVICE)),
+     ValueError, "k has no keys but q has 6 queries per head"),
     ("laplacian size", lambda a: dict(laplacian=torch.eye(7, device=DEVICE)), ValueError, "laplacian"),
     ("laplacian 1-D", lambda a: dict(laplacian=torch.ones(8, device=DEVICE)), ValueError, "laplacian"),
     ("laplacian int", lambda a: dict(laplacian=torch.eye(8, dtype=torch.int64, device=DEVICE)), TypeError, "laplacian"),
@@ -72,6 +73,9 @@ PYTHON_ONLY_CASES = [  # arguments that are not tensors: the ops' schemas refuse
     ("temperature str", lambda a: dict(temperature="0.1"), TypeError, "temperature"),
     ("tau float < 0", lambda a: dict(tau=-1.0), ValueError, "tau must be > 0"),
     ("backend name", lambda a: dict(backend="cuda"), ValueError, "backend must be one of"),
+    # issue #29: bool("False") is True
+    ("is_causal str", lambda a: dict(is_causal="False"), TypeError, "is_causal must be a bool, got str 'False'"),
+    ("check_finite int", lambda a: dict(check_finite=1), TypeError, "check_finite must be a bool"),
 ]
 
 
@@ -220,3 +224,14 @@ def test_negative_slopes_on_the_triton_fast_path(slope):
     out = taumode_attention_from_lambda(dlq, dlk, dv, temperature=0.5, alibi_slopes=dslopes, backend="triton")
     ref = reference.attention_naive(lq.double(), lk.double(), v.double(), per_head(0.5, 2), slopes.double())
     assert torch.isfinite(out).all() and relative_error(out, ref) < 1e-5
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_no_queries_is_an_empty_call(backend):
+    """Tq = 0 or B = 0 (issue #29: an empty pack was refused with a message about a shape never passed): an
+    empty output of the right shape."""
+    for b, tq in ((2, 0), (0, 6)):
+        q = torch.randn(b, 4, tq, 8, device=DEVICE)
+        k, v = torch.randn(b, 2, 6, 8, device=DEVICE), torch.randn(b, 2, 6, 8, device=DEVICE)
+        out = taumode_attention(q, k, v, chain_laplacian(8).to(DEVICE), temperature=0.1, backend=backend)
+        assert out.shape == (b, 4, tq, 8)

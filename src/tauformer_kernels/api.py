@@ -48,6 +48,7 @@ def taumode_lambda(x, laplacian, *, tau=1.0, eps=1e-6, backend="auto", check_fin
     validation.check_tensor("x", x)
     backends.check_backend_name(backend)
     validation.check_eps(eps)
+    validation.check_bool("check_finite", check_finite)
     tau = reference.vector_tau(x, tau, eps) if isinstance(tau, str) else _as_tensor("tau", tau, x)
     args = (x, laplacian, tau, float(eps), backend, bool(check_finite))
     if ops.eager_inference(x, laplacian, tau):
@@ -81,6 +82,8 @@ def taumode_attention(q, k, v, laplacian, *, tau=1.0, temperature=1.0, eps=1e-6,
     validation.check_tensor("q", q)
     backends.check_backend_name(backend)
     validation.check_eps(eps)
+    validation.check_bool("is_causal", is_causal)
+    validation.check_bool("check_finite", check_finite)
     if isinstance(tau, str):  # a per-vector tau: λq and λk each with its own, then attention from them
         validation.check_tensor("k", k)
         lam = functools.partial(taumode_lambda, laplacian=laplacian, tau=tau, eps=eps, check_finite=check_finite,
@@ -109,6 +112,8 @@ def taumode_attention_from_lambda(lq, lk, v, *, temperature=1.0, is_causal=True,
     """
     validation.check_tensor("lq", lq)
     backends.check_backend_name(backend)
+    validation.check_bool("is_causal", is_causal)
+    validation.check_bool("check_finite", check_finite)
     temperature = _as_tensor("temperature", temperature, lq)
     args = (lq, lk, v, temperature, bool(is_causal), alibi_slopes, backend, bool(check_finite), cu_seqlens_q,
             cu_seqlens_k, max_seqlen_q, max_seqlen_k)

@@ -70,6 +70,11 @@ def check_eps(eps) -> None:
             lambda: f"eps must be a finite float >= 0, got {eps!r}")
 
 
+def check_bool(name: str, value) -> None:
+    """A flag must be a bool: bool("False") is True, and 0/1 tensors would need a host read."""
+    require(isinstance(value, bool), lambda: f"{name} must be a bool, got {type(value).__name__} {value!r}", TypeError)
+
+
 def check_finite(**tensors) -> None:
     for name, t in tensors.items():
         if isinstance(t, torch.Tensor):
@@ -115,7 +120,10 @@ def check_attention_shapes(lq_or_q, lk_or_k, v, *, names, is_causal: bool, head_
         lambda: f"v must have the kv heads and length of {kn}: {kn} {_shape(lk_or_k)}, v {_shape(v)}",
     )
     require(hkv > 0 and h % hkv == 0, lambda: f"the heads of {qn} ({h}) must be a multiple of the kv heads of {kn} ({hkv})")
-    require(tq > 0 and tk > 0, lambda: f"sequence lengths must be positive: {qn} {_shape(lq_or_q)}, {kn} {_shape(lk_or_k)}")
+    # no queries (an empty batch, or a pack whose sequences are all empty) is a valid, empty call; queries
+    # without keys are not (the message names no shape: a pack's are views the caller never passed)
+    require(tk > 0 or tq == 0, lambda: f"{kn} has no keys but {qn} has {tq} queries per head: every query needs "
+            "a key")
     if is_causal:
         require(
             tq <= tk,
