@@ -147,3 +147,16 @@ def test_non_finite_query_gives_nan_like_the_dense_softmax(bad):
     q = torch.tensor([[[bad], [0.5]]])
     out = cache.attend(q, temp)
     assert out[0, 0].isnan().all() and out[0, 1].isfinite().all()
+
+
+@pytest.mark.parametrize("kv_heads, capacity, says", [
+    (0, None, "num_kv_heads must be an int >= 1, got 0"),  # issue #29: a ZeroDivisionError before
+    (1.5, None, "num_kv_heads must be an int >= 1"),
+    (1, -5, "capacity must be None or an int >= 1 (the keys expected), got -5"),  # accepted before
+    (1, 0, "capacity must be None or an int >= 1"),
+    (1, 2.5, "capacity must be None or an int >= 1"),
+])
+def test_bad_kv_heads_and_capacity_name_the_argument(kv_heads, capacity, says):
+    with pytest.raises(ValueError) as info:
+        SortedCache(torch.full((2,), 0.1), kv_heads, capacity=capacity)
+    assert says in str(info.value)

@@ -90,6 +90,10 @@ class SortedCache:
     def __init__(self, temperature: torch.Tensor, num_kv_heads: int, alibi_slopes: torch.Tensor | None = None,
                  *, block: int = BLOCK, fanout: int = FANOUT, levels: int = LEVELS, capacity: int | None = None):
         temperature = torch.as_tensor(temperature)
+        if isinstance(num_kv_heads, bool) or not isinstance(num_kv_heads, int) or num_kv_heads < 1:
+            raise ValueError(f"num_kv_heads must be an int >= 1, got {num_kv_heads!r}")
+        if capacity is not None and (isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1):
+            raise ValueError(f"capacity must be None or an int >= 1 (the keys expected), got {capacity!r}")
         if temperature.dim() != 1 or temperature.numel() % num_kv_heads != 0:
             raise ValueError(f"temperature must have shape (H,) with H a multiple of num_kv_heads="
                              f"{num_kv_heads}, got {tuple(temperature.shape)}")
