@@ -100,3 +100,29 @@ def test_long_8193(temperature, slopes):
 def test_cuda(temperature, slopes):
     """The loglinear backend on a GPU, GQA and an odd length, forward and gradients."""
     _check(2, 4, 2, 1000, 1000, 24, temperature, slopes, True, device="cuda")
+
+
+@pytest.mark.parametrize("causal, alibi", [(True, False), (False, False), (True, True)],
+                         ids=["causal", "full", "alibi"])
+def test_infinite_key_lambdas_get_weight_zero(causal, alibi, small_blocks):
+    """Issue #29: λk = ±inf (check_finite=False) is a key no query sees (logit -inf); the scans gave NaN rows
+    where the reference gives the finite limit. Now the same as the reference, forward and backward."""
+    from tauformer_kernels import reference
+
+    g = torch.Generator().manual_seed(3)
+    t = 300
+    lq, lk, v = torch.rand(1, 2, t, generator=g), torch.rand(1, 1, t, generator=g), torch.randn(1, 1, t, 4, generator=g)
+    lk[0, 0, [1, 7, 150, 151, 299]] = torch.tensor([float("inf"), float("-inf"), float("inf"), float("inf"),
+                                                    float("inf")])
+    temp = torch.tensor([0.2, 0.3])
+    slopes = torch.tensor([[0.01, 0.02]]) if alibi else None
+    want, want_lse = reference.attention_fwd_chunked(lq, lk, v, temp, slopes, causal)
+    got, lse = loglinear.attention_fwd_loglinear(lq, lk, v, temp, slopes, causal)
+    assert bool(torch.isfinite(got).all()) and torch.allclose(got, want, rtol=1e-4, atol=1e-5)
+    dout = torch.randn(1, 2, t, 4, generator=g)
+    grads = loglinear.attention_bwd_loglinear(dout, lq, lk, v, got, lse, temp, slopes, causal)
+    want_grads = reference.attention_bwd_chunked(dout, lq, lk, v, want, want_lse, temp, slopes, causal)
+    for name, a, b in zip(("dlq", "dlk", "dv"), grads[:3], want_grads[:3]):
+        finite = torch.isfinite(b)  # the reference's dλk of an infinite key is NaN (inf - inf)
+        assert bool(torch.isfinite(a).all()), name
+        assert torch.allclose(a[finite], b[finite], rtol=1e-3, atol=1e-4), name

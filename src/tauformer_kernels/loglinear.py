@@ -348,7 +348,25 @@ def _prepare(lq, lk, v, temperature, alibi_slopes):
     inv_t = (1.0 / temperature.to(dt)).view(1, hkv, grp, 1).expand(b, hkv, grp, 1)
     slope = None if alibi_slopes is None else alibi_slopes.to(dt).view(b, hkv, grp, 1)
     v1 = torch.cat([v.to(dt), v.new_ones(*v.shape[:-1], 1, dtype=dt)], dim=-1)
-    return lqg, lk.to(dt), v1, inv_t, slope
+    lkf, finite = _finite_keys(lk.to(dt))
+    return lqg, lkf, v1 * finite[..., None], inv_t, slope
+
+
+def _finite_keys(lk):
+    """λk with every infinite entry replaced, and the mask of the finite ones. A key at λ = ±inf has weight
+    0 for every finite query (its logit is -inf, as in the reference and Triton); the scans form differences
+    of λ, which it would turn into NaN. It takes its nearest finite neighbour's λ (the one before it, else
+    the one after it: a logit next to the row's own, so no stabilising maximum moves far) and its row of
+    [v, 1] is zeroed, so that it adds nothing. No host read."""
+    infinite = torch.isinf(lk)
+    tk = lk.shape[-1]
+    pos = torch.arange(tk, device=lk.device).expand(lk.shape)
+    before = torch.where(infinite, -1, pos).cummax(-1).values
+    after = torch.where(infinite, tk, pos).flip(-1).cummin(-1).values.flip(-1)
+    source = torch.where(before >= 0, before, after.clamp(max=tk - 1))
+    # keys of a head whose keys are all infinite: any finite λ (every weight is 0, as every logit is -inf)
+    filled = torch.nan_to_num(lk.gather(-1, source), posinf=0.0, neginf=0.0)
+    return torch.where(infinite, filled, lk), ~infinite
 
 
 def _causal_part(lqg, lk, v1, inv_t, slope, strict, q_start):
@@ -586,7 +604,9 @@ def attention_bwd_loglinear(dout, lq, lk, v, out, lse, temperature, alibi_slopes
     dlq = (-it * contract(acc["qsign"])).reshape(b, h, tq)
     dtemp = (it * it * contract(acc["m"])).sum(dim=(0, 3)).reshape(h)
     dalibi = None if slope is None else (-contract(acc["n"]).sum(-1)).reshape(b, h)
-    dv = acc["kall"][..., :dv_dim].sum(2)
+    # a key at λ = ±inf has weight 0 (_finite_keys): no gradient reaches it (its stand-in λ gave it sums)
+    weighted = v1[..., dv_dim]
+    dv = acc["kall"][..., :dv_dim].sum(2) * weighted[..., None]
     ks = acc["ksign"]
-    dlk = (it * ((v1[:, :, None, :, :dv_dim] * ks[..., :dv_dim]).sum(-1) - ks[..., dv_dim])).sum(2)
+    dlk = (it * ((v1[:, :, None, :, :dv_dim] * ks[..., :dv_dim]).sum(-1) - ks[..., dv_dim])).sum(2) * weighted
     return dlq, dlk, dv.to(v.dtype), dtemp, dalibi
