@@ -11,3 +11,16 @@ def block_and_head(num_blocks, H):
     block = tl.program_id(0) % num_blocks
     pid_bh = tl.cast(tl.program_id(0) // num_blocks, tl.int64)
     return block, pid_bh // H, pid_bh % H, pid_bh
+
+
+@triton.jit
+def sequence_rows(CU, b, B, total):
+    """(start, length) of the rows of sequence b of a pack of B sequences whose int32 offsets (B + 1,) are CU,
+    clamped into [0, total] (total: the rows of the packed tensor), so that no offset, however wrong, reaches
+    outside it: sequence 0 starts at row 0, sequence b ends at max(its start, CU[b + 1]), and b = B is the
+    rows past the last offset (docs/math.md §Packed sequences, varlen.effective). The launchers pass the
+    running maximum of the offsets (varlen.monotone), which keeps the sequences apart; the clamps alone
+    keep every access inside the tensor."""
+    start = tl.minimum(tl.maximum(tl.load(CU + b, mask=b > 0, other=0), 0), total)
+    end = tl.load(CU + b + 1, mask=b < B, other=total)
+    return start, tl.minimum(tl.maximum(end, start), total) - start

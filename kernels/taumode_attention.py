@@ -39,13 +39,16 @@ temperature (H,) fp32; slopes (B, H) fp32 (read only when HAS_ALIBI); kmin/kmax 
 Packed sequences (VARLEN, docs/math.md §Packed sequences): the B sequences of a pack are one batch row,
 λq (1, H, total_q), λk (1, Hkv, total_k), V (1, Hkv, total_k, Dv), O (1, H, total_q, Dv), LSE (1, H, total_q),
 any strides, with int32 offsets CU_Q, CU_K (B + 1,): sequence b owns query rows CU_Q[b] .. CU_Q[b+1] and
-keys CU_K[b] .. CU_K[b+1]. b indexes the sequences (slopes and kmin/kmax have a row per sequence); the
-batch strides are not read. A program reads its sequence's offsets and is then a dense program of a batch
-of one whose rows and keys start at those offsets, with Tq, Tk its sequence's lengths: causality, the ALiBi
-distances and the key masks are per sequence, and no key of another sequence is ever read unmasked.
+keys CU_K[b] .. CU_K[b+1] (clamped into the rows, `grid.sequence_rows`). b indexes the sequences (slopes
+and kmin/kmax have a row per sequence); the batch strides are not read. A program reads its sequence's
+offsets and is then a dense program of a batch of one whose rows and keys start at those offsets, with Tq, Tk
+its sequence's lengths: causality, the ALiBi distances and the key masks are per sequence, and no key of
+another sequence is ever read unmasked.
 """
 import triton
 import triton.language as tl
+
+from .grid import sequence_rows
 
 # log2(e) and ln(2): logits are kept in the log2 domain for exp2
 _LOG2E = tl.constexpr(1.4426950408889634)
@@ -304,9 +307,15 @@ def _store_outputs(acc, row_sum, row_ref, OUT, LSE, b, h, pid_bh, i0, offs_m, of
     """O = acc / row_sum in OUT's dtype; LSE = (row_ref + log2 row_sum)·ln 2 (where write_lse: the first
     column block). VARLEN: rows offs_m of a sequence that starts at row q_start of the pack."""
     # rows past Tq may see no key at all: keep their (unstored) values finite
-    row_sum = tl.where(row_sum > 0, row_sum, 1.0)
+    seen = row_sum > 0
+    row_sum = tl.where(seen, row_sum, 1.0)
     out = acc / row_sum[:, None]
     lse = (row_ref + tl.log2(row_sum)) * _LN2
+    if VARLEN:
+        # a stored row that sees no key (trusted offsets: a sequence without keys, causal rows in front of the
+        # first key, the rows past the last sequence): O = 0 and LSE = +inf, as FlashAttention's empty rows
+        # (the backward's P = exp(s - lse) is then 0)
+        lse = tl.where(seen, lse, float("inf"))
     if write_lse:
         if VARLEN:
             # the pack's LSE (1, H, total_q): the heads are total_q rows apart, not Tq (the sequence's length)
@@ -328,79 +337,16 @@ def _store_outputs(acc, row_sum, row_ref, OUT, LSE, b, h, pid_bh, i0, offs_m, of
 
 
 @triton.jit
-def taumode_attention_fwd_kernel(
-    LQ, LK, V, TEMP, SLOPES, KMIN, KMAX, OUT, LSE,
-    stride_lq_b, stride_lq_h, stride_lq_t,
-    stride_lk_b, stride_lk_h, stride_lk_t,
-    stride_v_b, stride_v_h, stride_v_t, stride_v_d,
-    stride_o_b, stride_o_h, stride_o_t, stride_o_d,
-    # VARLEN: B is the number of sequences and Tq, Tk are unused (each program reads its sequence's lengths)
-    BH, H, GROUP, Tq, Tk, Dv,
-    # read only when VARLEN: int32 (B + 1,) sequence offsets into the query and key rows, and LSE's head
-    # stride (the dense LSE is contiguous, its rows (b·H + h)·Tq). Last, so that the dense build's other
-    # parameters keep their places (and its code its constant loads).
-    CU_Q, CU_K, stride_lse_h,
-    # bottom-right causal mask j <= i + Tk - Tq
-    IS_CAUSAL: tl.constexpr,
-    # ALiBi slopes given (SLOPES is read)
-    HAS_ALIBI: tl.constexpr,
-    # query rows per program
-    BLOCK_M: tl.constexpr,
-    # keys per loop iteration
-    BLOCK_N: tl.constexpr,
-    # columns of V and O per program: Dv padded to a power of two (>= 16), at most 128 (larger Dv is split
-    # over grid axis 2, N_DCHUNK)
-    BLOCK_D: tl.constexpr,
-    # Dv is not a multiple of BLOCK_D: mask V's and O's feature columns
-    MASK_D: tl.constexpr,
-    # largest λ span (log2 units, (max - min)·log2e/T) the factorised path accepts: bounds how far the row
-    # maximum can fall below the fixed reference 0, so it depends on P's dtype range (0 disables the path)
-    FAST_SPAN: tl.constexpr,
-    # dtype of the factorised path's per-score products: fp16 (packed half2) for fp16 V, else fp32
-    FACTOR_DTYPE: tl.constexpr,
-    # which programs this launch writes: 1 those whose rows take the factorised path (exact there), 2 the
-    # others (general path), 3 all of them with the general path. The launcher runs 1 then 2: each path is
-    # its own kernel, so neither pays the other's registers, and the choice needs no host sync.
-    PATH: tl.constexpr,
-    # input_precision of tl.dot: the launcher passes "tf32x3" for fp32 V (tf32 alone misses 1e-5; "ieee" would
-    # be exact but runs on the FMA units); ignored for fp16/bf16
-    DOT_PRECISION: tl.constexpr,
-    # column blocks of V per head: cdiv(Dv, BLOCK_D) (they share grid axis 2 with the high part of b·h)
-    N_DCHUNK: tl.constexpr,
-    # some offset (b·stride_b, (b·H + h)·Tq, j·stride_t, ...) may pass 2^31 elements: form them in 64 bits
-    WIDE: tl.constexpr,
-    # packed variable-length sequences (CU_Q, CU_K; see the module docstring): False compiles the dense kernel
-    VARLEN: tl.constexpr,
-):
-    """Writes OUT (B, H, Tq, Dv) in V's dtype and LSE (B, H, Tq) fp32 (natural-log logsumexp of the logits).
-
-    Grid: (cdiv(Tq, BLOCK_M), min(B·H, 65535), cdiv(B·H, 65535)·N_DCHUNK): b·h = axis-1 index + 65535 ×
-    (axis-2 index // N_DCHUNK), so any B·H launches (each axis but 0 takes at most 65535 programs); programs
-    past B·H exit. VARLEN: axis 0 covers the longest sequence, cdiv(max_q, BLOCK_M); programs whose block
-    starts at or past their sequence's Tq exit (no padding to max_q is stored)."""
-    # longest query blocks first when causal (their key ranges are the longest)
-    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
-    pid_bh = tl.program_id(1) + tl.num_programs(1) * (tl.program_id(2) // N_DCHUNK)
-    if pid_bh >= BH:
-        return
-    b = pid_bh // H
-    h = pid_bh % H
-    hk = h // GROUP
-    i0 = pid_m * BLOCK_M
-    if VARLEN:
-        # sequence b as a batch of one (docs/math.md §Packed sequences): its rows and keys start at
-        # q_start, k_start of the pack; Tq, Tk become its lengths, so everything below (masks, key ranges,
-        # i + Tk - Tq, the factorised path's bounds) is per sequence, and a block never reads or writes past
-        # its sequence except through masked lanes
-        q_start = tl.load(CU_Q + b)
-        k_start = tl.load(CU_K + b)
-        Tq = tl.load(CU_Q + b + 1) - q_start
-        Tk = tl.load(CU_K + b + 1) - k_start
-        if i0 >= Tq:
-            return
-    else:
-        q_start = 0
-        k_start = 0
+def _query_block(LQ, LK, V, TEMP, SLOPES, OUT, LSE, KMIN, KMAX, b, n_seqs, h, hk, pid_bh, i0, q_start, k_start, Tq, Tk,
+                 Dv, stride_lq_b, stride_lq_h, stride_lq_t, stride_lk_b, stride_lk_h, stride_lk_t, stride_v_b,
+                 stride_v_h, stride_v_t, stride_v_d, stride_o_b, stride_o_h, stride_o_t, stride_o_d, stride_lse_h, H,
+                 GROUP,
+                 IS_CAUSAL: tl.constexpr, HAS_ALIBI: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_D: tl.constexpr, MASK_D: tl.constexpr, FAST_SPAN: tl.constexpr, FACTOR_DTYPE: tl.constexpr,
+                 PATH: tl.constexpr, DOT_PRECISION: tl.constexpr, N_DCHUNK: tl.constexpr, WIDE: tl.constexpr,
+                 VARLEN: tl.constexpr):
+    """Query rows i0 .. i0 + BLOCK_M of (b, h) (the kernel's constexprs; Tq, Tk the sequence's lengths, its rows
+    and keys from q_start, k_start of the pack when VARLEN): O and LSE of the rows this launch's PATH takes."""
     off = Tk - Tq
     offs_m = i0 + tl.arange(0, BLOCK_M)
     # Dv > BLOCK_D is split over grid axis 2: each program recomputes P (cheap) for its BLOCK_D columns
@@ -424,7 +370,11 @@ def taumode_attention_fwd_kernel(
     lam_q = tl.load(lq_ptrs, mask=row_ok, other=0.0)
     inv_t2 = _LOG2E / tl.load(TEMP + h)
     if HAS_ALIBI:
-        slope2 = tl.load(SLOPES + b * H + h) * _LOG2E
+        if VARLEN:
+            # no slope row for b = B (the rows past the last sequence)
+            slope2 = tl.load(SLOPES + b * H + h, mask=b < n_seqs, other=0.0) * _LOG2E
+        else:
+            slope2 = tl.load(SLOPES + b * H + h) * _LOG2E
     else:
         slope2 = 0.0
     if VARLEN:
@@ -492,3 +442,112 @@ def taumode_attention_fwd_kernel(
             _store_outputs(acc, row_sum, row_ref, OUT, LSE, b, h, pid_bh, i0, offs_m, offs_d, row_ok, write_lse,
                            stride_o_b, stride_o_h, stride_o_t, stride_o_d, stride_lse_h, q_start, Tq,
                            Dv, WIDE=WIDE, VARLEN=VARLEN)
+
+
+@triton.jit
+def taumode_attention_fwd_kernel(
+    LQ, LK, V, TEMP, SLOPES, KMIN, KMAX, OUT, LSE,
+    stride_lq_b, stride_lq_h, stride_lq_t,
+    stride_lk_b, stride_lk_h, stride_lk_t,
+    stride_v_b, stride_v_h, stride_v_t, stride_v_d,
+    stride_o_b, stride_o_h, stride_o_t, stride_o_d,
+    # VARLEN: B is the number of sequences and Tq, Tk are unused (each program reads its sequence's lengths)
+    BH, H, GROUP, Tq, Tk, Dv,
+    # read only when VARLEN: int32 (B + 1,) sequence offsets into the query and key rows, and LSE's head
+    # stride (the dense LSE is contiguous, its rows (b·H + h)·Tq). Last, so that the dense build's other
+    # parameters keep their places (and its code its constant loads).
+    CU_Q, CU_K, stride_lse_h,
+    # read only by the OVERFLOW launch: the query rows per sequence that the other launches cover (their grid)
+    Q_ROWS,
+    # bottom-right causal mask j <= i + Tk - Tq
+    IS_CAUSAL: tl.constexpr,
+    # ALiBi slopes given (SLOPES is read)
+    HAS_ALIBI: tl.constexpr,
+    # query rows per program
+    BLOCK_M: tl.constexpr,
+    # keys per loop iteration
+    BLOCK_N: tl.constexpr,
+    # columns of V and O per program: Dv padded to a power of two (>= 16), at most 128 (larger Dv is split
+    # over grid axis 2, N_DCHUNK)
+    BLOCK_D: tl.constexpr,
+    # Dv is not a multiple of BLOCK_D: mask V's and O's feature columns
+    MASK_D: tl.constexpr,
+    # largest λ span (log2 units, (max - min)·log2e/T) the factorised path accepts: bounds how far the row
+    # maximum can fall below the fixed reference 0, so it depends on P's dtype range (0 disables the path)
+    FAST_SPAN: tl.constexpr,
+    # dtype of the factorised path's per-score products: fp16 (packed half2) for fp16 V, else fp32
+    FACTOR_DTYPE: tl.constexpr,
+    # which programs this launch writes: 1 those whose rows take the factorised path (exact there), 2 the
+    # others (general path), 3 all of them with the general path. The launcher runs 1 then 2: each path is
+    # its own kernel, so neither pays the other's registers, and the choice needs no host sync.
+    PATH: tl.constexpr,
+    # input_precision of tl.dot: the launcher passes "tf32x3" for fp32 V (tf32 alone misses 1e-5; "ieee" would
+    # be exact but runs on the FMA units); ignored for fp16/bf16
+    DOT_PRECISION: tl.constexpr,
+    # column blocks of V per head: cdiv(Dv, BLOCK_D) (they share grid axis 2 with the high part of b·h)
+    N_DCHUNK: tl.constexpr,
+    # some offset (b·stride_b, (b·H + h)·Tq, j·stride_t, ...) may pass 2^31 elements: form them in 64 bits
+    WIDE: tl.constexpr,
+    # packed variable-length sequences (CU_Q, CU_K; see the module docstring): False compiles the dense kernel
+    VARLEN: tl.constexpr,
+    # VARLEN: the launch of one program per (sequence, head) that covers the query rows past Q_ROWS (a
+    # max_seqlen_q smaller than the longest sequence), on the general path (PATH 3)
+    OVERFLOW: tl.constexpr,
+):
+    """Writes OUT (B, H, Tq, Dv) in V's dtype and LSE (B, H, Tq) fp32 (natural-log logsumexp of the logits).
+
+    Grid: (cdiv(Tq, BLOCK_M), min(B·H, 65535), cdiv(B·H, 65535)·N_DCHUNK): b·h = axis-1 index + 65535 ×
+    (axis-2 index // N_DCHUNK), so any B·H launches (each axis but 0 takes at most 65535 programs); programs
+    past B·H exit. VARLEN: B·H counts B + 1 sequences (the last: the rows past the pack's last offset, written
+    as rows that see no key); axis 0 covers Q_BLOCKS = cdiv(max_seqlen_q, BLOCK_M) blocks, and programs whose
+    block starts at or past their sequence's Tq exit (no padding to max_q is stored). The OVERFLOW launch
+    (axis 0 of size 1) covers each sequence's rows from Q_ROWS = Q_BLOCKS·BLOCK_M on, so max_seqlen_q is only
+    a hint."""
+    # longest query blocks first when causal (their key ranges are the longest)
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
+    pid_bh = tl.program_id(1) + tl.num_programs(1) * (tl.program_id(2) // N_DCHUNK)
+    if pid_bh >= BH:
+        return
+    b = pid_bh // H
+    h = pid_bh % H
+    hk = h // GROUP
+    if VARLEN:
+        # sequence b as a batch of one (docs/math.md §Packed sequences): its rows and keys start at
+        # q_start, k_start of the pack; Tq, Tk become its lengths, so everything below (masks, key ranges,
+        # i + Tk - Tq, the factorised path's bounds) is per sequence. The offsets are clamped into the pack's
+        # rows (Tq, Tk: its totals), so no offset reaches outside the tensors. b = B (the launcher's extra
+        # sequence) is the rows past the last sequence, with no keys: they are written as rows that see
+        # nothing (O = 0, LSE = +inf).
+        n_seqs = BH // H - 1
+        q_start, Tq = sequence_rows(CU_Q, b, n_seqs, Tq)
+        k_start, Tk = sequence_rows(CU_K, b, n_seqs, Tk)
+        Tk = tl.where(b < n_seqs, Tk, 0)
+        if not OVERFLOW:
+            if pid_m * BLOCK_M >= Tq:
+                return
+    else:
+        n_seqs = BH
+        q_start = 0
+        k_start = 0
+    if OVERFLOW:
+        # max_seqlen_q (the grid of the other launches, Q_ROWS query rows) is only a hint: this launch's one
+        # program per (sequence, head) steps over the rows past it, on the general path (exact for any input;
+        # its own, smaller tiles); a loop around the main launches' paths spilled them
+        for i0 in range(Q_ROWS, Tq, BLOCK_M):
+            _query_block(LQ, LK, V, TEMP, SLOPES, OUT, LSE, KMIN, KMAX, b, n_seqs, h, hk, pid_bh, i0, q_start,
+                         k_start, Tq, Tk, Dv,
+                         stride_lq_b, stride_lq_h, stride_lq_t, stride_lk_b, stride_lk_h, stride_lk_t, stride_v_b,
+                         stride_v_h, stride_v_t, stride_v_d, stride_o_b, stride_o_h, stride_o_t, stride_o_d,
+                         stride_lse_h, H, GROUP,
+                         IS_CAUSAL=IS_CAUSAL, HAS_ALIBI=HAS_ALIBI, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D,
+                         MASK_D=MASK_D, FAST_SPAN=FAST_SPAN, FACTOR_DTYPE=FACTOR_DTYPE, PATH=3,
+                         DOT_PRECISION=DOT_PRECISION, N_DCHUNK=N_DCHUNK, WIDE=WIDE, VARLEN=VARLEN)
+    else:
+        _query_block(LQ, LK, V, TEMP, SLOPES, OUT, LSE, KMIN, KMAX, b, n_seqs, h, hk, pid_bh, pid_m * BLOCK_M,
+                     q_start, k_start, Tq, Tk, Dv,
+                     stride_lq_b, stride_lq_h, stride_lq_t, stride_lk_b, stride_lk_h, stride_lk_t, stride_v_b,
+                     stride_v_h, stride_v_t, stride_v_d, stride_o_b, stride_o_h, stride_o_t, stride_o_d,
+                     stride_lse_h, H, GROUP,
+                     IS_CAUSAL=IS_CAUSAL, HAS_ALIBI=HAS_ALIBI, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D,
+                     MASK_D=MASK_D, FAST_SPAN=FAST_SPAN, FACTOR_DTYPE=FACTOR_DTYPE, PATH=PATH,
+                     DOT_PRECISION=DOT_PRECISION, N_DCHUNK=N_DCHUNK, WIDE=WIDE, VARLEN=VARLEN)

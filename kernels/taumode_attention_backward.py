@@ -58,15 +58,19 @@ never read); ROWS (H, total_q // BLOCK_M + B, 3, BLOCK_M): sequence b's query bl
 q_start // BLOCK_M + b of its head (see `_pack_row_block`), blocks between sequences never written nor read;
 DV (1, Hkv, total_k, Dv) any strides; DLK (Hkv, total_k); DLQ_PART (SLOTS, H, DLQ_ROW_ALIGN·(total_q //
 DLQ_ROW_ALIGN + B)): sequence b's rows from `_dlq_rows_of` on (an aligned start, so the loop's partial-dλq
-accesses vectorise), its rows up to a multiple of DLQ_ROW_ALIGN written; DT_PART, DSLOPE_PART (B, H, KB_COLS)
-with KB_COLS = cdiv(max_k, BLOCK_N). Every element that the launcher reads of each sequence's rows and
-columns is written, zeros where a sequence has fewer key blocks than the launches cover; the preprocess
+accesses vectorise), its rows up to a multiple of DLQ_ROW_ALIGN written; DT_PART, DSLOPE_PART (B + 1, H,
+KB_COLS) with KB_COLS the key blocks the launches cover (cdiv(max_k, BLOCK_N) rounded up to SLOTS; the last
+launch's programs add the blocks past it into their column: max_seqlen_k is only a hint), row B for the keys
+past the last sequence (the launcher's extra sequence b = B, no queries: zero dV and dλk). The offsets are
+clamped into the rows (`grid.sequence_rows`), so no offset reaches outside the tensors. Every element that
+the launcher reads of each sequence's rows and columns is written, zeros where a sequence has fewer key
+blocks than the launches cover; the preprocess
 writes IDX, each query row's DLQ_PART row, for the launcher's gather.
 """
 import triton
 import triton.language as tl
 
-from .grid import block_and_head
+from .grid import block_and_head, sequence_rows
 
 # log2(e): logits are formed in the log2 domain for exp2
 _LOG2E = tl.constexpr(1.4426950408889634)
@@ -134,33 +138,35 @@ def attention_bwd_preprocess_kernel(
     if VARLEN:
         num_m = tl.cdiv(tl.cdiv(MAX_Q, ROW_BLOCK) * ROW_BLOCK, BLOCK_M)
         # b is the sequence; from here Tq is its length, its rows starting at q_start of the pack's total_q
+        # (the offsets clamped into the pack's rows: grid.sequence_rows)
         pid_m, b, h, pid_bh = block_and_head(num_m, H)
-        q_start = tl.load(CU_Q + b)
         total_q = Tq
-        Tq = tl.load(CU_Q + b + 1) - q_start
+        q_start, Tq = sequence_rows(CU_Q, b, B, total_q)
         n_qb = tl.cdiv(Tq, ROW_BLOCK)
-        m0 = pid_m * BLOCK_M
-        if m0 >= n_qb * ROW_BLOCK:
-            return
-        rows = tl.arange(0, BLOCK_M)
-        offs_m = m0 + rows
-        offs_d = tl.arange(0, BLOCK_D)
-        mask = (offs_m[:, None] < Tq) & (offs_d[None, :] < Dv)
-        # the pack's batch strides are never read: its one batch row is at the base pointers
-        row0 = tl.cast(q_start + m0, tl.int64)
-        o = tl.load((OUT + h * stride_o_h + row0 * stride_o_t)
-                    + rows[:, None] * stride_o_t + offs_d[None, :] * stride_o_d, mask=mask, other=0.0)
-        do = tl.load((DO + h * stride_do_h + row0 * stride_do_t)
-                     + rows[:, None] * stride_do_t + offs_d[None, :] * stride_do_d, mask=mask, other=0.0)
-        delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-        row_ok = offs_m < Tq
-        lse = tl.load((LSE + h * total_q + row0) + rows, mask=row_ok, other=1e30)
-        lam_q = tl.load((LQ + h * stride_lq_h + row0 * stride_lq_t) + rows * stride_lq_t, mask=row_ok, other=0.0)
-        block0 = h * (total_q // ROW_BLOCK + B) + _pack_row_block(q_start, b, ROW_BLOCK)
-        dst = ROWS + (block0 + offs_m // ROW_BLOCK) * (3 * ROW_BLOCK) + offs_m % ROW_BLOCK
-        if h == 0:
-            dlq_row0 = _pack_row_block(q_start, b, DLQ_ROW_ALIGN) * DLQ_ROW_ALIGN
-            tl.store((IDX + q_start + m0) + rows, (dlq_row0 + offs_m).to(tl.int32), mask=row_ok)
+        # MAX_Q (the grid) is only a hint: the programs step over the sequence's row blocks until it is covered
+        for m0 in range(pid_m * BLOCK_M, n_qb * ROW_BLOCK, num_m * BLOCK_M):
+            rows = tl.arange(0, BLOCK_M)
+            offs_m = m0 + rows
+            offs_d = tl.arange(0, BLOCK_D)
+            mask = (offs_m[:, None] < Tq) & (offs_d[None, :] < Dv)
+            # the pack's batch strides are never read: its one batch row is at the base pointers
+            row0 = tl.cast(q_start + m0, tl.int64)
+            o = tl.load((OUT + h * stride_o_h + row0 * stride_o_t)
+                        + rows[:, None] * stride_o_t + offs_d[None, :] * stride_o_d, mask=mask, other=0.0)
+            do = tl.load((DO + h * stride_do_h + row0 * stride_do_t)
+                         + rows[:, None] * stride_do_t + offs_d[None, :] * stride_do_d, mask=mask, other=0.0)
+            delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+            row_ok = offs_m < Tq
+            # a row that saw no key has lse = +inf (P = 0): 1e30 keeps it finite, as the padding's
+            lse = tl.minimum(tl.load((LSE + h * total_q + row0) + rows, mask=row_ok, other=1e30), 1e30)
+            lam_q = tl.load((LQ + h * stride_lq_h + row0 * stride_lq_t) + rows * stride_lq_t, mask=row_ok,
+                            other=0.0)
+            block0 = h * (total_q // ROW_BLOCK + B) + _pack_row_block(q_start, b, ROW_BLOCK)
+            dst = ROWS + (block0 + offs_m // ROW_BLOCK) * (3 * ROW_BLOCK) + offs_m % ROW_BLOCK
+            if h == 0:
+                dlq_row0 = _pack_row_block(q_start, b, DLQ_ROW_ALIGN) * DLQ_ROW_ALIGN
+                tl.store((IDX + q_start + m0) + rows, (dlq_row0 + offs_m).to(tl.int32), mask=row_ok)
+            _store_rows(dst, lam_q, lse, delta, offs_m < n_qb * ROW_BLOCK, ROW_BLOCK)
     else:
         num_m = tl.cdiv(tl.cdiv(Tq, ROW_BLOCK) * ROW_BLOCK, BLOCK_M)
         pid_m, b, h, pid_bh = block_and_head(num_m, H)
@@ -180,7 +186,12 @@ def attention_bwd_preprocess_kernel(
                         + rows * stride_lq_t, mask=row_ok, other=0.0)
         n_qb = tl.cdiv(Tq, ROW_BLOCK)
         dst = ROWS + (pid_bh * n_qb + offs_m // ROW_BLOCK) * (3 * ROW_BLOCK) + offs_m % ROW_BLOCK
-    in_pad = offs_m < n_qb * ROW_BLOCK
+        _store_rows(dst, lam_q, lse, delta, offs_m < n_qb * ROW_BLOCK, ROW_BLOCK)
+
+
+@triton.jit
+def _store_rows(dst, lam_q, lse, delta, in_pad, ROW_BLOCK: tl.constexpr):
+    """λq, lse·log2(e) and D of a ROWS block's rows, ROW_BLOCK floats apart (the preprocess's output)."""
     tl.store(dst, lam_q, mask=in_pad)
     tl.store(dst + ROW_BLOCK, lse * _LOG2E, mask=in_pad)
     tl.store(dst + 2 * ROW_BLOCK, delta, mask=in_pad)
@@ -350,10 +361,9 @@ def _zero_missing_blocks(DLQ_PART, DT_PART, DSLOPE_PART, b, hk, slot, pid_n, KB_
       SLOTS·H·total_q floats and one more launch."""
     for g in range(GROUP):
         h = hk * GROUP + g
-        if pid_n < kb_cols:
-            tl.store(DT_PART + (b * H + h) * kb_cols + pid_n, 0.0)
-            if HAS_ALIBI:
-                tl.store(DSLOPE_PART + (b * H + h) * kb_cols + pid_n, 0.0)
+        tl.store(DT_PART + (b * H + h) * kb_cols + pid_n, 0.0)
+        if HAS_ALIBI:
+            tl.store(DSLOPE_PART + (b * H + h) * kb_cols + pid_n, 0.0)
         if KB_START == 0:
             DLQP_bh = _dlq_rows_of(DLQ_PART, slot * H + h, total_q, q_seq0, b, B)
             for start_m in range(0, Tq, BLOCK_M):
@@ -415,6 +425,9 @@ def taumode_attention_bwd_kernel(
     # packed sequences: B counts them, Tq and Tk are the pack's total rows (see the module docstring);
     # EVEN_M and EVEN_N are False (the lengths are on the device only)
     VARLEN: tl.constexpr,
+    # VARLEN: the launch of one program per (sequence, kv head) over the key blocks from KB_START on (past
+    # max_seqlen_k: the other launches' KB_COLS blocks, counted in this launch's BLOCK_N), SLOTS = 1
+    OVERFLOW: tl.constexpr,
 ):
     """Writes DV (WITH_DV), DLK and the partials DLQ_PART, DT_PART, DSLOPE_PART (WITH_DLAMBDA; see the module
     docstring).
@@ -431,26 +444,54 @@ def taumode_attention_bwd_kernel(
     slot = pid % SLOTS
     pid_n = KB_START + slot
     if VARLEN:
-        # b is the sequence (64-bit, as the dense build's batch: the bases below pass 2^31 elements)
+        # b is the sequence (64-bit, as the dense build's batch: the bases below pass 2^31 elements); b = B (the
+        # launcher's extra sequence) is the keys past the last sequence, with no queries: zero dV and dλk
         pid_bk = tl.cast(pid // SLOTS, tl.int64)
         Hkv = H // GROUP
         b = pid_bk // Hkv
         hk = pid_bk % Hkv
         # from here Tq and Tk are sequence b's lengths, its rows starting at q_seq0 of the pack's total_q
-        # and its keys at k_seq0 of total_k: every mask and loop bound below is the sequence's own
-        q_seq0 = tl.load(CU_Q + b)
-        k_seq0 = tl.load(CU_K + b)
+        # and its keys at k_seq0 of total_k: every mask and loop bound below is the sequence's own. The
+        # offsets are clamped into the pack's rows (grid.sequence_rows): no offset reaches outside them.
         total_q = Tq
         total_k = Tk
-        Tq = tl.load(CU_Q + b + 1) - q_seq0
-        Tk = tl.load(CU_K + b + 1) - k_seq0
+        q_seq0, Tq = sequence_rows(CU_Q, b, B, total_q)
+        k_seq0, Tk = sequence_rows(CU_K, b, B, total_k)
+        Tq = tl.where(b < B, Tq, 0)
         num_kb = tl.cdiv(Tk, BLOCK_N)
-        kb_cols = KB_COLS
-        if pid_n >= num_kb:
+        if (not OVERFLOW) and (pid_n >= num_kb):
             if WITH_DLAMBDA:
-                _zero_missing_blocks(DLQ_PART, DT_PART, DSLOPE_PART, b, hk, slot, pid_n, KB_START, kb_cols, B, H,
+                _zero_missing_blocks(DLQ_PART, DT_PART, DSLOPE_PART, b, hk, slot, pid_n, KB_START, KB_COLS, B, H,
                                      total_q, q_seq0, Tq, GROUP=GROUP, HAS_ALIBI=HAS_ALIBI, BLOCK_M=BLOCK_M)
             return
+        # max_seqlen_k only sizes the launches (KB_COLS = the key blocks they cover): the OVERFLOW launch (one
+        # program per (sequence, kv head), its own BLOCK_N) steps over the blocks past them, adding into slot
+        # 0 and DT_PART column 0, which the first launch wrote. A loop here, around every launch's body,
+        # spilled 24-128 B in the main builds.
+        if OVERFLOW:
+            # slot 0 and column 0: written by the first launch (accumulate = 1), its rows zeroed there
+            # (first_write = 0)
+            for kb in range(KB_START, num_kb):
+                _key_block(ROWS, LK, V, DO, TEMP, SLOPES, DV, DLK, DLQ_PART, DT_PART, DSLOPE_PART,
+                           stride_lk_b, stride_lk_h, stride_lk_t, stride_v_b, stride_v_h, stride_v_t, stride_v_d,
+                           stride_do_b, stride_do_h, stride_do_t, stride_do_d,
+                           stride_dv_b, stride_dv_h, stride_dv_t, stride_dv_d,
+                           B, H, Tq, Tk, Dv, 0, kb, 0, KB_COLS, 1, 0, b, hk, pid_bk, total_q, total_k,
+                           q_seq0, k_seq0, GROUP=GROUP, IS_CAUSAL=IS_CAUSAL, HAS_ALIBI=HAS_ALIBI, BLOCK_M=BLOCK_M,
+                           BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, EVEN_M=EVEN_M, EVEN_N=EVEN_N, MASK_D=MASK_D,
+                           DOT_PRECISION=DOT_PRECISION, RED_PRECISION=RED_PRECISION, GPU=GPU, DT_TILE=DT_TILE,
+                           WITH_DV=WITH_DV, WITH_DLAMBDA=WITH_DLAMBDA, VARLEN=VARLEN)
+        else:
+            _key_block(ROWS, LK, V, DO, TEMP, SLOPES, DV, DLK, DLQ_PART, DT_PART, DSLOPE_PART,
+                       stride_lk_b, stride_lk_h, stride_lk_t, stride_v_b, stride_v_h, stride_v_t, stride_v_d,
+                       stride_do_b, stride_do_h, stride_do_t, stride_do_d,
+                       stride_dv_b, stride_dv_h, stride_dv_t, stride_dv_d,
+                       B, H, Tq, Tk, Dv, slot, pid_n, pid_n, KB_COLS, (KB_START > 0).to(tl.int32), KB_START == 0,
+                       b, hk, pid_bk,
+                       total_q, total_k, q_seq0, k_seq0, GROUP=GROUP, IS_CAUSAL=IS_CAUSAL, HAS_ALIBI=HAS_ALIBI,
+                       BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, EVEN_M=EVEN_M, EVEN_N=EVEN_N,
+                       MASK_D=MASK_D, DOT_PRECISION=DOT_PRECISION, RED_PRECISION=RED_PRECISION, GPU=GPU,
+                       DT_TILE=DT_TILE, WITH_DV=WITH_DV, WITH_DLAMBDA=WITH_DLAMBDA, VARLEN=VARLEN)
     else:
         num_kb = tl.cdiv(Tk, BLOCK_N)
         if pid_n >= num_kb:
@@ -460,9 +501,36 @@ def taumode_attention_bwd_kernel(
         Hkv = H // GROUP
         b = pid_bk // Hkv
         hk = pid_bk % Hkv
-        kb_cols = num_kb
-    # the slot's earlier key blocks (previous launches) wrote their partial dλq rows: add to them
-    accumulate = (KB_START > 0).to(tl.int32)
+        _key_block(ROWS, LK, V, DO, TEMP, SLOPES, DV, DLK, DLQ_PART, DT_PART, DSLOPE_PART,
+                   stride_lk_b, stride_lk_h, stride_lk_t, stride_v_b, stride_v_h, stride_v_t, stride_v_d,
+                   stride_do_b, stride_do_h, stride_do_t, stride_do_d,
+                   stride_dv_b, stride_dv_h, stride_dv_t, stride_dv_d,
+                   B, H, Tq, Tk, Dv, slot, pid_n, pid_n, num_kb, (KB_START > 0).to(tl.int32), KB_START == 0,
+                   b, hk, pid_bk,
+                   Tq, Tk, 0, 0,
+                   GROUP=GROUP, IS_CAUSAL=IS_CAUSAL, HAS_ALIBI=HAS_ALIBI, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
+                   BLOCK_D=BLOCK_D, EVEN_M=EVEN_M, EVEN_N=EVEN_N, MASK_D=MASK_D, DOT_PRECISION=DOT_PRECISION,
+                   RED_PRECISION=RED_PRECISION, GPU=GPU, DT_TILE=DT_TILE, WITH_DV=WITH_DV,
+                   WITH_DLAMBDA=WITH_DLAMBDA, VARLEN=VARLEN)
+
+
+@triton.jit
+def _key_block(ROWS, LK, V, DO, TEMP, SLOPES, DV, DLK, DLQ_PART, DT_PART, DSLOPE_PART,
+               stride_lk_b, stride_lk_h, stride_lk_t, stride_v_b, stride_v_h, stride_v_t, stride_v_d,
+               stride_do_b, stride_do_h, stride_do_t, stride_do_d,
+               stride_dv_b, stride_dv_h, stride_dv_t, stride_dv_d,
+               B, H, Tq, Tk, Dv, slot, pid_n, dt_col, kb_cols, accumulate, first_write, b, hk, pid_bk, total_q,
+               total_k, q_seq0, k_seq0,
+               GROUP: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_ALIBI: tl.constexpr, BLOCK_M: tl.constexpr,
+               BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
+               MASK_D: tl.constexpr, DOT_PRECISION: tl.constexpr, RED_PRECISION: tl.constexpr, GPU: tl.constexpr,
+               DT_TILE: tl.constexpr, WITH_DV: tl.constexpr, WITH_DLAMBDA: tl.constexpr, VARLEN: tl.constexpr):
+    """Key block pid_n of (b, kv head hk), the kernel's constexprs (Tq, Tk: the sequence's lengths when
+    VARLEN, its rows and keys from q_seq0, k_seq0 of the pack's total_q, total_k): dV and dλk of its keys,
+    its partial dλq added into slot `slot` where `accumulate` (int32 1: the slot was written before;
+    `first_write`: its rows before the first visible query are zeroed), dtemperature / dslope into DT_PART /
+    DSLOPE_PART column
+    dt_col of kb_cols (added where dt_col != pid_n: a pack's extra key blocks)."""
     off = Tk - Tq
     start_n = pid_n * BLOCK_N
     offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -542,7 +610,11 @@ def taumode_attention_bwd_kernel(
         inv_t = 1.0 / tl.load(TEMP + h)
         inv_t2 = inv_t * _LOG2E
         if HAS_ALIBI:
-            slope2 = tl.load(SLOPES + b * H + h) * _LOG2E
+            if VARLEN:
+                # no slope row for b = B (the keys past the last sequence)
+                slope2 = tl.load(SLOPES + b * H + h, mask=b < B, other=0.0) * _LOG2E
+            else:
+                slope2 = tl.load(SLOPES + b * H + h) * _LOG2E
         else:
             slope2 = 0.0
         if VARLEN:
@@ -557,7 +629,7 @@ def taumode_attention_bwd_kernel(
             DO_bh = DO + b * stride_do_b + h * stride_do_h
             DLQP_bh = DLQ_PART + ((slot * B + b) * H + h) * Tq
         if WITH_DLAMBDA:
-            if KB_START == 0:
+            if first_write:
                 # rows that see no key of the slot's first block (nor of its later ones): partial dλq 0
                 for start_m in range(0, q_start, BLOCK_M):
                     offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -606,9 +678,18 @@ def taumode_attention_bwd_kernel(
                 dt = tl.sum(tl.sum(dt_acc, 1) + dt_vec, 0) * (inv_t * inv_t)
             else:
                 dt = tl.sum(dt_acc, 0) * (inv_t * inv_t)
-            tl.store(DT_PART + (b * H + h) * kb_cols + pid_n, dt)
+            dt_ptr = DT_PART + (b * H + h) * kb_cols + dt_col
+            dsl_ptr = DSLOPE_PART + (b * H + h) * kb_cols + dt_col
+            dsl = -tl.sum(dsl_vec, 0)
+            if VARLEN:
+                # a pack's extra key block adds to what the program's first block stored
+                extra = dt_col != pid_n
+                dt += tl.load(dt_ptr, mask=extra, other=0.0)
+                if HAS_ALIBI:
+                    dsl += tl.load(dsl_ptr, mask=extra, other=0.0)
+            tl.store(dt_ptr, dt)
             if HAS_ALIBI:
-                tl.store(DSLOPE_PART + (b * H + h) * kb_cols + pid_n, -tl.sum(dsl_vec, 0))
+                tl.store(dsl_ptr, dsl)
 
     if WITH_DLAMBDA:
         dlk = tl.sum(dlk_total, 1)

@@ -35,6 +35,11 @@ Q_LENS = (5, 0, 1, 40, 70, 0)
 K_LENS = (9, 0, 1, 40, 100, 7)
 
 
+def _bounds(seqs):
+    """Each sequence's (q_start, q_end, k_start, k_end) of a valid pack (offsets ending at the rows)."""
+    return varlen.bounds(seqs, int(seqs.cu_q[-1]), int(seqs.cu_k[-1]))
+
+
 def _tolerance(dtype, temperature):
     return temperature_tolerance(TOL[dtype], temperature) if dtype == torch.float32 else TOL[dtype]
 
@@ -92,7 +97,7 @@ def _check(t, seqs, is_causal, temperature, tol):
         assert g is None or torch.isfinite(g).all(), f"{name}: non-finite values (an unwritten element?)"
     assert (dalibi is None) == (t["slopes"] is None)
     want_dtemp = torch.zeros(h, dtype=torch.float64)
-    for b, (q0, q1, k0, k1) in enumerate(varlen.bounds(seqs)):
+    for b, (q0, q1, k0, k1) in enumerate(_bounds(seqs)):
         rows, keys = slice(q0, q1), slice(k0, k1)
         if q1 == q0:
             # no query: its keys get no gradient, its slope row none
@@ -158,13 +163,13 @@ def test_nothing_leaks_across_sequences(is_causal):
     t, seqs = _pack(Q_LENS, K_LENS, 4, 2, 24, 0.05, dtype=torch.float32, is_causal=is_causal, alibi=True)
     clean = _run(t, seqs, is_causal)
     bad = 3  # 40 queries, 40 keys: its neighbours' last blocks end inside its rows and keys
-    (q0, q1, k0, k1) = varlen.bounds(seqs)[bad]
+    (q0, q1, k0, k1) = _bounds(seqs)[bad]
     dirty = {name: (x.clone() if torch.is_tensor(x) else x) for name, x in t.items()}
     for name, sl in (("lq", slice(q0, q1)), ("dout", slice(q0, q1)), ("out", slice(q0, q1)), ("lse", slice(q0, q1)),
                      ("lk", slice(k0, k1)), ("v", slice(k0, k1))):
         dirty[name][:, :, sl] = float("nan")
     got = _run(dirty, seqs, is_causal)
-    for b, (a0, a1, c0, c1) in enumerate(varlen.bounds(seqs)):
+    for b, (a0, a1, c0, c1) in enumerate(_bounds(seqs)):
         if b == bad:
             continue
         rows, keys = slice(a0, a1), slice(c0, c1)

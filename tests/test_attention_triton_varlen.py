@@ -39,6 +39,11 @@ PACKS = {
 }
 
 
+def _bounds(seqs):
+    """Each sequence's (q_start, q_end, k_start, k_end) of a valid pack (offsets ending at the rows)."""
+    return varlen.bounds(seqs, int(seqs.cu_q[-1]), int(seqs.cu_k[-1]))
+
+
 def _offsets(lengths):
     return torch.tensor([0] + torch.tensor(lengths, dtype=torch.int64).cumsum(0).tolist(), dtype=torch.int32,
                         device=DEVICE)
@@ -75,7 +80,7 @@ def _check(lq, lk, v, temp, slopes, causal, seqs, out, lse):
     dtype = v.dtype
     lq_v, lk_v, v_v = _views(lq.double(), lk.double(), v.double())
     failures = []
-    for b, (q0, q1, k0, k1) in enumerate(varlen.bounds(seqs)):
+    for b, (q0, q1, k0, k1) in enumerate(_bounds(seqs)):
         if q1 == q0:
             continue
         args = (lq_v[:, :, q0:q1], lk_v[:, :, k0:k1], v_v[:, :, k0:k1], temp.double(),
@@ -122,7 +127,7 @@ def test_nothing_crosses_a_sequence(dtype):
     """Changing one sequence's λ and v leaves every other sequence's out and lse bitwise unchanged, and
     NaN in the keys of a sequence without queries (sequence 1) reaches nobody."""
     lq, lk, v, temp, slopes, seqs = _pack(*PACKS["more"], dtype, True)
-    (q0, q1, k0, k1), (_, _, e0, e1) = varlen.bounds(seqs)[3], varlen.bounds(seqs)[1]
+    (q0, q1, k0, k1), (_, _, e0, e1) = _bounds(seqs)[3], _bounds(seqs)[1]
     lk[e0:e1], v[e0:e1] = float("nan"), float("nan")
     out, lse = _run(lq, lk, v, temp, slopes, True, seqs)
     lq2, lk2, v2 = lq.clone(), lk.clone(), v.clone()
@@ -195,9 +200,12 @@ def test_grid_covers_the_longest_sequence_and_every_sequence_head(monkeypatch):
     v = torch.randn(1, HKV, total, 16, device=DEVICE)
     seqs = varlen.Seqs(cu, cu, 150, 150)
     attention_fwd_triton(lq, lk, v, torch.ones(H, device=DEVICE), None, True, seqs)
-    assert len(recorder.launches) == 2  # "auto": the factorised then the general launch
+    # "auto": the factorised then the general launch, then the OVERFLOW launch (the blocks past max_seqlen_q)
+    assert [kwargs["OVERFLOW"] for _, _, kwargs in recorder.launches] == [False, False, True]
+    main_rows = recorder.launches[0][2]["BLOCK_M"]
     for grid, args, kwargs in recorder.launches:
         assert kwargs["VARLEN"] is True
-        assert grid[0] == -(-150 // kwargs["BLOCK_M"])
-        assert grid[1] <= 65535 and grid[2] <= 65535 and grid[1] * grid[2] >= count * H
+        assert grid[0] == (1 if kwargs["OVERFLOW"] else -(-150 // main_rows))
+        # one sequence more: the rows past the last offset
+        assert grid[1] <= 65535 and grid[2] <= 65535 and grid[1] * grid[2] >= (count + 1) * H
         assert args[0].stride(-1) == 1 and args[1].stride(-1) == 1  # λ handed over with unit stride along t

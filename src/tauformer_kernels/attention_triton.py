@@ -44,6 +44,8 @@ _FORWARD_RULES = (
          "64-bit offsets hold more registers: 4 warps spilled 24-40 B"),
 )
 _FORWARD_INTERPRET = {"BLOCK_M": 64, "BLOCK_N": 64, "num_stages": 1, "warps_factorised": 4, "warps_general": 4}
+# Warps of a pack's OVERFLOW launch (the query blocks past max_seqlen_q), every config
+_OVERFLOW_WARPS = 8
 # An offset at or past this many elements needs the kernel's 64-bit (WIDE) build.
 _WIDE_OFFSET = 2**31
 
@@ -68,14 +70,22 @@ def forward_launches(dv: int, dtype: torch.dtype, *, is_causal: bool, has_alibi:
     common = {
         "IS_CAUSAL": bool(is_causal), "HAS_ALIBI": has_alibi, "BLOCK_M": cfg["BLOCK_M"], "BLOCK_N": cfg["BLOCK_N"],
         "BLOCK_D": block_d, "MASK_D": dv % block_d != 0, "N_DCHUNK": triton.cdiv(dv, block_d), "WIDE": wide,
-        "VARLEN": bool(varlen),
+        "VARLEN": bool(varlen), "OVERFLOW": False,
         "FAST_SPAN": _FAST_SPAN[dtype], "FACTOR_DTYPE": factor_dtype(dtype, has_alibi),
         # fp32 needs ~1e-5 relative, which tf32 (10-bit mantissa) misses; tf32x3 (hi/lo split, three
         # tensor-core passes) keeps ~1e-6. fp16/bf16 P and V are exact inputs.
         "DOT_PRECISION": "tf32x3" if dtype == torch.float32 else "ieee",
     }
-    return [Launch(dict(common, PATH=p), cfg["warps_factorised" if p == 1 else "warps_general"], cfg["num_stages"])
-            for p in _PATHS[path]]
+    launches = [Launch(dict(common, PATH=p), cfg["warps_factorised" if p == 1 else "warps_general"],
+                       cfg["num_stages"]) for p in _PATHS[path]]
+    if varlen:
+        # the query blocks past max_seqlen_q (only a launch-size hint): one program per (sequence, head) loops
+        # over them on the general path, exact for any input (kernels/DESIGN.md, Packed sequences). Half the
+        # query rows, 8 warps: the loop's state on top of the general path spilled 16-48 B at the main tiles
+        # (bf16 sm_90 at 4 warps, fp32 sm_80 at 8)
+        rows = dict(BLOCK_M=max(16, cfg["BLOCK_M"] // 2))
+        launches.append(Launch(dict(common, PATH=3, OVERFLOW=True, **rows), _OVERFLOW_WARPS, cfg["num_stages"]))
+    return launches
 
 
 def max_offset(t: torch.Tensor) -> int:
@@ -90,36 +100,48 @@ def factor_dtype(dtype: torch.dtype, has_alibi: bool):
 
 
 def attention_fwd_triton(lq, lk, v, temperature, alibi_slopes, is_causal, seqs: _varlen.Seqs | None = None, *,
-                         poison: bool = False, path: str = "auto"):
+                         poison: bool = False, path: str = "auto", out: torch.Tensor | None = None,
+                         lse: torch.Tensor | None = None):
     """Fused taumode attention forward: (out (B, H, Tq, Dv) in v.dtype, lse (B, H, Tq) fp32).
 
     seqs: a pack (docs/math.md §Packed sequences): lq (1, H, total_q), lk (1, Hkv, total_k), v (1, Hkv,
     total_k, Dv), any strides, alibi_slopes (B, H) one row per sequence; out is a (1, H, total_q, Dv) view of
-    packed (total_q, H, Dv) memory (out[0].permute(1, 0, 2) is contiguous) and lse (1, H, total_q). Rows past
-    the last sequence are not written.
+    packed (total_q, H, Dv) memory (out[0].permute(1, 0, 2) is contiguous) and lse (1, H, total_q). Every row
+    is written, whatever the offsets and max_seqlen_q say (docs/math.md §Packed sequences: rows that see no
+    key get O = 0 and lse = +inf); max_seqlen_q < 1 with rows is refused.
 
     poison=True fills the outputs with NaN before the kernel runs, so a test sees any element the kernel
     forgets to write. path="general" forces the exponential-per-score path with an online maximum
-    (exact for any input) where "auto" would take the factorised one: tests compare the two.
+    (exact for any input) where "auto" would take the factorised one: tests compare the two. out, lse:
+    tensors of the shapes above to write into instead of new ones (tests pass views of larger buffers to
+    see that nothing outside them is written).
     """
     b, h, tq = lq.shape
     hkv, tk, dv = lk.shape[1], lk.shape[2], v.shape[-1]
-    if seqs is None:
+    if seqs is not None:
+        _varlen.check_max_lengths(seqs, tq, tk)
+    if out is None and seqs is None:
         out = torch.empty(b, h, tq, dv, dtype=v.dtype, device=v.device)
-    else:
+    elif out is None:
         # packed memory, as the caller's (total_q, H, Dv) layout wants it; the kernel sees (1, H, total_q, Dv)
         out = torch.empty(tq, h, dv, dtype=v.dtype, device=v.device).permute(1, 0, 2).unsqueeze(0)
+    if seqs is not None:
         # λ with unit stride along t, the layout the compile check's VARLEN rows prove spill-free: the bf16
         # factorised loop runs at 255 registers on sm_90, and a strided λ (a view of packed (total, H) λ,
         # stride H along t) costs it a spill. A no-op for the λ kernel's own (1, H, total) output; else a
         # copy of 4 bytes per row and head, against V's Dv elements.
         lq, lk = lq.contiguous(), lk.contiguous()
-    lse = torch.empty(b, h, tq, dtype=torch.float32, device=lq.device)
+    if lse is None:
+        lse = torch.empty(b, h, tq, dtype=torch.float32, device=lq.device)
     if poison:
         out.fill_(float("nan"))
         lse.fill_(float("nan"))
-    if out.numel() == 0 or (seqs is not None and (seqs.count == 0 or seqs.max_q == 0)):
+    if out.numel() == 0:
         return out, lse
+    if seqs is not None:
+        # decreasing trusted offsets read as their running maximum (no host read), as every backend reads
+        # them (varlen.effective); the kernel clamps them into the rows
+        seqs = seqs._replace(cu_q=_varlen.monotone(seqs.cu_q), cu_k=_varlen.monotone(seqs.cu_k))
     # per (batch row or sequence, kv head) range of λk: decides, inside the kernel, whether the factorised
     # path is exact (an empty sequence's (+inf, -inf) is never read: its programs exit)
     k_lo, k_hi = (t.contiguous() for t in _varlen.key_range(lk, seqs))
@@ -137,18 +159,24 @@ def attention_fwd_triton(lq, lk, v, temperature, alibi_slopes, is_causal, seqs: 
         cu_q = cu_k = k_lo
         rows, batch = tq, b
     else:
-        # the kernel reads sequence b's offsets and lengths; the pack's batch strides go unread
+        # the kernel reads sequence b's offsets and lengths; the pack's batch strides go unread. One sequence
+        # more (b = B): the rows past the last offset. No sequence has more rows than the pack: a larger
+        # max_seqlen_q would only add programs that exit
         cu_q, cu_k = seqs.cu_q.contiguous(), seqs.cu_k.contiguous()
-        rows, batch = seqs.max_q, seqs.count
+        rows, batch = min(seqs.max_q, tq), seqs.count + 1
     # b·h over axes 1 and 2 (each at most 65,535 programs), query blocks on axis 0
     bh = batch * h
     bh_axis = min(bh, _MAX_GRID_YZ)
-    grid = (triton.cdiv(rows, tiles["BLOCK_M"]), bh_axis, triton.cdiv(bh, bh_axis) * tiles["N_DCHUNK"])
+    q_blocks = triton.cdiv(rows, tiles["BLOCK_M"])
     with on_device(v):
         for launch in launches:
+            # the OVERFLOW launch: one program per (sequence, head), past the other launches' q_blocks
+            grid = (1 if launch.constexprs["OVERFLOW"] else q_blocks, bh_axis,
+                    triton.cdiv(bh, bh_axis) * tiles["N_DCHUNK"])
             taumode_attention_fwd_kernel[grid](
                 lq, lk, v, temperature, slopes, k_lo, k_hi, out, lse,
                 *lq.stride(), *lk.stride(), *v.stride(), *out.stride(),
-                bh, h, h // hkv, tq, tk, dv, cu_q, cu_k, lse.stride(1), **launch.options(),
+                bh, h, h // hkv, tq, tk, dv, cu_q, cu_k, lse.stride(1), q_blocks * tiles["BLOCK_M"],
+                **launch.options(),
             )
     return out, lse

@@ -8,8 +8,9 @@ Packed sequences (`seqs`, a varlen.Seqs; docs/math.md §Packed sequences): the p
 sequence attended to alone; the same kernels with VARLEN set, one program per (key block of a sequence, kv
 head), the offsets read on the device only (no host sync, nothing padded to max_seqlen), deterministic as
 the dense build. dv comes back as a (1, Hkv, total_k, Dv) view of packed (total_k, Hkv, Dv) memory and dalibi
-as (B, H), one row per sequence. A pack's offsets must end at its tensors' rows (cu[-1] = total): rows
-past the last sequence belong to no program, and their dλq, dλk and dV are undefined.
+as (B, H), one row per sequence. Trusted offsets are read as every backend reads them (varlen.effective,
+the kernels clamp them into the rows): rows in no sequence get zero gradients; max_seqlen_q/k only size the
+launches (the programs step on until their sequence is covered) and must be >= 1 where there are rows.
 
 Determinism: no atomics. dV and dλk are complete per key block (the query heads of a GQA group are summed
 inside its program in a fixed order); dλq comes out as one partial per slot (`partial_slots`: at most
@@ -26,6 +27,7 @@ import torch
 import triton
 
 from tauformer_kernels import reference
+from tauformer_kernels import varlen as _varlen
 from tauformer_kernels.launch import (
     Launch, LaunchShape, Rule, apply_rules, arch_of, block_size, gpu_launch_configs, on_device, triton_before,
 )
@@ -61,6 +63,8 @@ _INTERPRET_TILES = {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 
 # (batch, kv head).
 MAX_FUSED_DV = {torch.float16: 512, torch.bfloat16: 512, torch.float32: 256}
 MAX_SLOTS = 16
+# Warps of a pack's OVERFLOW launches (the key blocks past max_seqlen_k)
+_OVERFLOW_WARPS = 8
 
 
 # Applied in order to the base tile of the shape's Dv (measured spills: kernels/NOTES.md, Backward).
@@ -165,11 +169,23 @@ def backward_launches(dtype: torch.dtype, dv: int, *, tq: int, tk: int, has_alib
     if not varlen:
         # a dense build takes the pack's arguments as None constants: it compiles as if they did not exist
         common.update(CU_Q=None, CU_K=None, KB_COLS=None)
+    common["OVERFLOW"] = False
     if not cfg["SPLIT_DV"]:
-        return [Launch(dict(common, WITH_DV=True, WITH_DLAMBDA=True), cfg["num_warps"], cfg["num_stages"])]
-    return [Launch(dict(common, WITH_DV=True, WITH_DLAMBDA=False), cfg["num_warps"], cfg["num_stages"]),
-            Launch(dict(common, WITH_DV=False, WITH_DLAMBDA=True), cfg.get("warps_dlambda", cfg["num_warps"]),
-                   cfg.get("stages_dlambda", cfg["num_stages"]))]
+        launches = [Launch(dict(common, WITH_DV=True, WITH_DLAMBDA=True), cfg["num_warps"], cfg["num_stages"])]
+    else:
+        launches = [Launch(dict(common, WITH_DV=True, WITH_DLAMBDA=False), cfg["num_warps"], cfg["num_stages"]),
+                    Launch(dict(common, WITH_DV=False, WITH_DLAMBDA=True), cfg.get("warps_dlambda", cfg["num_warps"]),
+                           cfg.get("stages_dlambda", cfg["num_stages"]))]
+    return launches
+
+
+def overflow_launches(launches: list[Launch]) -> list[Launch]:
+    """A pack's OVERFLOW launches, one per main launch: the key blocks past max_seqlen_k (only a launch-size
+    hint), one program per (sequence, kv head). Half the keys per block (at least 16) and 8 warps: at the main
+    tiles the loop over blocks spilled 16-24 B (bf16/fp16 D=64 causal). Open: three fp32 builds still spill
+    8-24 B (kernels/NOTES.md, 2026-12-04)."""
+    return [Launch(dict(launch.constexprs, OVERFLOW=True, BLOCK_N=max(16, launch.constexprs["BLOCK_N"] // 2)),
+                   _OVERFLOW_WARPS, launch.num_stages) for launch in launches]
 
 
 def preprocess_launch(dv: int, row_block: int, varlen: bool = False) -> Launch:
@@ -191,19 +207,20 @@ def partial_slots(num_kb: int, b_hkv: int, device: torch.device) -> int:
 
 
 def attention_bwd_triton(dout, lq, lk, v, out, lse, temperature, alibi_slopes, is_causal, seqs=None, *,
-                         poison: bool = False):
+                         poison: bool = False, dv: torch.Tensor | None = None, dlk: torch.Tensor | None = None):
     """Fused taumode attention backward: (dlq, dlk, dv, dtemperature, dalibi) per docs/internal-contract.md;
     seqs (varlen.Seqs): the inputs are a pack (see the module docstring).
 
     poison=True fills every output and partial buffer with NaN before the kernels run, so a test sees any
-    element a kernel forgets to write.
+    element a kernel forgets to write. dv, dlk: tensors of the shapes of v and lk (dlk contiguous) to write
+    into instead of new ones (tests pass views of larger buffers to see that nothing outside them is written).
     """
     dv_dim = v.shape[-1]
     if dv_dim > MAX_FUSED_DV[v.dtype]:
         # a pack runs per group of sequences there (it reads the offsets on the host)
         return reference.attention_bwd_chunked(dout, lq, lk, v, out, lse, temperature, alibi_slopes, is_causal, seqs)
     with on_device(v):
-        return _attention_bwd(dout, lq, lk, v, out, lse, temperature, alibi_slopes, is_causal, seqs, poison)
+        return _attention_bwd(dout, lq, lk, v, out, lse, temperature, alibi_slopes, is_causal, seqs, poison, dv, dlk)
 
 
 def _preprocess(out, dout, lse, lq, block_m: int, seqs, new):
@@ -217,10 +234,14 @@ def _preprocess(out, dout, lse, lq, block_m: int, seqs, new):
         # per (head, query block of a sequence); total_q // BLOCK_M + B blocks per head bound the sequences'
         # cdiv(Tq_b, BLOCK_M) blocks without a host read
         rows = new((h, tq // block_m + count, 3, block_m), nan, dtype=torch.float32, device=device)
-        # zeros: rows past the last sequence (if any) gather row 0 instead of an address outside the buffer
-        idx = torch.zeros(tq, dtype=torch.int32, device=device)
-        grid = triton.cdiv(triton.cdiv(seqs.max_q, block_m) * block_m, pre.constexprs["BLOCK_M"]) * count * h
-        pack_args = (seqs.cu_q, idx, count, seqs.max_q)
+        # rows past the last sequence gather the zero row after the partial-dλq rows (the sequences' rows
+        # overwrite their entries)
+        idx = torch.full((tq,), DLQ_ROW_ALIGN.value * (tq // DLQ_ROW_ALIGN.value + count), dtype=torch.int32,
+                         device=device)
+        # no sequence has more rows than the pack: a larger max_seqlen_q would only add programs that exit
+        max_q = min(seqs.max_q, tq)
+        grid = triton.cdiv(triton.cdiv(max_q, block_m) * block_m, pre.constexprs["BLOCK_M"]) * count * h
+        pack_args = (seqs.cu_q, idx, count, max_q)
     else:
         # per query block of the main kernel, padded past Tq
         num_qb = triton.cdiv(tq, block_m)
@@ -236,27 +257,39 @@ def _preprocess(out, dout, lse, lq, block_m: int, seqs, new):
     return rows, idx
 
 
-def _attention_bwd(dout, lq, lk, v, out, lse, temperature, alibi_slopes, is_causal, seqs, poison):
+def _attention_bwd(dout, lq, lk, v, out, lse, temperature, alibi_slopes, is_causal, seqs, poison, dv, dlk):
     b, h, tq = lq.shape
     hkv, tk, dv_dim = lk.shape[1], lk.shape[2], v.shape[-1]
     device = v.device
     pack = seqs is not None
+    if pack:
+        _varlen.check_max_lengths(seqs, tq, tk)
+        # decreasing trusted offsets read as their running maximum, as in the forward (varlen.effective)
+        seqs = seqs._replace(cu_q=_varlen.monotone(seqs.cu_q), cu_k=_varlen.monotone(seqs.cu_k))
     # a pack: b = 1 batch row, tq / tk its total rows, `count` sequences of at most max_k keys
     count = seqs.count if pack else b
     launches = backward_launches(v.dtype, dv_dim, tq=tq, tk=tk, has_alibi=alibi_slopes is not None, group=h // hkv,
                                  is_causal=is_causal, arch=arch_of(device), varlen=pack)
     block_m, block_n = launches[0].constexprs["BLOCK_M"], launches[0].constexprs["BLOCK_N"]
-    num_kb = triton.cdiv(seqs.max_k if pack else tk, block_n)
+    num_kb = triton.cdiv(min(seqs.max_k, tk) if pack else tk, block_n)
     slots = partial_slots(num_kb, count * hkv, device)
+    # a pack's programs: one sequence more (b = B, the keys past the last sequence: zero gradients), and a
+    # DT_PART / DSLOPE_PART column for every key block the launches cover (the OVERFLOW launch adds the
+    # blocks past them, past max_seqlen_k, into column 0)
+    programs, kb_cols = (count + 1, triton.cdiv(num_kb, slots) * slots) if pack else (count, num_kb)
 
     new = torch.full if poison else (lambda shape, _fill, **kw: torch.empty(shape, **kw))
     nan = float("nan")
-    if pack:
+    if dv is None and pack:
         # dv in packed (total_k, Hkv, Dv) memory, seen as the pack's one batch row
         dv = new((tk, hkv, dv_dim), nan, dtype=v.dtype, device=device).permute(1, 0, 2).unsqueeze(0)
-    else:
+    elif dv is None:
         dv = new((b, hkv, tk, dv_dim), nan, dtype=v.dtype, device=device)
-    dlk = new((b, hkv, tk), nan, dtype=torch.float32, device=device)
+    if dlk is None:
+        dlk = new((b, hkv, tk), nan, dtype=torch.float32, device=device)
+    if poison:
+        dv.fill_(nan)
+        dlk.fill_(nan)
     if pack:
         # each sequence's partial-dλq rows from a multiple of DLQ_ROW_ALIGN (vectorised accesses), gathered
         # back into the pack's rows by IDX below
@@ -265,8 +298,9 @@ def _attention_bwd(dout, lq, lk, v, out, lse, temperature, alibi_slopes, is_caus
     else:
         dlq_part = new((slots, b, h, tq), nan, dtype=torch.float32, device=device)
     # per (sequence, head, key block); a pack's columns run to its longest sequence's key blocks
-    dt_part = new((count, h, num_kb), nan, dtype=torch.float32, device=device)
-    dslope_part = new((count, h, num_kb), nan, dtype=torch.float32, device=device) if alibi_slopes is not None else dt_part
+    dt_part = new((programs, h, kb_cols), nan, dtype=torch.float32, device=device)
+    dslope_part = (new((programs, h, kb_cols), nan, dtype=torch.float32, device=device) if alibi_slopes is not None
+                   else dt_part)
     if count * h == 0 or tq == 0 or tk == 0 or num_kb == 0:
         dv.zero_()
         dlk.zero_()
@@ -279,21 +313,35 @@ def _attention_bwd(dout, lq, lk, v, out, lse, temperature, alibi_slopes, is_caus
     rows, idx = _preprocess(out, dout, lse.to(torch.float32).contiguous(), lq, block_m, seqs, new)
     slopes = alibi_slopes.to(torch.float32).contiguous() if alibi_slopes is not None else rows
     temp = temperature.to(torch.float32).contiguous()
-    pack_args = (seqs.cu_q, seqs.cu_k, num_kb) if pack else ()
+    pack_args = (seqs.cu_q, seqs.cu_k, kb_cols) if pack else ()
     # key blocks kb_start .. kb_start + slots - 1 per launch, each adding into its slot (see the kernel)
     for kb_start in range(0, num_kb, slots):
         for launch in launches:
-            taumode_attention_bwd_kernel[(count * hkv * slots,)](
+            taumode_attention_bwd_kernel[(programs * hkv * slots,)](
                 rows, lk, v, dout, temp, slopes,
                 dv, dlk, dlq_part, dt_part, dslope_part,
                 *lk.stride(), *v.stride(), *dout.stride(), *dv.stride(),
                 count, h, tq, tk, dv_dim, slots, kb_start, *pack_args, **launch.options(),
             )
+    if pack:
+        for launch in overflow_launches(launches):
+            # its first block (in its own BLOCK_N) starts where the other launches' kb_cols blocks end
+            first = kb_cols * block_n // launch.constexprs["BLOCK_N"]
+            taumode_attention_bwd_kernel[(programs * hkv,)](
+                rows, lk, v, dout, temp, slopes,
+                dv, dlk, dlq_part, dt_part, dslope_part,
+                *lk.stride(), *v.stride(), *dout.stride(), *dv.stride(),
+                count, h, tq, tk, dv_dim, 1, first, *pack_args, **launch.options(),
+            )
     # fixed-order reductions of the per-slot and per-key-block partials
     if pack:
-        dlq = dlq_part.sum(0).index_select(1, idx).mul_(-1.0 / temp.view(h, 1)).unsqueeze(0)
+        # the slot sum with one zero row more, which the rows in no sequence gather (IDX)
+        summed = torch.empty(h, dlq_part.shape[-1] + 1, dtype=torch.float32, device=device)
+        summed[:, -1] = 0.0
+        torch.sum(dlq_part, 0, out=summed[:, :-1])
+        dlq = summed.index_select(1, idx).mul_(-1.0 / temp.view(h, 1)).unsqueeze(0)
     else:
         dlq = dlq_part.sum(0).mul_(-1.0 / temp.view(1, h, 1))
     dtemp = dt_part.sum(dim=(0, 2))
-    dalibi = None if alibi_slopes is None else dslope_part.sum(2).to(alibi_slopes.dtype)
+    dalibi = None if alibi_slopes is None else dslope_part[:count].sum(2).to(alibi_slopes.dtype)
     return dlq, dlk, dv, dtemp.to(temperature.dtype), dalibi

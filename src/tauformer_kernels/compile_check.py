@@ -110,7 +110,8 @@ def _lambda_bwd_case(x_dtype: str, f: int, per_vector_tau: bool = False) -> Kern
 
 def _attention_fwd_case(name: str, v_dtype: str, dv: int, path: int, causal: bool = True, alibi: bool = False,
                         wide: bool = False, varlen: bool = False) -> KernelCase:
-    """One PATH launch of the forward (1 factorised, 2 general) at the launcher's config per arch."""
+    """One launch of the forward (path 1 factorised, 2 general; 3 a pack's OVERFLOW launch) at the launcher's
+    config per arch."""
     from tauformer_kernels.attention_triton import forward_launches
     from tauformer_kernels.kernels.taumode_attention import taumode_attention_fwd_kernel
 
@@ -122,7 +123,7 @@ def _attention_fwd_case(name: str, v_dtype: str, dv: int, path: int, causal: boo
                       plain=("BH", "H", "GROUP", "Tq", "Tk", "Dv"))
     # the pack's offsets and LSE's head stride come last in the kernel's signature (narrow_base_products
     # numbers the PTX parameters in this order)
-    args.update({"CU_Q": "*i32:16", "CU_K": "*i32:16", "stride_lse_h": "i32"})
+    args.update({"CU_Q": "*i32:16", "CU_K": "*i32:16", "stride_lse_h": "i32", "Q_ROWS": "i32"})
     launches = {arch: forward_launches(dv, _DTYPES[v_dtype], is_causal=causal, has_alibi=alibi, arch=arch, wide=wide,
                                        gpu=True, varlen=varlen)[path - 1] for arch in _ARCHS}
     return KernelCase(name, taumode_attention_fwd_kernel, args, launches, counts_scores=True)
@@ -132,7 +133,7 @@ def _attention_bwd_cases(dtype: str, dv: int, causal: bool, alibi: bool, group: 
                          name: str = "", varlen: bool = False) -> list[KernelCase]:
     """The main backward kernel's launches (one, or the dV and dλ launches of a split config). varlen: a
     pack's build (the offsets, the partial columns; the pack's totals of no known alignment)."""
-    from tauformer_kernels.attention_triton_backward import backward_launches
+    from tauformer_kernels.attention_triton_backward import backward_launches, overflow_launches
     from tauformer_kernels.kernels.taumode_attention_backward import taumode_attention_bwd_kernel
 
     args = _signature({"ROWS": "fp32", "LK": "fp32", "V": dtype, "DO": dtype, "TEMP": "fp32", "SLOPES": "fp32",
@@ -149,9 +150,16 @@ def _attention_bwd_cases(dtype: str, dv: int, causal: bool, alibi: bool, group: 
     name = name or (f"taumode_attention_bwd {'varlen ' if varlen else ''}{dtype} D={dv} causal={causal} "
                     f"alibi={alibi} G={group}")
     split = len(per_arch[90]) > 1
-    return [KernelCase(name + (f" {part}" if split else ""), taumode_attention_bwd_kernel, args,
-                       {arch: launches[i] for arch, launches in per_arch.items()}, counts_scores=True)
-            for i, part in enumerate(("dv", "dlambda")[:len(per_arch[90])])]
+    parts = ("dv", "dlambda")[:len(per_arch[90])]
+    cases = [KernelCase(name + (f" {part}" if split else ""), taumode_attention_bwd_kernel, args,
+                        {arch: launches[i] for arch, launches in per_arch.items()}, counts_scores=True)
+             for i, part in enumerate(parts)]
+    if varlen:  # the pack's OVERFLOW launches (the key blocks past max_seqlen_k)
+        per_arch = {arch: overflow_launches(launches) for arch, launches in per_arch.items()}
+        cases += [KernelCase(name + (f" {part}" if split else "") + " overflow", taumode_attention_bwd_kernel, args,
+                             {arch: launches[i] for arch, launches in per_arch.items()}, counts_scores=True)
+                  for i, part in enumerate(parts)]
+    return cases
 
 
 def _preprocess_case(dtype: str, dv: int, varlen: bool = False) -> KernelCase:
@@ -193,7 +201,7 @@ def kernel_cases() -> list[KernelCase]:
                   ("non-causal D=48 fp16", "fp16", 48, {"causal": False}), ("causal D=64 bf16 wide", "bf16", 64,
                                                                               {"wide": True})]
     for label, dtype, dv, extra in varlen_fwd:
-        for path, path_name in ((1, "factorised"), (2, "general")):
+        for path, path_name in ((1, "factorised"), (2, "general"), (3, "overflow")):
             cases.append(_attention_fwd_case(f"attn_fwd {path_name} {label} varlen", dtype, dv, path, varlen=True,
                                              **extra))
     cases += [_attention_fwd_case("attn_fwd factorised causal D=64 fp16 wide", "fp16", 64, 1, wide=True),

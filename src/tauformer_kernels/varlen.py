@@ -8,6 +8,15 @@ inside it, ALiBi distances from its own start, slopes per sequence). docs/math.m
 Backends see a pack as one batch row: λq (1, H, total_q), λk (1, Hkv, total_k), v (1, Hkv, total_k, Dv)
 (strided views of the packed tensors), out (1, H, total_q, Dv) and lse (1, H, total_q), with `Seqs` beside
 them; slopes are (B, H), one row per sequence.
+
+Trusted offsets (max_seqlen_q/k given: nothing reads them on the host) may be wrong. Every backend then reads
+them the same way (`effective`), so that all agree and no kernel reaches outside its tensors: sequence 0
+starts at row 0, each later offset is the running maximum of the offsets so far, clamped into [0, rows];
+rows past the last offset belong to no sequence. A query row that sees no key (in no sequence, in a
+sequence without keys, or causal in front of its sequence's first key) gets output 0 and lse +inf (as
+FlashAttention's empty rows); a key row in no sequence gets zero gradients. max_seqlen_q/k are only the
+launch size of the Triton kernels (their programs loop until their sequence is covered), and must be >= 1
+where there are rows.
 """
 from __future__ import annotations
 
@@ -69,34 +78,76 @@ def check_offsets_values(cu_q: Tensor, cu_k: Tensor, total_q: int, total_k: int,
             max((b - a for a, b in zip(offsets[1], offsets[1][1:])), default=0))
 
 
-def bounds(seqs: Seqs) -> list[tuple[int, int, int, int]]:
-    """(q_start, q_end, k_start, k_end) of every sequence, read on the host (for the PyTorch backends)."""
+def check_max_lengths(seqs: Seqs, total_q: int, total_k: int) -> None:
+    """max_seqlen_q/k >= 1 where the pack has rows: every backend checks it (a value on the host, no read of the
+    offsets), so that all refuse the same calls; the Triton grids are sized by them."""
+    for name, longest, total in (("max_seqlen_q", seqs.max_q, total_q), ("max_seqlen_k", seqs.max_k, total_k)):
+        validation.require(longest >= 1 or total == 0, lambda: f"{name} must be >= 1 (the longest sequence's "
+                           f"length, an upper bound is enough) for a pack of {total} rows, got {longest}")
+
+
+def monotone(cu: Tensor) -> Tensor:
+    """The running maximum of offsets, on their device (no host read): what the Triton kernels read, so that
+    trusted offsets that decrease give sequences that do not overlap (the kernels clamp them into
+    [0, rows] themselves)."""
+    return cu if cu.numel() == 0 else cu.cummax(0).values
+
+
+def effective(cu: list[int], total: int) -> list[int]:
+    """Offsets read on the host as every backend reads them (see the module docstring): 0 first, then the
+    running maximum clamped into [0, total]. Valid offsets come back unchanged."""
+    out, running = [0], cu[0]
+    for c in cu[1:]:
+        running = max(running, c)
+        out.append(min(max(running, 0), total))
+    return out
+
+
+def bounds(seqs: Seqs, total_q: int, total_k: int) -> list[tuple[int, int, int, int]]:
+    """(q_start, q_end, k_start, k_end) of every sequence, read on the host (for the PyTorch backends), as
+    `effective` reads the offsets."""
     q, k = torch.stack([seqs.cu_q, seqs.cu_k]).tolist()
+    q, k = effective(q, total_q), effective(k, total_k)
     return list(zip(q, q[1:], k, k[1:]))
 
 
 def segment_ids(cu: Tensor, total: int) -> Tensor:
-    """The sequence of each of `total` rows (int64), without a host sync."""
+    """The sequence of each of `total` rows (int64), B for a row past the last sequence, without a host sync:
+    offsets read as `effective` reads them."""
     rows = torch.arange(total, device=cu.device, dtype=cu.dtype)
-    return torch.searchsorted(cu[1:].contiguous(), rows, right=True)
+    # a row before the first offset is sequence 0's; clamping the offsets into [0, total] changes no count
+    return (torch.searchsorted(monotone(cu), rows, right=True) - 1).clamp_min_(0)
 
 
 def key_range(lk: Tensor, seqs: Optional[Seqs]) -> tuple[Tensor, Tensor]:
-    """(min, max) of λk per (batch row, kv head) as fp32 (B, Hkv); per (sequence, kv head) for a pack. An
-    empty sequence gets (+inf, -inf)."""
+    """(min, max) of λk per (batch row, kv head) as fp32 (B, Hkv); per (sequence, kv head) for a pack, with
+    one row more (B + 1, Hkv) for the keys past the last sequence. An empty sequence gets (+inf, -inf)."""
     if seqs is None:
         return lk.amin(dim=-1).float(), lk.amax(dim=-1).float()
     hkv, total = lk.shape[1], lk.shape[2]
     index = segment_ids(seqs.cu_k, total).expand(hkv, total)
     values = lk[0].float()
-    lo = torch.full((hkv, seqs.count), float("inf"), device=lk.device).scatter_reduce(1, index, values, "amin")
-    hi = torch.full((hkv, seqs.count), float("-inf"), device=lk.device).scatter_reduce(1, index, values, "amax")
+    lo = torch.full((hkv, seqs.count + 1), float("inf"), device=lk.device).scatter_reduce(1, index, values, "amin")
+    hi = torch.full((hkv, seqs.count + 1), float("-inf"), device=lk.device).scatter_reduce(1, index, values, "amax")
     return lo.t().contiguous(), hi.t().contiguous()
 
 
 def _packed(total: int, heads: int, dv: int, like: Tensor) -> Tensor:
     """A zeroed (1, heads, total, dv) view of packed (total, heads, dv) memory."""
     return empty_packed(total, heads, dv, like).zero_()
+
+
+def visible_bounds(seq_bounds: list[tuple[int, int, int, int]], is_causal: bool) -> list[tuple[int, int, int, int]]:
+    """The query rows of each sequence that see a key (the dense backends' softmax needs one): none without
+    keys; causal, the last Tk (bottom-right alignment keeps every logit). The others keep output 0."""
+    out = []
+    for q0, q1, k0, k1 in seq_bounds:
+        if k1 == k0:
+            q0 = q1
+        elif is_causal:
+            q0 = max(q0, q1 - (k1 - k0))
+        out.append((q0, q1, k0, k1))
+    return out
 
 
 # How much padding a group of sequences run as one batch may add: padded tokens <= this × real tokens.
@@ -144,9 +195,11 @@ def forward_by_sequence(forward, lq, lk, v, temperature, alibi_slopes, is_causal
     """A dense backend forward run per group of sequences (each sequence as if alone, groups(): a padded
     batch each): (out, lse) in the pack's layout. For the PyTorch backends."""
     h, total_q = lq.shape[1], lq.shape[2]
+    check_max_lengths(seqs, total_q, lk.shape[2])
     out = _packed(total_q, h, v.shape[-1], v)
-    lse = torch.zeros(1, h, total_q, dtype=lq.dtype, device=lq.device)
-    seq_bounds = bounds(seqs)
+    # rows that see no key keep output 0 and lse +inf (see the module docstring)
+    lse = torch.full((1, h, total_q), float("inf"), dtype=lq.dtype, device=lq.device)
+    seq_bounds = visible_bounds(bounds(seqs, total_q, lk.shape[2]), is_causal)
     for group in groups(seq_bounds, is_causal):
         q_spans = [seq_bounds[b][:2] for b in group]
         k_spans = [seq_bounds[b][2:] for b in group]
@@ -169,7 +222,8 @@ def backward_by_sequence(backward, dout, lq, lk, v, out, lse, temperature, alibi
     dv = _packed(lk.shape[2], hkv, v.shape[-1], v)
     dtemp = torch.zeros_like(temperature)
     dalibi = None if alibi_slopes is None else torch.zeros_like(alibi_slopes)
-    seq_bounds = bounds(seqs)
+    check_max_lengths(seqs, lq.shape[2], lk.shape[2])
+    seq_bounds = visible_bounds(bounds(seqs, lq.shape[2], lk.shape[2]), is_causal)
     for group in groups(seq_bounds, is_causal):
         q_spans = [seq_bounds[b][:2] for b in group]
         k_spans = [seq_bounds[b][2:] for b in group]
@@ -212,9 +266,14 @@ def remove_translation(dlq: Tensor, dlk: Tensor, seqs: Seqs) -> tuple[Tensor, Te
     q_rows = dlq[0].to(dt).view(hkv, group, total_q)
     k_rows = dlk[0].to(dt)
     q_seq, k_seq = segment_ids(seqs.cu_q, total_q), segment_ids(seqs.cu_k, total_k)
-    sums = torch.zeros(hkv, seqs.count, dtype=dt, device=dlq.device)
+    # one column more for the rows past the last sequence (zero gradients: their shift is 0)
+    sums = torch.zeros(hkv, seqs.count + 1, dtype=dt, device=dlq.device)
     sums.index_add_(1, q_seq, q_rows.sum(1)).index_add_(1, k_seq, k_rows)
-    counts = (group * seqs.cu_q.diff() + seqs.cu_k.diff()).clamp_min(1).to(dt)
+    # the rows of each (index_add of ones: bincount would read its maximum on the host)
+    counts = torch.zeros(seqs.count + 1, dtype=dt, device=dlq.device)
+    counts.index_add_(0, q_seq, q_rows.new_full((total_q,), float(group)))
+    counts.index_add_(0, k_seq, k_rows.new_ones(total_k))
+    counts = counts.clamp_min_(1)
     shift = sums / counts
     q_new = q_rows - shift[:, None, :].index_select(2, q_seq)
     k_new = k_rows - shift.index_select(1, k_seq)
