@@ -38,8 +38,8 @@ PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
 unset TRITON_INTERPRET TAUFORMER_GPU_CONFIGS
 elapsed() { echo $(( $(date +%s) - START )); }
-TRITON_TESTS="tests/test_attention_triton.py tests/test_attention_triton_backward.py tests/test_lambda_triton.py \
-tests/test_lambda_triton_backward.py tests/test_gpu_sizes.py tests/test_bad_input.py"
+TRITON_TESTS="tests/kernels/test_attention_triton.py tests/kernels/test_attention_triton_backward.py tests/kernels/test_lambda_triton.py \
+tests/kernels/test_lambda_triton_backward.py tests/kernels/test_gpu_sizes.py tests/kernels/test_bad_input.py"
 PROBES="big-forward many-heads long-backward"
 NGPU=$("$PY" -c "import torch; print(torch.cuda.device_count())" 2>/dev/null || echo 0)
 MULTI_S=0

@@ -7,17 +7,10 @@ rounded as the tensor cores round them, the backward's PTX exp2 with its flush t
 """
 import importlib.util
 import os
-import sys
 import tempfile
 
-# `python -m pytest` puts the working directory, the repository root, first on sys.path: there the
-# top-level kernels/ folder (the Triton sources, installed as tauformer_kernels.kernels) would shadow
-# Hugging Face's `kernels` package, which transformers 5.25 imports. The tests import the installed package.
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _ROOT]
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")

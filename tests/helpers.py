@@ -123,7 +123,7 @@ def oracle(lq, lk, v, temperature, alibi_slopes=None, is_causal=True, dout=None,
 
     temperature (H,); alibi_slopes None, (H,) or (B, H) (its gradient takes its shape); dout None: no
     gradients. The exact logsumexp is reference.attention_fwd_chunked's in float64: the row maximum and
-    sum of the very logits whose softmax is its output, which tests/test_reference.py checks against the
+    sum of the very logits whose softmax is its output, which tests/kernels/test_reference.py checks against the
     oracle's to 1e-12 (and the logsumexp by hand).
     """
     b, h = lq.shape[:2]

@@ -9,7 +9,7 @@ Two layers:
   `taumode_attention_from_lambda`. They check shapes, resolve `backend="auto"`, broadcast the per-head
   parameters and call the backend ops, so autograd and tracing see only the backend ops.
 
-Layouts, as the fake implementations promise them (a compiled graph asserts them; tests/test_opcheck.py
+Layouts, as the fake implementations promise them (a compiled graph asserts them; tests/kernels/test_opcheck.py
 checks every op with the layouts its callers pass): λ, the attention output and its logsumexp are contiguous
 (a pack's output: packed (total, H, Dv) memory); each gradient has its input's layout (torch.empty_like:
 a token-major view's gradient is token-major), whatever layout the backend allocated (`_like` copies).

@@ -26,39 +26,15 @@ What happens where (docs/math.md has the math; the taumode layer itself is taufo
 from __future__ import annotations
 
 import contextlib
-import importlib.machinery
-import importlib.util
 import json
 import math
-import os
 import pathlib
-import sys
 import types
 
 import numpy as np
 import torch
 import torch.nn as nn
 
-
-
-def _import_the_installed_kernels_package() -> None:
-    """transformers 5.25 imports Hugging Face's `kernels` package. A process started in this repository's
-    root (``python -m ...`` puts it first on sys.path) would find the repository's own top-level kernels/
-    folder under that name instead (this package's Triton sources, installed as tauformer_kernels.kernels)
-    and transformers would fail to import. Import the installed one first, skipping the root."""
-    from tauformer_kernels import kernels as triton_sources
-
-    if "kernels" in sys.modules:
-        return
-    root = os.path.dirname(os.path.dirname(os.path.abspath(triton_sources.__file__)))
-    spec = importlib.machinery.PathFinder.find_spec("kernels", [p for p in sys.path if os.path.abspath(p or ".") != root])
-    if spec is not None:
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["kernels"] = module
-        spec.loader.exec_module(module)
-
-
-_import_the_installed_kernels_package()
 try:
     import transformers
     from transformers import (

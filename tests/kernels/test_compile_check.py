@@ -76,7 +76,8 @@ def test_packed_forward_rows_are_the_launches(cases, record):
     cu = torch.tensor([0, 30, 70], dtype=torch.int32)
     lq, lk, v = _lambdas(2, 1, 70, 64, torch.bfloat16)
     attention_triton.attention_fwd_triton(lq, lk, v, torch.ones(2), None, True, Seqs(cu, cu, 40, 40))
-    rows = ("attn_fwd factorised causal D=64 bf16 varlen", "attn_fwd general causal D=64 bf16 varlen")
+    rows = ("attn_fwd factorised causal D=64 bf16 varlen", "attn_fwd general causal D=64 bf16 varlen",
+            "attn_fwd overflow causal D=64 bf16 varlen")
     assert record["taumode_attention_fwd_kernel"].launches == [cases[r].launches[90].options() for r in rows]
 
 
@@ -129,7 +130,8 @@ def test_packed_backward_rows_are_the_launches(cases, record):
     out = torch.randn(1, 1, 70, 64).to(torch.bfloat16)
     attention_triton_backward.attention_bwd_triton(out, lq, lk, v, out, torch.zeros(1, 1, 70), torch.ones(1), None,
                                                    True, Seqs(cu, cu, 40, 40))
-    want = cases["taumode_attention_bwd varlen bf16 D=64 causal=True alibi=False G=1"].launches[90].options()
-    assert record["taumode_attention_bwd_kernel"].launches == [want]
+    row = "taumode_attention_bwd varlen bf16 D=64 causal=True alibi=False G=1"
+    want = [cases[name].launches[90].options() for name in (row, row + " overflow")]
+    assert record["taumode_attention_bwd_kernel"].launches == want
     preprocess = cases["attention_bwd_preprocess varlen bf16 D=64"].launches[90].options()
     assert record["attention_bwd_preprocess_kernel"].launches == [preprocess]

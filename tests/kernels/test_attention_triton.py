@@ -1,7 +1,7 @@
 """The Triton attention forward's own machinery: its two paths, its tiles, rows over many key blocks.
 
 What every backend must compute (shapes, dtypes, temperatures, slopes, λ ranges, outputs poisoned with NaN
-first) is tests/test_attention_contract.py. Here: the per-program choice between the factorised path
+first) is tests/kernels/test_attention_contract.py. Here: the per-program choice between the factorised path
 (PATH 1, docs/math.md §Fast path range) and the general one (PATH 2), against path="general" (every
 program on the general path, PATH 3); the interpreter's tiles at the GPU's BLOCK_M = 2·BLOCK_N; one
 row over many key blocks. Each result is poisoned and held to the contract's criterion (helpers.flash_close).

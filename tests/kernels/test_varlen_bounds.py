@@ -20,7 +20,7 @@ from tauformer_kernels.attention_triton_backward import attention_bwd_triton  # 
 
 H, HKV, DV, TEMPERATURE = 2, 1, 8, 0.3
 GUARD, SENTINEL = 16, 12345.0
-# fp32 against float64: outputs at 1e-5, gradients at 1e-4 (tests/test_gpu_configs.py's tolerances)
+# fp32 against float64: outputs at 1e-5, gradients at 1e-4 (tests/kernels/test_gpu_configs.py's tolerances)
 FWD_TOL, BWD_TOL = 1e-5, 1e-4
 
 # (cu_q, cu_k, total_q, total_k, the effective offsets every backend reads: q, k). total_q <= total_k: a causal

@@ -3,7 +3,7 @@
 Both hosts hand the ops token-major views (q.transpose(1, 2) of a (B, T, H, F) projection) and, with packed
 documents or padding, (B·T, H, F) packs; a compiled graph asserts the strides each op's fake implementation
 promises, so a fake that says "contiguous" where the real op returns the input's layout dies in the first
-backward (#29). tests/test_opcheck.py checks the ops one by one; these check that the hosts train.
+backward (#29). tests/kernels/test_opcheck.py checks the ops one by one; these check that the hosts train.
 Everything runs on the CPU through the reference backend (`auto` there): a compiled graph cannot trace a
 Triton kernel under the interpreter (the ops' bodies stay opaque, but the interpreter is minutes a step).
 """
@@ -20,7 +20,7 @@ from tauformer_model import train as train_mod
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> pathlib.Path:
-    """About 40 of the stdlib's .py files, copied into a folder (as tests/test_model_train.py's)."""
+    """About 40 of the stdlib's .py files, copied into a folder (as tests/model/test_model_train.py's)."""
     root = pathlib.Path(sysconfig.get_paths()["stdlib"])
     folder = tmp_path_factory.mktemp("corpus")
     for p in sorted(root.glob("*.py"))[:40]:

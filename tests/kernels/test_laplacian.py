@@ -15,7 +15,7 @@ from tauformer_kernels import (
     validate_laplacian,
 )
 
-REFERENCE_MANIFOLD = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "reference-manifold",
+REFERENCE_MANIFOLD = os.path.join(os.path.dirname(__file__), "..", "..", "..", "shared", "data", "reference-manifold",
                                   "laplacian_384_coo.npz")
 
 

@@ -8,8 +8,8 @@ import torch
 
 transformers = pytest.importorskip("transformers", minversion="5.4")
 
-from transformers import (AttentionInterface, AutoModelForCausalLM, DynamicCache, LlamaConfig,  # noqa: E402
-                          MistralConfig, Qwen2Config)
+from helpers import relative_error as rel_err  # noqa: E402
+from transformers import AttentionInterface, AutoModelForCausalLM, DynamicCache, LlamaConfig, MistralConfig, Qwen2Config  # noqa: E402
 from transformers.masking_utils import AttentionMaskInterface  # noqa: E402
 
 import tauformer_kernels as tk  # noqa: E402
@@ -20,8 +20,6 @@ from tauformer_model.config import TauGPTConfig  # noqa: E402
 from tauformer_model.data import load_dataset  # noqa: E402
 from tauformer_model.generate import generate as taugpt_generate  # noqa: E402
 from tauformer_model.model import TauGPT  # noqa: E402
-
-from helpers import relative_error as rel_err  # noqa: E402
 
 SHAPE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, vocab_size=256, max_position_embeddings=512)
@@ -410,19 +408,19 @@ def test_triton_kernels_through_the_transformers_path():
 
 
 def test_imports_from_the_repository_root():
-    """transformers 5.25 imports Hugging Face's `kernels` package; in the repository's root the top-level
-    kernels/ folder (the Triton sources) must not stand in for it."""
+    """transformers 5.25 imports Hugging Face's `kernels` package. The top-level kernels/ folder (the Triton
+    sources) has no __init__.py, so from the repository's root it is only a namespace portion and the installed
+    package wins; this package's own sources stay importable as tauformer_kernels.kernels."""
     import pathlib
     import subprocess
     import sys
 
-    root = pathlib.Path(__file__).resolve().parent.parent
-    code = ("import sys, tauformer_model.hf; k = sys.modules.get('kernels'); "
-            "print('shadowed' if k is not None and str(getattr(k, '__file__', '')).startswith(sys.argv[1]) else 'ok')")
-    result = subprocess.run([sys.executable, "-c", code, str(root / "kernels")], cwd=root, capture_output=True,
-                            text=True, timeout=300)
+    root = pathlib.Path(__file__).resolve().parents[2]
+    code = ("import transformers, kernels, tauformer_kernels.kernels.taumode_attention as t; "
+            "print(kernels.__file__ is not None and 'site-packages' in kernels.__file__, t.__name__)")
+    result = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert result.stdout.strip() == "ok"
+    assert result.stdout.split() == ["True", "tauformer_kernels.kernels.taumode_attention"]
 
 
 @pytest.mark.parametrize("extra", [dict(attention="dot"), dict(dot_every=2), dict(lambda_slices=2),

@@ -174,7 +174,7 @@ def test_the_gpu_script_plans_inside_the_device_limit():
     """bench/run_gpu.sh --dry-run prints every step and a budget within the device tool's 600 s a command."""
     import pathlib
 
-    script = pathlib.Path(__file__).resolve().parent.parent / "bench" / "run_gpu.sh"
+    script = pathlib.Path(__file__).resolve().parents[2] / "bench" / "run_gpu.sh"
     proc = subprocess.run(["bash", str(script), "--dry-run", "/tmp/unused"], capture_output=True, text=True, timeout=30)
     assert proc.returncode == 0, proc.stderr
     for step in ("tests", "bench", "sweep", "sdpa", "big-forward", "many-heads", "long-backward", "FLASH_ATTENTION"):

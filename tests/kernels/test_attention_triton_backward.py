@@ -1,6 +1,6 @@
 """The Triton attention backward's own machinery: poisoned buffers, launches, large heads, determinism.
 
-What every backend's gradients must be is tests/test_attention_contract.py. Here the kernel is called
+What every backend's gradients must be is tests/kernels/test_attention_contract.py. Here the kernel is called
 directly, with every output and partial buffer poisoned with NaN first (an element a launch forgets to
 write fails), on the forward's (out, lse) from reference.attention_fwd_chunked (so these tests do not
 depend on the forward kernel): key blocks spread over several launches adding into their dλq slots, fp32

@@ -1,6 +1,6 @@
 """The sorted decode cache's own machinery: its stack of merged levels, capacity, and its checks.
 
-What its decode steps must compute is tests/test_attention_contract.py (backend "sorted_cache": every
+What its decode steps must compute is tests/kernels/test_attention_contract.py (backend "sorted_cache": every
 causal case decoded one query at a time, against the float64 oracle). Here every step of a prefill and
 decode run is checked against the oracle (helpers.flash_close) and the structure after it: blocks sealed
 and merged across levels (docs/math.md §Sorted (loglinear) attention), capacities that drop levels or

@@ -1,6 +1,6 @@
 """The O(T log T) backend's own machinery: its divide and conquer over many levels, and real lengths.
 
-What every backend must compute is tests/test_attention_contract.py (it runs this backend with small
+What every backend must compute is tests/kernels/test_attention_contract.py (it runs this backend with small
 blocks, a few levels deep). Here attention_fwd_loglinear / attention_bwd_loglinear are called directly,
 on slices of a larger cache (non-contiguous λk and v): deep level stacks with tiny blocks (many levels,
 a deep recursive scan, few queries against many keys), and the default blocks at 4096 and 8193 tokens
