@@ -237,3 +237,21 @@ def loglinear_small_blocks(monkeypatch) -> None:
     monkeypatch.setattr(loglinear, "LEAF", 16)
     monkeypatch.setattr(loglinear, "SCAN_CHUNK", 4)
     monkeypatch.setattr(loglinear, "DENSE_QUERIES", 8)
+
+
+def run_trainer(flags: list[str], *, ranks: int = 1, timeout: int = 300):
+    """``python -m tauformer_model.train FLAGS`` in a subprocess, under torchrun with ``ranks`` CPU processes
+    when ranks > 1 (one thread each, this process's sys.path); asserts it succeeded, returns the process."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p), OMP_NUM_THREADS="1")
+    env.pop("RANK", None), env.pop("WORLD_SIZE", None)
+    launcher = [sys.executable]
+    if ranks > 1:
+        launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}"]
+    proc = subprocess.run(launcher + ["-m", "tauformer_model.train"] + flags, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc

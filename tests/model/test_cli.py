@@ -1,6 +1,5 @@
 """Command-line errors: one clear line naming the flag (parse time where possible), never a traceback."""
 import io
-import sysconfig
 
 import numpy as np
 import pytest
@@ -11,17 +10,6 @@ from tauformer_model import compare, decode_bench, laplacian_cli, tasks
 from tauformer_model import generate as gen_mod
 from tauformer_model import train as train_mod
 from tauformer_model.checkpoint import load_model
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    import pathlib
-
-    root = pathlib.Path(sysconfig.get_paths()["stdlib"])
-    folder = tmp_path_factory.mktemp("corpus")
-    for p in sorted(root.glob("*.py"))[:40]:
-        (folder / p.name).write_bytes(p.read_bytes())
-    return folder
 
 
 def _train_error(argv, capsys):

@@ -9,23 +9,12 @@ Triton kernel under the interpreter (the ops' bodies stay opaque, but the interp
 """
 import json
 import pathlib
-import sysconfig
 
 import pytest
 import torch
 from helpers import relative_error
 
 from tauformer_model import train as train_mod
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> pathlib.Path:
-    """About 40 of the stdlib's .py files, copied into a folder (as tests/model/test_model_train.py's)."""
-    root = pathlib.Path(sysconfig.get_paths()["stdlib"])
-    folder = tmp_path_factory.mktemp("corpus")
-    for p in sorted(root.glob("*.py"))[:40]:
-        (folder / p.name).write_bytes(p.read_bytes())
-    return folder
 
 
 def _train(out: pathlib.Path, corpus: pathlib.Path, *flags: str) -> list[float]:

@@ -2,15 +2,11 @@
 checkpoint (full tensors gathered to rank 0) resumes exactly in one process."""
 
 import json
-import os
-import pathlib
 import shutil
-import subprocess
-import sys
-import sysconfig
 
 import pytest
 import torch
+from helpers import run_trainer
 from safetensors.torch import load_file
 
 if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
@@ -21,28 +17,11 @@ STEPS = 20
 MODEL = ["--learn-laplacian", "--learn-tau"]
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> pathlib.Path:
-    root = pathlib.Path(sysconfig.get_paths()["stdlib"])
-    folder = tmp_path_factory.mktemp("corpus")
-    for p in sorted(root.glob("*.py"))[:40]:
-        (folder / p.name).write_bytes(p.read_bytes())
-    return folder
-
-
 def run(args, out, corpus, cache, ranks=1):
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p), OMP_NUM_THREADS="1")
-    env.pop("RANK", None), env.pop("WORLD_SIZE", None)
-    launcher = [sys.executable]
-    if ranks > 1:
-        launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}"]
-    cmd = launcher + ["-m", "tauformer_model.train", "--preset", "micro", "--data", str(corpus), "--data-cache",
-                      str(cache), "--out", str(out), "--batch-size", "2", "--max-steps", str(STEPS),
-                      "--eval-every", "1", "--checkpoint-every", str(STEPS), "--seed", "5", "--threads", "1",
-                      "--no-progress", "--device", "cpu"] + MODEL + args
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    return proc
+    return run_trainer(["--preset", "micro", "--data", str(corpus), "--data-cache", str(cache), "--out", str(out),
+                        "--batch-size", "2", "--max-steps", str(STEPS), "--eval-every", "1", "--checkpoint-every",
+                        str(STEPS), "--seed", "5", "--threads", "1", "--no-progress", "--device", "cpu"]
+                       + MODEL + args, ranks=ranks)
 
 
 def losses(out):

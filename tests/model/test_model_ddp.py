@@ -2,14 +2,10 @@
 parallel training (each window split over the ranks) against one process."""
 
 import json
-import os
-import pathlib
-import subprocess
-import sys
-import sysconfig
 
 import pytest
 import torch
+from helpers import run_trainer
 from safetensors.torch import load_file
 
 pytest.importorskip("torch.distributed")
@@ -17,28 +13,10 @@ if not torch.distributed.is_available() or not torch.distributed.is_gloo_availab
     pytest.skip("torch.distributed with gloo is not available", allow_module_level=True)
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> pathlib.Path:
-    root = pathlib.Path(sysconfig.get_paths()["stdlib"])
-    folder = tmp_path_factory.mktemp("corpus")
-    for p in sorted(root.glob("*.py"))[:40]:
-        (folder / p.name).write_bytes(p.read_bytes())
-    return folder
-
-
 def run(args, out, corpus, cache, ranks=1):
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p), OMP_NUM_THREADS="1")
-    env.pop("RANK", None), env.pop("WORLD_SIZE", None)
-    launcher = [sys.executable]
-    if ranks > 1:
-        launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}"]
-    cmd = launcher + ["-m", "tauformer_model.train", "--preset", "micro", "--data", str(corpus), "--data-cache",
-                      str(cache), "--out", str(out), "--batch-size", "2", "--max-steps", "6", "--eval-every", "2",
-                      "--checkpoint-every", "6", "--seed", "5", "--threads", "1", "--no-progress", "--device",
-                      "cpu"] + args
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    return proc
+    return run_trainer(["--preset", "micro", "--data", str(corpus), "--data-cache", str(cache), "--out", str(out),
+                        "--batch-size", "2", "--max-steps", "6", "--eval-every", "2", "--checkpoint-every", "6",
+                        "--seed", "5", "--threads", "1", "--no-progress", "--device", "cpu"] + args, ranks=ranks)
 
 
 def params(out):

@@ -6,7 +6,6 @@ import dataclasses
 import importlib.util
 import json
 import pathlib
-import sysconfig
 
 import pytest
 import torch
@@ -16,17 +15,6 @@ from tauformer_model import generate as gen_mod
 from tauformer_model import train as train_mod
 from tauformer_model.common import mean_sd, read_metrics
 from tauformer_model.data import ByteTokenizer, list_files, load_dataset, split_files
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> pathlib.Path:
-    """About 40 of the stdlib's .py files (~0.5 MB), copied into a folder: a corpus split by file."""
-    root = pathlib.Path(sysconfig.get_paths()["stdlib"])
-    folder = tmp_path_factory.mktemp("corpus")
-    files = sorted(root.glob("*.py"))[:40]
-    for p in files:
-        (folder / p.name).write_bytes(p.read_bytes())
-    return folder
 
 
 def micro_config(out, corpus, cache, **kw) -> train_mod.TrainConfig:
