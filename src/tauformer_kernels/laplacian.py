@@ -28,6 +28,17 @@ def chain_laplacian(features: int, *, dtype=torch.float32) -> torch.Tensor:
     return lap.to(dtype)
 
 
+def _embedding_matrix(embeddings, min_rows: int) -> np.ndarray:
+    """N×F float64 (C-contiguous) from a tensor or array, checked: N >= min_rows, F >= 2, finite."""
+    emb = np.ascontiguousarray(embeddings.detach().cpu() if isinstance(embeddings, torch.Tensor) else embeddings,
+                               dtype=np.float64)
+    if emb.ndim != 2 or emb.shape[0] < min_rows or emb.shape[1] < 2:
+        raise ValueError(f"embeddings must be an N×F matrix with N >= {min_rows} and F >= 2, got shape {emb.shape}")
+    if not np.isfinite(emb).all():
+        raise ValueError("embeddings contain non-finite values")
+    return emb
+
+
 def knn_laplacian(embeddings, k: int = 8, sigma: float = 1.0, p: float = 2.0, *, eps_graph: float | None = None,
                   n_clusters: int | None = None, seed: int = 0, dtype=torch.float32) -> torch.Tensor:
     """The feature graph of a domain corpus: L = D − W over the F columns of an N×F embedding matrix.
@@ -38,12 +49,7 @@ def knn_laplacian(embeddings, k: int = 8, sigma: float = 1.0, p: float = 2.0, *,
     w = 1 / (1 + (d / sigma)^p); the graph is symmetrised by union (the larger weight of the two
     directions). A feature whose column is all zeros has no direction: it gets no edges.
     """
-    emb = np.asarray(embeddings.detach().cpu() if isinstance(embeddings, torch.Tensor) else embeddings,
-                     dtype=np.float64)
-    if emb.ndim != 2 or emb.shape[0] < 1 or emb.shape[1] < 2:
-        raise ValueError(f"embeddings must be an N×F matrix with N >= 1 and F >= 2, got shape {emb.shape}")
-    if not np.isfinite(emb).all():
-        raise ValueError("embeddings contain non-finite values")
+    emb = _embedding_matrix(embeddings, min_rows=1)
     n, features = emb.shape
     if not 1 <= k < features:
         raise ValueError(f"k must be in [1, F) = [1, {features}), got {k}")
@@ -86,12 +92,7 @@ def arrowspace_laplacian(embeddings, k: int = 8, sigma: float = 1.0, p: float = 
     except ImportError as e:
         raise ImportError('arrowspace_laplacian needs the arrowspace package: '
                           'pip install "tauformer[arrowspace]"') from e
-    emb = np.ascontiguousarray(embeddings.detach().cpu() if isinstance(embeddings, torch.Tensor) else embeddings,
-                               dtype=np.float64)
-    if emb.ndim != 2 or emb.shape[0] < 2 or emb.shape[1] < 2:
-        raise ValueError(f"embeddings must be an N×F matrix with N >= 2 and F >= 2, got shape {emb.shape}")
-    if not np.isfinite(emb).all():
-        raise ValueError("embeddings contain non-finite values")
+    emb = _embedding_matrix(embeddings, min_rows=2)
     params = {"eps": float(eps), "k": int(k), "topk": int(topk or k), "p": float(p), "sigma": float(sigma)}
     builder = arrowspace.ArrowSpaceBuilder
     try:
