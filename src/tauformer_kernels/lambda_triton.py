@@ -9,8 +9,8 @@ from __future__ import annotations
 import torch
 import triton
 
-from tauformer_kernels.launch import Launch, block_size, on_device
 from tauformer_kernels.kernels.taumode_lambda import taumode_lambda_fwd_kernel
+from tauformer_kernels.launch import Launch, block_size, on_device
 
 
 def split_laplacian(laplacian: torch.Tensor, dtype: torch.dtype, block_f: int):
@@ -37,7 +37,8 @@ def lambda_forward_launch(f: int, dtype: torch.dtype, *, per_vector_tau: bool = 
     """The λ forward's launch for head dim f, x's dtype and tau's kind (the compile check builds the same)."""
     block_f = block_size(f)
     return Launch(
-        {"BLOCK_T": 32 if dtype == torch.float32 else 64,  # fp32: tf32x3 holds three operand copies (64 spilled 264 B on sm_80)
+        # fp32: tf32x3 holds three operand copies (64 spilled 264 B on sm_80)
+        {"BLOCK_T": 32 if dtype == torch.float32 else 64,
          # fp32 past F = 64: contraction chunks of 32 (of 64, the tf32x3 product at F = 128 spilled 24 B on
          # sm_80 under Triton 3.6, 255 registers under 3.9)
          "BLOCK_F": block_f, "BLOCK_C": min(block_f, 64),

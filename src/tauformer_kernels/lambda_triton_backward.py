@@ -10,12 +10,13 @@ from __future__ import annotations
 import torch
 import triton
 
+from tauformer_kernels.kernels.taumode_lambda_backward import taumode_lambda_bwd_kernel
 from tauformer_kernels.lambda_triton import tau_layout
 from tauformer_kernels.launch import Launch, block_size, gpu_launch_configs, on_device
-from tauformer_kernels.kernels.taumode_lambda_backward import taumode_lambda_bwd_kernel
 
 
-def lambda_backward_launch(f: int, dtype: torch.dtype, *, gpu: bool | None = None, per_vector_tau: bool = False) -> Launch:
+def lambda_backward_launch(f: int, dtype: torch.dtype, *, gpu: bool | None = None,
+                           per_vector_tau: bool = False) -> Launch:
     """The λ backward's launch for head dim f, x's dtype and tau's kind (the compile check builds the same).
     gpu=None: launch.gpu_launch_configs() (otherwise the interpreter's 32 vectors per program)."""
     block_f = block_size(f)

@@ -3,8 +3,8 @@
 Shape, dtype and device checks work on fake tensors too: the public ops run them, so they also run while
 `torch.compile` traces. Checks that read values (tau and temperature > 0, finiteness) need real tensors:
 the backend ops' bodies run them (ops.lambda_fwd / ops.attention_fwd; the public functions' direct path
-too), which run eagerly even inside a compiled graph, so `torch.ops.tauformer.*` called directly or compiled checks what the Python
-functions check. Each value check reads one bool back from the device.
+too), which run eagerly even inside a compiled graph, so `torch.ops.tauformer.*` called directly or
+compiled checks what the Python functions check. Each value check reads one bool back from the device.
 """
 from __future__ import annotations
 
@@ -31,7 +31,9 @@ def check_tensor(name: str, t, *, ndim: int | None = None, floating: bool = True
     if ndim is not None:
         require(t.dim() == ndim, lambda: f"{name} must have {ndim} dimensions, got shape {_shape(t)}")
     if floating:
-        require(t.dtype in FLOAT_DTYPES, lambda: f"{name} must be a floating tensor (float16, bfloat16, float32 or float64), got {t.dtype}", TypeError)
+        require(t.dtype in FLOAT_DTYPES,
+                lambda: f"{name} must be a floating tensor (float16, bfloat16, float32 or float64), got {t.dtype}",
+                TypeError)
 
 
 def check_same_device(**tensors) -> None:
@@ -45,7 +47,8 @@ def check_laplacian(laplacian, features: int) -> None:
     check_tensor("laplacian", laplacian, ndim=2)
     require(
         laplacian.shape[0] == laplacian.shape[1] == features,
-        lambda: f"laplacian must be F×F with F = {features} (the head dim of the inputs), got shape {_shape(laplacian)}",
+        lambda: f"laplacian must be F×F with F = {features} (the head dim of the inputs), "
+                f"got shape {_shape(laplacian)}",
     )
 
 
@@ -114,12 +117,14 @@ def check_attention_shapes(lq_or_q, lk_or_k, v, *, names, is_causal: bool, head_
     check_tensor("v", v, ndim=4)
     b, h, tq = lq_or_q.shape[:3]
     bk, hkv, tk = lk_or_k.shape[:3]
-    require(bk == b and v.shape[0] == b, lambda: f"batch sizes differ: {qn} {_shape(lq_or_q)}, {kn} {_shape(lk_or_k)}, v {_shape(v)}")
+    require(bk == b and v.shape[0] == b,
+            lambda: f"batch sizes differ: {qn} {_shape(lq_or_q)}, {kn} {_shape(lk_or_k)}, v {_shape(v)}")
     require(
         v.shape[1] == hkv and v.shape[2] == tk,
         lambda: f"v must have the kv heads and length of {kn}: {kn} {_shape(lk_or_k)}, v {_shape(v)}",
     )
-    require(hkv > 0 and h % hkv == 0, lambda: f"the heads of {qn} ({h}) must be a multiple of the kv heads of {kn} ({hkv})")
+    require(hkv > 0 and h % hkv == 0,
+            lambda: f"the heads of {qn} ({h}) must be a multiple of the kv heads of {kn} ({hkv})")
     # no queries (an empty batch, or a pack whose sequences are all empty) is a valid, empty call; queries
     # without keys are not (the message names no shape: a pack's are views the caller never passed)
     require(tk > 0 or tq == 0, lambda: f"{kn} has no keys but {qn} has {tq} queries per head: every query needs "
@@ -127,7 +132,8 @@ def check_attention_shapes(lq_or_q, lk_or_k, v, *, names, is_causal: bool, head_
     if is_causal:
         require(
             tq <= tk,
-            lambda: f"is_causal=True needs Tq <= Tk (bottom-right aligned, as in decode): {qn} has Tq={tq}, {kn} has Tk={tk}",
+            lambda: f"is_causal=True needs Tq <= Tk (bottom-right aligned, as in decode): "
+                    f"{qn} has Tq={tq}, {kn} has Tk={tk}",
         )
     require(
         lq_or_q.dtype == lk_or_k.dtype,
@@ -137,7 +143,8 @@ def check_attention_shapes(lq_or_q, lk_or_k, v, *, names, is_causal: bool, head_
     if head_dim:
         require(
             v.dtype == lq_or_q.dtype,
-            lambda: f"q, k and v must share a dtype (as in scaled_dot_product_attention), got q {lq_or_q.dtype}, v {v.dtype}",
+            lambda: f"q, k and v must share a dtype (as in scaled_dot_product_attention), "
+                    f"got q {lq_or_q.dtype}, v {v.dtype}",
             TypeError,
         )
         require(

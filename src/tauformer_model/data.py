@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+
 class DataError(ValueError):
     """A corpus the trainer cannot use (no text, a split too short); the message says what to change."""
 

@@ -6,9 +6,15 @@ import importlib.util
 
 import pytest
 import torch
-
 from helpers import oracle_attention, per_head, random_heads, relative_error
-from tauformer_kernels import chain_laplacian, reference, taumode_attention, taumode_attention_from_lambda, taumode_lambda
+
+from tauformer_kernels import (
+    chain_laplacian,
+    reference,
+    taumode_attention,
+    taumode_attention_from_lambda,
+    taumode_lambda,
+)
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 BACKENDS = ["reference", "loglinear"] + (["triton"] if HAS_TRITON else [])
@@ -33,8 +39,10 @@ ATTENTION_CASES = [
     ("q 3-D", lambda a: dict(q=a["q"][0]), ValueError, "q"),
     ("q int", lambda a: dict(q=a["q"].int(), k=a["k"].int()), TypeError, "q"),
     ("k batch", lambda a: dict(k=a["k"][:1], v=a["v"][:1]), ValueError, "batch"),
-    ("k heads", lambda a: dict(k=torch.randn(2, 3, 6, 8, device=DEVICE), v=torch.randn(2, 3, 6, 8, device=DEVICE)), ValueError, "kv heads"),
-    ("k no heads", lambda a: dict(k=torch.randn(2, 0, 6, 8, device=DEVICE), v=torch.randn(2, 0, 6, 8, device=DEVICE)), ValueError, "kv heads"),
+    ("k heads", lambda a: dict(k=torch.randn(2, 3, 6, 8, device=DEVICE), v=torch.randn(2, 3, 6, 8, device=DEVICE)),
+     ValueError, "kv heads"),
+    ("k no heads", lambda a: dict(k=torch.randn(2, 0, 6, 8, device=DEVICE), v=torch.randn(2, 0, 6, 8, device=DEVICE)),
+     ValueError, "kv heads"),
     ("k head dim", lambda a: dict(k=a["k"][..., :4]), ValueError, "head dim"),
     ("k dtype", lambda a: dict(k=a["k"].double()), TypeError, "dtype"),
     ("v length", lambda a: dict(v=a["v"][:, :, :5]), ValueError, "v"),
@@ -45,27 +53,38 @@ ATTENTION_CASES = [
      ValueError, "k has no keys but q has 6 queries per head"),
     ("laplacian size", lambda a: dict(laplacian=torch.eye(7, device=DEVICE)), ValueError, "laplacian"),
     ("laplacian 1-D", lambda a: dict(laplacian=torch.ones(8, device=DEVICE)), ValueError, "laplacian"),
-    ("laplacian int", lambda a: dict(laplacian=torch.eye(8, dtype=torch.int64, device=DEVICE)), TypeError, "laplacian"),
+    ("laplacian int", lambda a: dict(laplacian=torch.eye(8, dtype=torch.int64, device=DEVICE)),
+     TypeError, "laplacian"),
     ("laplacian device", lambda a: dict(laplacian=torch.eye(8, device="meta")), ValueError, "laplacian on meta"),
     ("temperature 0", lambda a: dict(temperature=torch.zeros(4, device=DEVICE)), ValueError, "temperature must be > 0"),
-    ("temperature < 0", lambda a: dict(temperature=torch.tensor([0.1, -1.0, 0.1, 0.1], device=DEVICE)), ValueError, "temperature must be > 0"),
-    ("temperature nan", lambda a: dict(temperature=_nan_at(torch.ones(4, device=DEVICE))), ValueError, "temperature must be > 0"),
-    ("temperature shape", lambda a: dict(temperature=torch.ones(3, device=DEVICE)), ValueError, "temperature must be a float or a tensor of shape (4,)"),
-    ("temperature int", lambda a: dict(temperature=torch.ones(4, dtype=torch.int64, device=DEVICE)), TypeError, "temperature"),
+    ("temperature < 0", lambda a: dict(temperature=torch.tensor([0.1, -1.0, 0.1, 0.1], device=DEVICE)),
+     ValueError, "temperature must be > 0"),
+    ("temperature nan", lambda a: dict(temperature=_nan_at(torch.ones(4, device=DEVICE))),
+     ValueError, "temperature must be > 0"),
+    ("temperature shape", lambda a: dict(temperature=torch.ones(3, device=DEVICE)),
+     ValueError, "temperature must be a float or a tensor of shape (4,)"),
+    ("temperature int", lambda a: dict(temperature=torch.ones(4, dtype=torch.int64, device=DEVICE)),
+     TypeError, "temperature"),
     ("tau < 0", lambda a: dict(tau=torch.tensor([1.0, -0.5], device=DEVICE)), ValueError, "tau must be > 0"),
-    ("tau nan", lambda a: dict(tau=_nan_at(torch.ones(4, device=DEVICE))[:2].contiguous() * float("nan")), ValueError, "tau must be > 0"),
-    ("tau shape", lambda a: dict(tau=torch.ones(4, device=DEVICE)), ValueError, "tau must be a float or a tensor of shape (2,)"),
+    ("tau nan", lambda a: dict(tau=_nan_at(torch.ones(4, device=DEVICE))[:2].contiguous() * float("nan")),
+     ValueError, "tau must be > 0"),
+    ("tau shape", lambda a: dict(tau=torch.ones(4, device=DEVICE)),
+     ValueError, "tau must be a float or a tensor of shape (2,)"),
     ("eps < 0", lambda a: dict(eps=-1.0), ValueError, "eps"),
     ("eps nan", lambda a: dict(eps=float("nan")), ValueError, "eps"),
     ("eps inf", lambda a: dict(eps=float("inf")), ValueError, "eps"),
     ("alibi shape", lambda a: dict(alibi_slopes=torch.ones(3, device=DEVICE)), ValueError, "alibi_slopes"),
-    ("alibi int", lambda a: dict(alibi_slopes=torch.ones(4, dtype=torch.int64, device=DEVICE)), TypeError, "alibi_slopes"),
+    ("alibi int", lambda a: dict(alibi_slopes=torch.ones(4, dtype=torch.int64, device=DEVICE)),
+     TypeError, "alibi_slopes"),
     ("alibi device", lambda a: dict(alibi_slopes=torch.ones(4, device="meta")), ValueError, "alibi_slopes on meta"),
     ("q nan, checked", lambda a: dict(q=_nan_at(a["q"]), check_finite=True), ValueError, "q contains non-finite"),
     ("k inf, checked", lambda a: dict(k=a["k"] / 0, check_finite=True), ValueError, "k contains non-finite"),
     ("v nan, checked", lambda a: dict(v=_nan_at(a["v"]), check_finite=True), ValueError, "v contains non-finite"),
-    ("laplacian nan, checked", lambda a: dict(laplacian=_nan_at(a["laplacian"]), check_finite=True), ValueError, "laplacian contains non-finite"),
-    ("alibi inf, checked", lambda a: dict(alibi_slopes=torch.full((4,), float("inf"), device=DEVICE), check_finite=True), ValueError, "alibi_slopes contains non-finite"),
+    ("laplacian nan, checked", lambda a: dict(laplacian=_nan_at(a["laplacian"]), check_finite=True),
+     ValueError, "laplacian contains non-finite"),
+    ("alibi inf, checked",
+     lambda a: dict(alibi_slopes=torch.full((4,), float("inf"), device=DEVICE), check_finite=True),
+     ValueError, "alibi_slopes contains non-finite"),
 ]
 PYTHON_ONLY_CASES = [  # arguments that are not tensors: the ops' schemas refuse them themselves
     ("q not a tensor", lambda a: dict(q=a["q"].tolist()), TypeError, "q must be a torch.Tensor"),
@@ -107,16 +126,28 @@ def test_bad_lambda_and_from_lambda_input(backend):
                  torch.randn(1, 1, 4, 3, device=DEVICE))
     cases = [
         (lambda: taumode_attention_from_lambda(lq[0], lk, v, backend=backend), ValueError, "lq must have 3 dimensions"),
-        (lambda: taumode_attention_from_lambda(lq, lk.double(), v, backend=backend), TypeError, "lq and lk must share a dtype"),
-        (lambda: taumode_attention_from_lambda(lq, lk / 0, v, backend=backend, check_finite=True), ValueError, "lk contains non-finite"),
-        (lambda: taumode_attention_from_lambda(lq, lk, v, temperature=torch.tensor(-1.0), backend=backend), ValueError, "temperature must be > 0"),
-        (lambda: torch.ops.tauformer.taumode_attention_from_lambda(lq, lk, v, torch.tensor(-2.0), True, None, backend, False), ValueError, "temperature must be > 0"),
-        (lambda: taumode_lambda(torch.randn(2, 3, 4, 8), torch.eye(6), backend=backend), ValueError, "laplacian must be F×F with F = 8"),
+        (lambda: taumode_attention_from_lambda(lq, lk.double(), v, backend=backend),
+         TypeError, "lq and lk must share a dtype"),
+        (lambda: taumode_attention_from_lambda(lq, lk / 0, v, backend=backend, check_finite=True),
+         ValueError, "lk contains non-finite"),
+        (lambda: taumode_attention_from_lambda(lq, lk, v, temperature=torch.tensor(-1.0), backend=backend),
+         ValueError, "temperature must be > 0"),
+        (lambda: torch.ops.tauformer.taumode_attention_from_lambda(lq, lk, v, torch.tensor(-2.0), True, None,
+                                                                   backend, False),
+         ValueError, "temperature must be > 0"),
+        (lambda: taumode_lambda(torch.randn(2, 3, 4, 8), torch.eye(6), backend=backend),
+         ValueError, "laplacian must be F×F with F = 8"),
         (lambda: taumode_lambda([1.0, 2.0], torch.eye(2), backend=backend), TypeError, "x must be a torch.Tensor"),
-        (lambda: taumode_lambda(torch.randn(3, 8), chain_laplacian(8), tau=torch.tensor(-0.5), backend=backend), ValueError, "tau must be > 0"),
-        (lambda: torch.ops.tauformer.taumode_lambda(torch.randn(3, 8), chain_laplacian(8), torch.tensor(-0.5), 1e-6, backend, False), ValueError, "tau must be > 0"),
-        (lambda: torch.ops.tauformer.taumode_lambda(torch.randn(3, 8), chain_laplacian(8), torch.tensor(1.0), -1.0, backend, False), ValueError, "eps"),
-        (lambda: taumode_lambda(_nan_at(torch.randn(3, 8)), chain_laplacian(8), backend=backend, check_finite=True), ValueError, "x contains non-finite"),
+        (lambda: taumode_lambda(torch.randn(3, 8), chain_laplacian(8), tau=torch.tensor(-0.5), backend=backend),
+         ValueError, "tau must be > 0"),
+        (lambda: torch.ops.tauformer.taumode_lambda(torch.randn(3, 8), chain_laplacian(8), torch.tensor(-0.5), 1e-6,
+                                                    backend, False),
+         ValueError, "tau must be > 0"),
+        (lambda: torch.ops.tauformer.taumode_lambda(torch.randn(3, 8), chain_laplacian(8), torch.tensor(1.0), -1.0,
+                                                    backend, False),
+         ValueError, "eps"),
+        (lambda: taumode_lambda(_nan_at(torch.randn(3, 8)), chain_laplacian(8), backend=backend, check_finite=True),
+         ValueError, "x contains non-finite"),
     ]
     for call, error, says in cases:
         with pytest.raises(error, match=None) as info:

@@ -8,8 +8,8 @@ import sys
 
 import pytest
 import torch
-
 from helpers import relative_error
+
 from tauformer_kernels import reference, taumode_attention_from_lambda
 
 triton = pytest.importorskip("triton")
@@ -38,7 +38,8 @@ def test_batch_and_head_bases_are_64_bit_in_the_ptx():
 def test_the_base_offset_check_catches_a_32_bit_product():
     args = {"X": "*fp32:16", "stride_x_b": "i32:16", "stride_x_t": "i32", "stride_x_d": "i32:1", "T": "i32"}
     load = "ld.param.b32 %r3, [f_param_1];\nld.param.b32 %r4, [f_param_2];\n"
-    assert compile_check.narrow_base_products(args, load + "mul.wide.s32 %rd5, %r2, %r3;\nmul.lo.s32 %r6, %r4, %r2;") == []
+    assert compile_check.narrow_base_products(
+        args, load + "mul.wide.s32 %rd5, %r2, %r3;\nmul.lo.s32 %r6, %r4, %r2;") == []
     assert compile_check.narrow_base_products(args, load + "mul.lo.s32 %r5, %r2, %r3;") == [
         "stride_x_b: mul.lo.s32 %r5, %r2, %r3"]
 

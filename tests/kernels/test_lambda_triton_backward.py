@@ -5,8 +5,8 @@ values in float64. Outputs are poisoned with NaN first. Tolerances: fp32 1e-4, f
 """
 import pytest
 import torch
-
 from helpers import relative_error
+
 from tauformer_kernels import reference
 from tauformer_kernels.laplacian import chain_laplacian
 

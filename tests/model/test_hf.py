@@ -142,7 +142,8 @@ def test_taugpt_for_causal_lm_is_taugpt(output_gate):
     ids = torch.randint(1, 256, (3, 17))
     assert rel_err(hf_model(ids, use_cache=False).logits, model(ids)) < 1e-6
     labels = ids.clone()
-    assert math.isclose(float(hf_model(ids, labels=labels).loss.detach()), float(model(ids[:, :-1], ids[:, 1:]).detach()), rel_tol=1e-5)
+    assert math.isclose(float(hf_model(ids, labels=labels).loss.detach()),
+                        float(model(ids[:, :-1], ids[:, 1:]).detach()), rel_tol=1e-5)
     ours, _ = taugpt_generate(model, ids, 10, temperature=0)
     theirs = hf_model.generate(ids, max_new_tokens=10, do_sample=False, pad_token_id=0)
     assert torch.equal(ours, theirs)
@@ -177,7 +178,8 @@ def test_gradients_reach_every_taumode_parameter(name):
     loss = model(ids, labels=ids).loss
     loss.backward()
     names = [n for n, _ in model.named_parameters()
-             if (".taumode." in n) or any(s in n for s in ("log_temperature", "log_tau", "log_slopes", "edge_log_scale"))]
+             if (".taumode." in n)
+             or any(s in n for s in ("log_temperature", "log_tau", "log_slopes", "edge_log_scale"))]
     assert len(names) >= 3 * 2
     if name == "taugpt":  # zero-initialised output projections: the first step's gradient reaches c_proj only
         model.zero_grad()

@@ -6,8 +6,7 @@ import pytest
 import torch
 
 from tauformer_model import TauGPT, TauGPTConfig
-from tauformer_model.model import (DotAttention, TaumodeAttention, alibi_slopes, apply_rope, key_energy,
-                                   rope_cos_sin)
+from tauformer_model.model import DotAttention, TaumodeAttention, alibi_slopes, apply_rope, key_energy, rope_cos_sin
 
 
 def make_model(seed=0, **kw) -> TauGPT:
@@ -56,7 +55,8 @@ def test_recency_auto_resolves():
                                                ("taumode-hybrid", "learned"), ("taumode-gate", "none"),
                                                ("taumode-slices", "learned"), ("taumode-slices", "none")])
 def test_decode_with_cache_matches_full_forward(attention, recency):
-    """docs/math.md §The λ cache: a 100-token prefill in one call, then 64 single-token decodes, with GQA (4 q heads, 2 kv)."""
+    """docs/math.md §The λ cache: a 100-token prefill in one call, then 64 single-token decodes, with GQA
+    (4 q heads, 2 kv)."""
     extra = {"before-rope": dict(lambda_before_rope=True), "hybrid": dict(dot_every=2),
              "gate": dict(output_gate=True), "slices": dict(lambda_slices=4)}.get(attention.split("-")[-1], {})
     model = make_model(attention=attention.split("-")[0], recency=recency, **extra)
@@ -185,10 +185,12 @@ def test_laplacian_from_file(tmp_path):
 
     emb = np.random.default_rng(0).normal(size=(200, 16))
     np.save(tmp_path / "emb.npy", emb)
-    assert laplacian_cli.main(["--embeddings", str(tmp_path / "emb.npy"), "--out", str(tmp_path / "lap.npz"), "--k", "3"]) == 0
+    assert laplacian_cli.main(["--embeddings", str(tmp_path / "emb.npy"), "--out", str(tmp_path / "lap.npz"),
+                              "--k", "3"]) == 0
     model = make_model(n_embd=64, laplacian=str(tmp_path / "lap.npz"))  # head dim 16
     lap = model.laplacian
-    assert lap.shape == (16, 16) and torch.allclose(lap, lap.T) and torch.allclose(lap.sum(1), torch.zeros(16), atol=1e-5)
+    assert (lap.shape == (16, 16) and torch.allclose(lap, lap.T)
+            and torch.allclose(lap.sum(1), torch.zeros(16), atol=1e-5))
     assert not torch.allclose(lap, TauGPT(TauGPTConfig(n_embd=64, n_head=4)).laplacian)
     with pytest.raises(ValueError):
         make_model(n_embd=128, laplacian=str(tmp_path / "lap.npz"))  # head dim 32 ≠ 16
@@ -322,7 +324,8 @@ def test_one_slice_is_the_kernels_attention():
     from tauformer_model.model import sliced_attention
 
     gen = torch.Generator().manual_seed(0)
-    lam_q, lam_k, v = torch.rand(2, 4, 11, generator=gen), torch.rand(2, 2, 11, generator=gen), torch.randn(2, 2, 11, 8, generator=gen)
+    lam_q, lam_k, v = (torch.rand(2, 4, 11, generator=gen), torch.rand(2, 2, 11, generator=gen),
+                       torch.randn(2, 2, 11, 8, generator=gen))
     temperature, slopes = torch.tensor([0.1, 0.2, 0.05, 1.0]), alibi_slopes(4)
     ours = sliced_attention(lam_q[..., None], lam_k[..., None], v, temperature[:, None], slopes)
     theirs = tk.taumode_attention_from_lambda(lam_q, lam_k, v, temperature=temperature, is_causal=True,
@@ -334,8 +337,10 @@ def test_sliced_attention_gradcheck():
     from tauformer_model.model import sliced_attention
 
     gen = torch.Generator().manual_seed(1)
-    args = (torch.rand(1, 2, 4, 2, generator=gen, dtype=torch.float64), torch.rand(1, 1, 5, 2, generator=gen, dtype=torch.float64),
-            torch.randn(1, 1, 5, 3, generator=gen, dtype=torch.float64), 0.2 + torch.rand(2, 2, generator=gen, dtype=torch.float64),
+    args = (torch.rand(1, 2, 4, 2, generator=gen, dtype=torch.float64),
+            torch.rand(1, 1, 5, 2, generator=gen, dtype=torch.float64),
+            torch.randn(1, 1, 5, 3, generator=gen, dtype=torch.float64),
+            0.2 + torch.rand(2, 2, generator=gen, dtype=torch.float64),
             torch.rand(2, generator=gen, dtype=torch.float64))
     assert torch.autograd.gradcheck(sliced_attention, tuple(a.requires_grad_() for a in args))
 

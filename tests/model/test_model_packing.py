@@ -9,9 +9,9 @@ import sysconfig
 import numpy as np
 import pytest
 import torch
-
 from test_model import make_model, rel_err
 from test_model_train import micro_config, quiet
+
 from tauformer_model import generate as gen_mod
 from tauformer_model import train as train_mod
 from tauformer_model.data import SEPARATOR, list_files, load_dataset, split_files
