@@ -50,6 +50,7 @@ fi
 # context parallel needs the 128-token windows of the tiny preset cut into 2 chunks per rank
 NCP=$NGPU; if [ $(( 128 % (2 * NGPU + (NGPU == 0)) )) -ne 0 ]; then NCP=2; fi
 BENCH_S=$(( DEADLINE - TESTS_S - SWEEP_S - SDPA_S - 3 * PROBE_S - MULTI_S - 30 ))
+MULTI_TERM=""; [ "$MULTI_S" -gt 0 ] && MULTI_TERM=" + ${MULTI_S}"  # the budget's terms are the boxes that run
 
 if [ "$DRY" = 1 ]; then
     cat <<EOF
@@ -65,7 +66,7 @@ plan (total deadline ${DEADLINE} s; the device tool allows 600 s a command):
   6. multi-GPU, ${MULTI_S} s box (${NGPU} GPUs seen; 0 s with one): tiny preset, 20 steps each, one GPU beside
        torchrun --nproc_per_node=${NGPU} --fsdp and --nproc_per_node=${NCP} --context-parallel ${NCP} -> OUT/multigpu.log
   7. summary: $PY bench/summarize.py OUT/bench.json --out OUT; probes merged into OUT/probes.json
-budget: ${TESTS_S} + ${BENCH_S} + ${SWEEP_S} + ${SDPA_S} + 3 x ${PROBE_S} + ${MULTI_S} + 30 (install, summary) = ${DEADLINE} s
+budget: ${TESTS_S} + ${BENCH_S} + ${SWEEP_S} + ${SDPA_S} + 3 x ${PROBE_S}${MULTI_TERM} + 30 (install, summary) = ${DEADLINE} s
 EOF
     exit 0
 fi
