@@ -191,24 +191,96 @@ def _scatter(dst: Tensor, src: Tensor, spans: list[tuple[int, int]]) -> None:
         dst[0, :, start:stop] = src[i, :, :stop - start]
 
 
+# A dense call's fixed cost, in logits per head: consecutive sequences also share one masked dense pass
+# (blocks()) when its logits exceed their own by at most GROUP_WASTE × theirs plus this many. A decode
+# step of a serving batch (one query and a few hundred keys per sequence) is then a few passes instead of
+# one backend call per sequence, whose Python and dispatch overhead was the whole cost
+# (bench/results/cpu-fast-paths.md).
+GROUP_SLACK = 1 << 16
+# The most logits per head of such a pass (1 MiB of fp32): a long sequence runs alone, in its backend.
+BLOCK_LOGITS = 1 << 18
+
+
+def blocks(seq_bounds: list[tuple[int, int, int, int]]) -> list[list[int]]:
+    """Runs of consecutive sequences (indices) with queries, each computed in one pass over the rows they
+    span: n query rows against m key rows cost n·m logits, kept within GROUP_WASTE × the sequences' own
+    Σ Tq·Tk + GROUP_SLACK and within BLOCK_LOGITS (a long sequence stays alone, and runs in its backend)."""
+    out, real = [], 0
+    for b, (q0, q1, k0, k1) in enumerate(seq_bounds):
+        if q1 == q0:
+            continue
+        own = (q1 - q0) * (k1 - k0)
+        if out:
+            first = seq_bounds[out[-1][0]]
+            span = (q1 - first[0]) * (k1 - first[2])
+            if span <= min(GROUP_WASTE * (real + own) + GROUP_SLACK, BLOCK_LOGITS):
+                out[-1].append(b)
+                real += own
+                continue
+        out.append([b])
+        real = own
+    return out
+
+
+def _block_forward(lq, lk, v, temperature, alibi_slopes, is_causal, seq_bounds, block):
+    """(out, lse) of the query rows q0 of block[0] .. q1 of block[-1], its sequences' keys in one masked
+    dense pass over the key rows they span (rows of no sequence of the block: out 0, lse +inf). Sequence s
+    puts query i and key j at the bottom-right-aligned distance (i − q1_s) − (j − k1_s)."""
+    h, hkv, dv = lq.shape[1], lk.shape[1], v.shape[-1]
+    group = h // hkv
+    (qa, _, ka, _), (_, qb, _, kb) = seq_bounds[block[0]], seq_bounds[block[-1]]
+    dev, dt = lq.device, lq.dtype
+    q_seq = torch.full((qb - qa,), -1, dtype=torch.long)
+    k_seq = torch.full((kb - ka,), -2, dtype=torch.long)
+    q_end = torch.zeros(qb - qa, dtype=torch.long)
+    k_end = torch.zeros(kb - ka, dtype=torch.long)
+    for b in block:  # host work on a few small tensors; the arithmetic below is one pass for the block
+        q0, q1, k0, k1 = seq_bounds[b]
+        q_seq[q0 - qa:q1 - qa], q_end[q0 - qa:q1 - qa] = b, q1
+        k_seq[k0 - ka:k1 - ka], k_end[k0 - ka:k1 - ka] = b, k1
+    q_seq, k_seq = q_seq.to(dev), k_seq.to(dev)
+    seen = q_seq >= 0
+    distance = ((torch.arange(qa, qb) - q_end)[:, None] - (torch.arange(ka, kb) - k_end)[None, :]).to(dev)
+    hidden = q_seq[:, None] != k_seq[None, :]
+    if is_causal:
+        hidden |= distance < 0
+    inv_t = (1.0 / temperature).view(hkv, group, 1, 1)
+    logits = (lq[0, :, qa:qb].reshape(hkv, group, -1, 1) - lk[0, :, ka:kb].view(hkv, 1, 1, -1)).abs_().mul_(-inv_t)
+    if alibi_slopes is not None:
+        slopes = alibi_slopes.t()[:, q_seq.clamp_min(0)].view(hkv, group, -1, 1)
+        logits -= slopes * distance.abs().to(dt)
+    logits.masked_fill_(hidden, float("-inf"))
+    row_max = logits.amax(-1, keepdim=True).nan_to_num_(neginf=0.0)  # rows of no sequence see no key
+    p = logits.sub_(row_max).exp_()
+    row_sum = p.sum(-1, keepdim=True)
+    o = (p.reshape(hkv, -1, kb - ka) @ v[0, :, ka:kb].to(dt)).view(hkv, group, -1, dv) / row_sum
+    out = torch.where(seen[:, None], o.view(h, -1, dv), 0.0).to(v.dtype)
+    lse = torch.where(seen, (row_max + row_sum.log()).view(h, -1), float("inf"))
+    return out, lse
+
+
 def forward_by_sequence(forward, lq, lk, v, temperature, alibi_slopes, is_causal, seqs: Seqs):
-    """A dense backend forward run per group of sequences (each sequence as if alone, groups(): a padded
-    batch each): (out, lse) in the pack's layout. For the PyTorch backends."""
+    """A dense backend forward over a pack, each sequence as if alone: (out, lse) in the pack's layout.
+    Runs of short sequences (blocks()) share one masked pass; a sequence alone runs in `forward` on views
+    of its rows (no copy). For the PyTorch backends."""
     h, total_q = lq.shape[1], lq.shape[2]
     check_max_lengths(seqs, total_q, lk.shape[2])
     out = _packed(total_q, h, v.shape[-1], v)
     # rows that see no key keep output 0 and lse +inf (see the module docstring)
     lse = torch.full((1, h, total_q), float("inf"), dtype=lq.dtype, device=lq.device)
     seq_bounds = visible_bounds(bounds(seqs, total_q, lk.shape[2]), is_causal)
-    for group in groups(seq_bounds, is_causal):
-        q_spans = [seq_bounds[b][:2] for b in group]
-        k_spans = [seq_bounds[b][2:] for b in group]
-        tq, tk = q_spans[0][1] - q_spans[0][0], k_spans[0][1] - k_spans[0][0]
-        slopes = None if alibi_slopes is None else alibi_slopes[group]
-        o, m = forward(_gather(lq, q_spans, tq), _gather(lk, k_spans, tk), _gather(v, k_spans, tk), temperature,
-                       slopes, is_causal)
-        _scatter(out, o, q_spans)
-        _scatter(lse, m, q_spans)
+    for block in blocks(seq_bounds):
+        (qa, _, ka, _), (_, qb, _, kb) = seq_bounds[block[0]], seq_bounds[block[-1]]
+        # a masked key still multiplies its V by 0: a non-finite V would reach the block's other sequences
+        if len(block) > 1 and bool(torch.isfinite(v[0, :, ka:kb]).all()):
+            out[0, :, qa:qb], lse[0, :, qa:qb] = _block_forward(lq, lk, v, temperature, alibi_slopes, is_causal,
+                                                               seq_bounds, block)
+            continue
+        for b in block:
+            q0, q1, k0, k1 = seq_bounds[b]
+            slopes = None if alibi_slopes is None else alibi_slopes[b:b + 1]
+            o, m = forward(lq[:, :, q0:q1], lk[:, :, k0:k1], v[:, :, k0:k1], temperature, slopes, is_causal)
+            out[:, :, q0:q1], lse[:, :, q0:q1] = o, m
     return out, lse
 
 

@@ -187,3 +187,37 @@ def test_groups_batch_self_attention_sequences_within_the_padding_budget():
         assert g[0] == max(g, key=lambda b: pairs[b][0]) and len(g) * longest <= varlen.GROUP_WASTE * sum(
             pairs[b][0] for b in g)
     assert all(len(g) == 1 for g in varlen.groups(spans(pairs), is_causal=False))  # padding would be seen
+
+
+@pytest.mark.parametrize("backend", ["reference", "loglinear"])
+@pytest.mark.parametrize("slack", [0, 1 << 16])
+def test_short_sequences_share_a_pass_and_long_ones_run_alone(backend, slack, monkeypatch, small_blocks):
+    """The PyTorch backends' packed forward: runs of short sequences in one masked pass (varlen.blocks), the
+    others alone in the backend (slack 0 puts every sequence of DECODE alone), both equal to the oracle;
+    a non-finite V in one sequence of a shared pass reaches no other sequence."""
+    from tauformer_kernels import varlen
+
+    monkeypatch.setattr(varlen, "GROUP_SLACK", slack)
+    pairs = DECODE + [(600, 600)]
+    cu_q, cu_k = _offsets([a for a, _ in pairs]), _offsets([b for _, b in pairs])
+    seq_bounds = varlen.visible_bounds(list(zip(cu_q.tolist(), cu_q.tolist()[1:], cu_k.tolist(), cu_k.tolist()[1:])),
+                                       True)
+    grouped = varlen.blocks(seq_bounds)
+    assert [b for g in grouped for b in g] == [0, 1, 3, 4, 5] and grouped[-1] == [5]
+    assert (len(grouped) == 5) == (slack == 0)
+    lq, lk = torch.rand(int(cu_q[-1]), 2), torch.rand(int(cu_k[-1]), 2)
+    v = torch.randn(int(cu_k[-1]), 2, 8)
+    slopes = 0.05 * torch.rand(len(pairs), 2)
+    out = taumode_attention_from_lambda(lq, lk, v, temperature=0.05, alibi_slopes=slopes, backend=backend,
+                                        cu_seqlens_q=cu_q, cu_seqlens_k=cu_k)
+    for b, (q0, q1, k0, k1) in enumerate(seq_bounds):
+        if q1 > q0:
+            ref = reference.attention_naive(lq[q0:q1].double().t()[None], lk[k0:k1].double().t()[None],
+                                            v[k0:k1].double().movedim(0, 1)[None], torch.full((2,), 0.05).double(),
+                                            slopes[b:b + 1].double())
+            assert relative_error(out[q0:q1], ref[0].movedim(1, 0)) < 1e-5, b
+    v[cu_k[3]] = float("inf")  # sequence 3's first key
+    poisoned = taumode_attention_from_lambda(lq, lk, v, temperature=0.05, alibi_slopes=slopes, backend=backend,
+                                             cu_seqlens_q=cu_q, cu_seqlens_k=cu_k)
+    others = torch.cat([poisoned[:cu_q[3]], poisoned[cu_q[4]:]])
+    assert torch.isfinite(others).all()
