@@ -25,8 +25,14 @@ import time
 import torch
 import torch.nn.functional as F
 
-from tauformer_kernels import backends, reference, taumode_attention, taumode_attention_from_lambda, taumode_lambda
-from tauformer_kernels import chain_laplacian
+from tauformer_kernels import (
+    backends,
+    chain_laplacian,
+    reference,
+    taumode_attention,
+    taumode_attention_from_lambda,  # noqa: F401  re-exported: test_bench_decode, sorted_cache_sweep call benchlib.*
+    taumode_lambda,  # noqa: F401  re-exported: test_bench_lambda, test_bench_decode, sorted_cache_sweep call benchlib.*
+)
 
 # The taumode parameters every benchmark uses: one global tau (as the 30M run calibrated one) and a
 # temperature sharp enough that attention is far from uniform (logits span about (−20, 0]).
@@ -45,8 +51,9 @@ DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp
 # Relative-norm tolerances against the float64 oracle: flash-attention's criterion, error ≤ 2 × the
 # error of the naive version in the same precision (taumode_rows(precise=False), computed on the same
 # rows) + a floor. The floor for the forward is docs/math.md §Precision and tolerances (fp32 1e-5
-# scaled by 0.01/temperature as in tests/helpers.temperature_tolerance; bf16 1e-2). Gradients w.r.t. λ cancel (Σ_j dS_ij = 0) and
-# 1/temperature amplifies fp32 rounding of λ: at temperature 0.05 the naive fp32 dq is ~6e-4 off.
+# scaled by 0.01/temperature as in tests/helpers.temperature_tolerance; bf16 1e-2). Gradients w.r.t. λ
+# cancel (Σ_j dS_ij = 0) and 1/temperature amplifies fp32 rounding of λ: at temperature 0.05 the naive
+# fp32 dq is ~6e-4 off.
 FWD_TOL = {torch.float32: 1e-5 * max(1.0, 0.01 / TEMPERATURE), torch.bfloat16: 1e-2, torch.float16: 5e-3}
 GRAD_TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 1e-2}
 
@@ -335,7 +342,8 @@ def first_call(contender: str, fn):
     except Exception as exc:  # noqa: BLE001  (torch.compile raises many kinds)
         import pytest
 
-        pytest.skip(f"FlexAttention failed here: {type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}")
+        pytest.skip(f"FlexAttention failed here: {type(exc).__name__}: "
+                    f"{str(exc).splitlines()[0][:200] if str(exc) else ''}")
 
 
 def synchronize(device: str) -> None:

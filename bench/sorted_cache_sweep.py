@@ -23,6 +23,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 import benchlib  # noqa: E402
+
 from tauformer_kernels import sorted_cache  # noqa: E402
 
 SORTED_CHUNK, PLAIN_CHUNK = 256, 8
@@ -30,7 +31,8 @@ SORTED_CHUNK, PLAIN_CHUNK = 256, 8
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("structures", nargs="*", default=[f"{sorted_cache.BLOCK},{sorted_cache.FANOUT},{sorted_cache.LEVELS}"],
+    parser.add_argument("structures", nargs="*",
+                        default=[f"{sorted_cache.BLOCK},{sorted_cache.FANOUT},{sorted_cache.LEVELS}"],
                         help="BLOCK,FANOUT,LEVELS per sorted cache")
     parser.add_argument("--context", type=int, default=65536)
     parser.add_argument("--heads", type=int, default=8)

@@ -32,7 +32,8 @@ KIND_TITLES = {
     "attn-fwdbwd": "Attention forward + backward (causal)",
     "lambda": "λ projection alone",
     "decode": "Decode step: one query over a cache of N tokens",
-    "varlen-fwdbwd": "Mixed lengths, forward + backward: packed (cu_seqlens) vs padded to the longest (T = real tokens)",
+    "varlen-fwdbwd": "Mixed lengths, forward + backward: packed (cu_seqlens) vs padded to the longest "
+                     "(T = real tokens)",
 }
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -143,7 +144,8 @@ def details(rows: list[dict]) -> list[str]:
     for r in sorted(rows, key=lambda r: (r["group"], _order(r["contender"]))):
         errs = r["rel_errors"] or {"out": r["rel_error"]}
         err = ", ".join(f"{k} {v:.1e}" for k, v in errs.items() if v is not None)
-        lines.append(f"| {r['group']} | {r['contender']} | {fmt_time(r['median_s'])} | {fmt_time(r['min_s'])} | {fmt_time(r['iqr_s'])} | "
+        lines.append(f"| {r['group']} | {r['contender']} | {fmt_time(r['median_s'])} | {fmt_time(r['min_s'])} | "
+                     f"{fmt_time(r['iqr_s'])} | "
                      f"{r['rounds']}×{r['iterations']} | {err} |")
     return lines + [""]
 
@@ -210,7 +212,8 @@ def render(data: dict, rows: list[dict], source: str) -> str:
     for kind in KIND_TITLES:
         lines += pivot(kind, rows)
     if info.get("device") == "cuda":
-        lines += ["## Floors (kernels/DESIGN.md)", ""] + floors_from_notes(os.path.join(_REPO, "kernels", "DESIGN.md")) + [""]
+        lines += (["## Floors (kernels/DESIGN.md)", ""]
+                  + floors_from_notes(os.path.join(_REPO, "kernels", "DESIGN.md")) + [""])
     skipped = data.get("skipped") or []
     if skipped:
         lines += ["## Skipped", "", "| benchmark | reason |", "|---|---|"]

@@ -3,10 +3,8 @@
 Each benchmark first checks the contender against the float64 oracle on a sample of query rows
 (benchlib.check_rows) and fails beyond tolerance; only then is it timed.
 """
-import pytest
-import torch
-
 import benchlib
+import torch
 
 
 def _start(benchmark, bench, kind, attn_case):

@@ -14,10 +14,9 @@ prefilled cache (untimed); summarize.py divides by steps_per_call, so the tables
 import copy
 import math
 
+import benchlib
 import torch
 import torch.nn.functional as F
-
-import benchlib
 
 
 def test_decode_step(benchmark, bench, decode_case):

@@ -1,7 +1,6 @@
 """Group 3: the λ projection alone (`taumode_lambda`) against the same math in plain torch ops."""
-import torch
-
 import benchlib
+import torch
 
 
 def test_lambda_projection(benchmark, bench, lambda_case):

@@ -4,10 +4,10 @@ backward, side by side on the same tokens. Tokens/s counts the real tokens only 
 Each benchmark first checks that the packed and padded results agree on the real rows (and the packed
 one against the float64 oracle on one sequence); only then is it timed.
 """
+import benchlib
 import pytest
 import torch
 
-import benchlib
 from tauformer_kernels import reference, taumode_attention_from_lambda
 
 # mixed lengths: a long document beside short ones, as packing meets them

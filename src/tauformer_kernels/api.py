@@ -42,7 +42,8 @@ def taumode_lambda(x, laplacian, *, tau=1.0, eps=1e-6, backend="auto", check_fin
     sparse; Triton takes it dense). tau: a float; a tensor of shape (H,) for x of shape (..., H, T, F) (one
     per head) or of shape x.shape[:-1] (one per vector); or the reference crate's per-vector rule,
     "vector-median" / "vector-mean" (docs/math.md §Per-vector tau; the gradient flows through it to x).
-    backend: "auto", "reference" or "triton" ("loglinear", an attention algorithm, takes auto's λ). Returns λ of shape x.shape[:-1] in float32 (float64 for float64 x).
+    backend: "auto", "reference" or "triton" ("loglinear", an attention algorithm, takes auto's λ). Returns λ of
+    shape x.shape[:-1] in float32 (float64 for float64 x).
     Gradients flow to x, tau (tensor) and laplacian (when it requires grad).
     """
     validation.check_tensor("x", x)
@@ -94,8 +95,8 @@ def taumode_attention(q, k, v, laplacian, *, tau=1.0, temperature=1.0, eps=1e-6,
             max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k)
     tau = _as_tensor("tau", tau, q)
     temperature = _as_tensor("temperature", temperature, q)
-    args = (q, k, v, laplacian, tau, temperature, float(eps), bool(is_causal), alibi_slopes, backend, bool(check_finite),
-            cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    args = (q, k, v, laplacian, tau, temperature, float(eps), bool(is_causal), alibi_slopes, backend,
+            bool(check_finite), cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     if ops.eager_inference(q, k, v, laplacian, tau, temperature, alibi_slopes):
         return ops.taumode_attention_composite(*args, direct=True)
     return torch.ops.tauformer.taumode_attention(*args)

@@ -108,9 +108,9 @@ def _seqs(cu_q: Optional[Tensor], cu_k: Optional[Tensor], max_q: int, max_k: int
 
 @torch.library.custom_op("tauformer::attention_fwd", mutates_args=())
 def attention_fwd(
-    lq: Tensor, lk: Tensor, v: Tensor, temperature: Tensor, alibi_slopes: Optional[Tensor], is_causal: bool, backend: str,
-    check_finite: bool, cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor], max_seqlen_q: int,
-    max_seqlen_k: int,
+    lq: Tensor, lk: Tensor, v: Tensor, temperature: Tensor, alibi_slopes: Optional[Tensor], is_causal: bool,
+    backend: str, check_finite: bool, cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor],
+    max_seqlen_q: int, max_seqlen_k: int,
 ) -> tuple[Tensor, Tensor]:
     validation.check_attention_values(lq, lk, v, temperature, alibi_slopes, check_finite)
     seqs = _seqs(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)

@@ -192,7 +192,8 @@ class _ChunkLogits:
         self.shape = (b, hkv, group * c)
         self.lq_rows = lq[:, :, start:stop].to(dt).reshape(b, hkv, group * c)
         self.lk = lk[:, :, : self.keys].to(dt)
-        self.inv_temp_rows = (1.0 / temperature.to(dt)).view(hkv, group, 1).expand(hkv, group, c).reshape(1, hkv, group * c)
+        self.inv_temp_rows = (1.0 / temperature.to(dt)).view(hkv, group, 1).expand(hkv, group, c).reshape(
+            1, hkv, group * c)
         self.diff = self.lq_rows[..., :, None] - self.lk[..., None, :]
         logits = self.diff.abs().mul_(-self.inv_temp_rows[..., None])
         offsets = key_offsets(tq, tk, lq.device, (start, stop), self.keys)
@@ -200,7 +201,8 @@ class _ChunkLogits:
         if alibi_slopes is not None:
             self.distance = offsets.abs().to(dt)  # (c, Tk')
             slopes = alibi_slopes.to(dt).view(b, hkv, group, 1, 1)
-            logits = (logits.view(b, hkv, group, c, self.keys) - slopes * self.distance).view(b, hkv, group * c, self.keys)
+            logits = (logits.view(b, hkv, group, c, self.keys) - slopes * self.distance).view(
+                b, hkv, group * c, self.keys)
         if is_causal:
             logits = logits.masked_fill((offsets < 0).repeat(group, 1), float("-inf"))
         self.logits = logits

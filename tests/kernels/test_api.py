@@ -1,10 +1,15 @@
 """The public API: fp32 against float64, GQA, Tq < Tk, T = 1, temperatures, backends, bad input."""
 import pytest
 import torch
-
 from helpers import oracle_attention, per_head, random_heads, random_lambdas, relative_error, temperature_tolerance
+
 from tauformer_kernels import (
-    BACKENDS, chain_laplacian, reference, taumode_attention, taumode_attention_from_lambda, taumode_lambda,
+    BACKENDS,
+    chain_laplacian,
+    reference,
+    taumode_attention,
+    taumode_attention_from_lambda,
+    taumode_lambda,
 )
 
 TEMPERATURES = [1e-3, 0.05, 1.0, 10.0]
@@ -58,7 +63,8 @@ def test_fp32_gradients_match_float64_on_each_half(shape, temperature):
     lam32 = taumode_lambda(x32, lap.float(), tau=tau32)
     assert lam32.dtype == torch.float32 and relative_error(lam32, lam64) < 1e-6
     dlam = torch.randn_like(lam64)
-    for a, r in zip(torch.autograd.grad(lam32, (x32, tau32), dlam.float()), torch.autograd.grad(lam64, (x64, tau64), dlam)):
+    for a, r in zip(torch.autograd.grad(lam32, (x32, tau32), dlam.float()),
+                    torch.autograd.grad(lam64, (x64, tau64), dlam)):
         assert relative_error(a, r) < 1e-5
 
 
@@ -109,7 +115,8 @@ def test_torch_ops_are_registered():
     assert torch.equal(out, taumode_attention(q, k, v, lap, temperature=0.1))
     lq = torch.ops.tauformer.taumode_lambda(q, lap, one, 1e-6, "reference")
     assert lq.shape == (1, 2, 5)
-    assert torch.ops.tauformer.taumode_attention_from_lambda(lq, lq[:, :1], v, torch.tensor(0.1), True, None, "auto").shape == (1, 2, 5, 4)
+    assert torch.ops.tauformer.taumode_attention_from_lambda(
+        lq, lq[:, :1], v, torch.tensor(0.1), True, None, "auto").shape == (1, 2, 5, 4)
 
 
 @pytest.mark.parametrize("length", [40, 1100])
@@ -147,7 +154,8 @@ def test_torch_compile_fullgraph_matches_eager():
 
     module = Attention()
     q, k, v = random_heads(2, 4, 2, 24, 24, 16, 16, dtype=torch.float32)
-    compiled = torch.compile(module, fullgraph=True, )  # the default backend (inductor) traces the ops through their fake implementations
+    # the default backend (inductor) traces the ops through their fake implementations
+    compiled = torch.compile(module, fullgraph=True, )
     eager_out = module(q, k, v)
     compiled_out = compiled(q, k, v)
     torch.testing.assert_close(compiled_out, eager_out, rtol=1e-6, atol=1e-6)
@@ -172,7 +180,8 @@ def _good():
     [
         (lambda a: a.update(q=a["q"][0]), ValueError, "q must have 4 dimensions"),
         (lambda a: a.update(k=a["k"][:1]), ValueError, "batch sizes differ"),
-        (lambda a: a.update(k=torch.randn(2, 3, 6, 8), v=torch.randn(2, 3, 6, 8)), ValueError, "multiple of the kv heads"),
+        (lambda a: a.update(k=torch.randn(2, 3, 6, 8), v=torch.randn(2, 3, 6, 8)), ValueError,
+         "multiple of the kv heads"),
         (lambda a: a.update(k=a["k"][:, :, :, :4]), ValueError, "share the head dim"),
         (lambda a: a.update(v=a["v"][:, :, :5]), ValueError, "kv heads and length"),
         (lambda a: a.update(q=torch.randn(2, 4, 7, 8)), ValueError, "Tq <= Tk"),
@@ -182,13 +191,15 @@ def _good():
         (lambda a: a.update(q=a["q"].int(), k=a["k"].int()), TypeError, "q must be a floating tensor"),
         (lambda a: a.update(temperature=0.0), ValueError, "temperature must be > 0"),
         (lambda a: a.update(temperature=torch.tensor([0.1, -1.0, 0.1, 0.1])), ValueError, "temperature must be > 0"),
-        (lambda a: a.update(temperature=torch.ones(3)), ValueError, r"temperature must be a float or a tensor of shape \(4,\)"),
+        (lambda a: a.update(temperature=torch.ones(3)), ValueError,
+         r"temperature must be a float or a tensor of shape \(4,\)"),
         (lambda a: a.update(tau=-1.0), ValueError, "tau must be > 0"),
         (lambda a: a.update(tau=torch.ones(4)), ValueError, r"tau must be a float or a tensor of shape \(2,\)"),
         (lambda a: a.update(alibi_slopes=torch.ones(3)), ValueError, "alibi_slopes must have shape"),
         (lambda a: a.update(backend="cuda"), ValueError, "backend must be one of 'auto', 'reference'"),
         (lambda a: a.update(eps=-1.0), ValueError, "eps must be"),
-        (lambda a: a.update(q=a["q"].clone().index_fill_(2, torch.tensor([1]), float("nan")), check_finite=True), ValueError, "q contains non-finite"),
+        (lambda a: a.update(q=a["q"].clone().index_fill_(2, torch.tensor([1]), float("nan")), check_finite=True),
+         ValueError, "q contains non-finite"),
     ],
 )
 def test_bad_input_names_the_argument(mutate, error, match):
@@ -218,7 +229,8 @@ def test_backend_names():
     assert BACKENDS == ("auto", "reference", "triton", "loglinear")
     lq, lk = random_lambdas(1, 1, 1, 3, 3, dtype=torch.float32)
     with pytest.raises(TypeError, match="float64"):
-        taumode_attention_from_lambda(lq.double(), lk.double(), torch.randn(1, 1, 3, 2, dtype=torch.float64), backend="triton")
+        taumode_attention_from_lambda(lq.double(), lk.double(), torch.randn(1, 1, 3, 2, dtype=torch.float64),
+                                      backend="triton")
 
 
 def test_triton_backend_on_cpu_without_interpreter_is_a_clear_error(monkeypatch):
@@ -238,7 +250,8 @@ def test_auto_backend_choice_on_cpu():
     assert resolve_attention_backend("auto", cpu, torch.float32, CPU_LOGLINEAR_MIN_KEYS - 1) == "reference"
     assert resolve_attention_backend("auto", cpu, torch.float32, CPU_LOGLINEAR_MIN_KEYS) == "loglinear"
     assert CPU_LOGLINEAR_MIN_KEYS_INFERENCE < CPU_LOGLINEAR_MIN_KEYS
-    for keys, expected in ((CPU_LOGLINEAR_MIN_KEYS_INFERENCE - 1, "reference"), (CPU_LOGLINEAR_MIN_KEYS_INFERENCE, "loglinear")):
+    for keys, expected in ((CPU_LOGLINEAR_MIN_KEYS_INFERENCE - 1, "reference"),
+                           (CPU_LOGLINEAR_MIN_KEYS_INFERENCE, "loglinear")):
         assert resolve_attention_backend("auto", cpu, torch.float32, keys, needs_grad=False) == expected
     assert resolve_attention_backend("reference", cpu, torch.float32, 10**6) == "reference"
     # the λ projection has no sorted algorithm: "loglinear" and "auto" choose it alike, at any length

@@ -23,8 +23,8 @@ import importlib.util
 
 import pytest
 import torch
-
 from helpers import GRADIENTS, Attention, flash_close, loglinear_small_blocks, oracle
+
 from tauformer_kernels import SortedCache, reference, taumode_attention_from_lambda
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

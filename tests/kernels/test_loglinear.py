@@ -9,8 +9,8 @@ contract's criterion (helpers.flash_close).
 """
 import pytest
 import torch
-
 from helpers import GRADIENTS, Attention, flash_close, loglinear_small_blocks, oracle
+
 from tauformer_kernels import loglinear
 
 

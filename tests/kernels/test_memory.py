@@ -39,5 +39,6 @@ def _peak_kib(which: str) -> int:
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
 def test_chunked_peak_memory_is_under_a_quarter_of_naive():
     naive, chunked = _peak_kib("naive"), _peak_kib("chunked")
-    print(f"peak memory above the inputs at B=1 H=8 T=4096 F=64: naive {naive / 1024:.0f} MiB, chunked {chunked / 1024:.0f} MiB")
+    print(f"peak memory above the inputs at B=1 H=8 T=4096 F=64: naive {naive / 1024:.0f} MiB, "
+          f"chunked {chunked / 1024:.0f} MiB")
     assert chunked < naive / 4

@@ -8,8 +8,8 @@ make short sequences pad, carry between chunks and recurse several levels deep.
 """
 import pytest
 import torch
-
 from helpers import relative_error
+
 from tauformer_kernels import prefix_scan
 
 

@@ -3,9 +3,15 @@ import math
 
 import pytest
 import torch
-
 from helpers import GRADIENTS, oracle, per_head, random_heads, random_lambdas, relative_error
-from tauformer_kernels import chain_laplacian, reference, taumode_attention, taumode_attention_from_lambda, taumode_lambda
+
+from tauformer_kernels import (
+    chain_laplacian,
+    reference,
+    taumode_attention,
+    taumode_attention_from_lambda,
+    taumode_lambda,
+)
 
 
 def test_hand_computed_three_tokens():
@@ -14,7 +20,8 @@ def test_hand_computed_three_tokens():
     v = torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64).view(1, 1, 3, 1)
     w1 = [math.exp(-0.3), math.exp(-0.1)]
     w2 = [math.exp(-0.7), math.exp(-0.5), math.exp(-0.1)]
-    expected = torch.tensor([1.0, (w1[0] + 2 * w1[1]) / sum(w1), (w2[0] + 2 * w2[1] + 3 * w2[2]) / sum(w2)], dtype=torch.float64)
+    expected = torch.tensor([1.0, (w1[0] + 2 * w1[1]) / sum(w1), (w2[0] + 2 * w2[1] + 3 * w2[2]) / sum(w2)],
+                            dtype=torch.float64)
     out_chunked, lse = reference.attention_fwd_chunked(lq, lk, v, per_head(1.0, 1), None, True)
     for out in (
         reference.attention_naive(lq, lk, v, per_head(1.0, 1)),
@@ -61,9 +68,11 @@ def test_chunked_matches_naive(tq, tk, is_causal, alibi, monkeypatch):
 
 def test_lambda_reference_matches_naive_and_its_gradient():
     x = torch.randn(2, 3, 11, 16, dtype=torch.float64)
-    lap = chain_laplacian(16, dtype=torch.float64) + 0.1 * torch.randn(16, 16, dtype=torch.float64)  # non-symmetric: tests L_sym
+    # non-symmetric: tests L_sym
+    lap = chain_laplacian(16, dtype=torch.float64) + 0.1 * torch.randn(16, 16, dtype=torch.float64)
     tau = torch.rand(3, dtype=torch.float64) + 0.1
-    assert relative_error(reference.lambda_fwd_reference(x, lap, tau, 1e-6), reference.lambda_naive(x, lap, tau)) < 1e-14
+    assert relative_error(reference.lambda_fwd_reference(x, lap, tau, 1e-6),
+                          reference.lambda_naive(x, lap, tau)) < 1e-14
     leaves = [t.clone().requires_grad_() for t in (x, lap, tau)]
     lam = reference.lambda_naive(leaves[0], leaves[1], leaves[2])
     dlam = torch.randn_like(lam)
@@ -103,7 +112,7 @@ def test_gradcheck_lambda_with_laplacian():
     x = torch.randn(2, 3, 4, 5, dtype=torch.float64, requires_grad=True)
     lap = chain_laplacian(5, dtype=torch.float64).requires_grad_()
     tau = (torch.rand(3, dtype=torch.float64) + 0.2).requires_grad_()
-    assert torch.autograd.gradcheck(lambda x, l, t: taumode_lambda(x, l, tau=t), (x, lap, tau), eps=1e-6, atol=1e-8)
+    assert torch.autograd.gradcheck(lambda x, lp, t: taumode_lambda(x, lp, tau=t), (x, lap, tau), eps=1e-6, atol=1e-8)
 
 
 # ----------------------------------------------------------------------------------------------------

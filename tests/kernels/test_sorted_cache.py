@@ -8,8 +8,8 @@ reserve the tables, and what `attend` refuses.
 """
 import pytest
 import torch
-
 from helpers import Attention, flash_close, oracle
+
 from tauformer_kernels.sorted_cache import SortedCache
 
 

@@ -3,8 +3,8 @@ a pack equals the float64 oracle on that sequence alone, forward and every gradi
 across a boundary (docs/math.md §Packed sequences)."""
 import pytest
 import torch
-
 from helpers import oracle_attention, relative_error, temperature_tolerance
+
 from tauformer_kernels import chain_laplacian, loglinear, reference, taumode_attention, taumode_attention_from_lambda
 
 BACKENDS = ["reference", "loglinear", pytest.param("triton", marks=pytest.mark.skipif(
@@ -93,7 +93,8 @@ def test_nothing_leaks_across_a_boundary(backend, small_blocks):
     lq, lk = torch.rand(70, 2), torch.rand(70, 1)
     v = torch.randn(70, 1, 8)
     cu = torch.tensor([0, 20, 20, 45, 70], dtype=torch.int32)
-    before = taumode_attention_from_lambda(lq, lk, v, temperature=0.1, backend=backend, cu_seqlens_q=cu, cu_seqlens_k=cu)
+    before = taumode_attention_from_lambda(lq, lk, v, temperature=0.1, backend=backend,
+                                           cu_seqlens_q=cu, cu_seqlens_k=cu)
     lk2, v2 = lk.clone(), v.clone()
     lk2[20:45], v2[20:45] = torch.rand(25, 1), torch.randn(25, 1, 8)
     after = taumode_attention_from_lambda(lq, lk2, v2, temperature=0.1, backend=backend, cu_seqlens_q=cu,
