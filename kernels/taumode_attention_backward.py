@@ -238,7 +238,8 @@ def _bwd_tile(dv_acc, dlk_acc, dt_acc, dsl_acc, lam_k, v, offs_n, start_n, offs_
     lam_q = tl.load(R_m + offs_r)
     ell = tl.load(R_m + BLOCK_M + offs_r)
     delta = tl.load(R_m + 2 * BLOCK_M + offs_r)
-    do_ptrs = (DO_bh + tl.cast(start_m, tl.int64) * stride_do_t) + offs_r[:, None] * stride_do_t + offs_d[None, :] * stride_do_d
+    do_ptrs = ((DO_bh + tl.cast(start_m, tl.int64) * stride_do_t) + offs_r[:, None] * stride_do_t
+               + offs_d[None, :] * stride_do_d)
     if MASK_Q:
         # rows past Tq: dO = 0 (and P = 0, D = 0 from ROWS) give dS = 0
         do_mask = (offs_m < Tq)[:, None]

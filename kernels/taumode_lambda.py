@@ -3,9 +3,9 @@
 
 Device code only; the launcher is `tauformer_kernels.lambda_triton.lambda_fwd_triton`.
 
-One program per (block of BLOCK_T vectors, batch·head), the blocks of a head consecutive on grid axis 0. x·L runs on the tensor cores in column chunks of
-BLOCK_C and contraction chunks of BLOCK_K (the Laplacian stays on-chip / in L2: F×F is small); the
-Rayleigh quotient, the clamp and the bound are fp32.
+One program per (block of BLOCK_T vectors, batch·head), the blocks of a head consecutive on grid axis 0. x·L
+runs on the tensor cores in column chunks of BLOCK_C and contraction chunks of BLOCK_K (the Laplacian stays
+on-chip / in L2: F×F is small); the Rayleigh quotient, the clamp and the bound are fp32.
 
 Precision of x·L: for fp16/bf16 x the Laplacian arrives split in two terms of x's dtype, L = L_HI + L_LO
 (each exact as x is exact), so two tensor-core products give L to ~16-22 bits; for fp32 x, L_HI is fp32

@@ -9,10 +9,11 @@ For a head vector x (F), s = xᵀx + eps, L_sym = (L + Lᵀ)/2, E_raw = xᵀ L_s
     dx   = dE · 2 (L_sym x - E_raw x) / s
     dtau = dλ · (-E / (E + tau)²)     (per vector; summed per head for a per-head tau)
 
-One program per (block of BLOCK_T vectors, b·h), the blocks of a head consecutive on grid axis 0. L_sym is formed on-chip from two loads of L (a tile and its
-transpose) and y = x L_sym runs on the tensor cores in BLOCK_K × BLOCK_K tiles of L_sym. When F fits in one
-tile (BLOCK_K == BLOCK_F) everything is one pass over x; for larger F a first pass gets xᵀx and E_raw and a
-second recomputes each column tile of y to write dx (L stays in L2 across programs).
+One program per (block of BLOCK_T vectors, b·h), the blocks of a head consecutive on grid axis 0. L_sym is
+formed on-chip from two loads of L (a tile and its transpose) and y = x L_sym runs on the tensor cores in
+BLOCK_K × BLOCK_K tiles of L_sym. When F fits in one tile (BLOCK_K == BLOCK_F) everything is one pass over x;
+for larger F a first pass gets xᵀx and E_raw and a second recomputes each column tile of y to write dx (L stays
+in L2 across programs).
 
 Layouts: DLAM (B, H, T) fp32, X and DX (B, H, T, F) in x's dtype, any strides; LAP (F, F) fp32 contiguous;
 TAU fp32 at b·stride_tau_b + h·stride_tau_h + t·stride_tau_t (per head: strides (0, 1, 0); per vector:

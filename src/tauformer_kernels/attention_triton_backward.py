@@ -28,13 +28,21 @@ import triton
 
 from tauformer_kernels import reference
 from tauformer_kernels import varlen as _varlen
-from tauformer_kernels.launch import (
-    Launch, LaunchShape, Rule, apply_rules, arch_of, block_size, gpu_launch_configs, on_device, triton_before,
-)
 from tauformer_kernels.kernels.taumode_attention_backward import (
     DLQ_ROW_ALIGN,
     attention_bwd_preprocess_kernel,
     taumode_attention_bwd_kernel,
+)
+from tauformer_kernels.launch import (
+    Launch,
+    LaunchShape,
+    Rule,
+    apply_rules,
+    arch_of,
+    block_size,
+    gpu_launch_configs,
+    on_device,
+    triton_before,
 )
 
 # Base tiles (BLOCK_N keys per program × BLOCK_M queries per iteration) and launch options on a GPU, by the
@@ -63,8 +71,6 @@ _INTERPRET_TILES = {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 
 # (batch, kv head).
 MAX_FUSED_DV = {torch.float16: 512, torch.bfloat16: 512, torch.float32: 256}
 MAX_SLOTS = 16
-# Warps of a pack's OVERFLOW launches (the key blocks past max_seqlen_k)
-_OVERFLOW_WARPS = 8
 
 
 # Applied in order to the base tile of the shape's Dv (measured spills: kernels/NOTES.md, Backward).
@@ -100,9 +106,11 @@ _RULES = (
 # Measured on the VARLEN builds (Triton 3.9, sm_80 and sm_90; compile_check's varlen rows).
 _VARLEN_RULES = (
     Rule(lambda s: not s.fp32 and s.block_d <= 64 and s.is_causal and not s.has_alibi and s.arch >= 90,
-         {"DT_TILE": False}, "causal 64×64 with the dtemperature tile spilled 16 B on sm_90 (main loop +2.6 % without)"),
+         {"DT_TILE": False},
+         "causal 64×64 with the dtemperature tile spilled 16 B on sm_90 (main loop +2.6 % without)"),
     Rule(lambda s: not s.fp32 and s.block_d <= 64 and s.is_causal and not s.has_alibi and s.group > 1,
-         {"BLOCK_M": 32}, "causal GQA at 64×64 spilled 256/32 B (sm_80/sm_90; the dense build 48/96 B at even lengths)"),
+         {"BLOCK_M": 32},
+         "causal GQA at 64×64 spilled 256/32 B (sm_80/sm_90; the dense build 48/96 B at even lengths)"),
     Rule(lambda s: not s.fp32 and s.block_d <= 64 and s.is_causal and not s.has_alibi and s.group > 1 and s.arch < 90,
          {"BLOCK_N": 32}, "causal GQA at 32×64 still spilled 64 B on sm_80"),
     Rule(lambda s: not s.fp32 and s.block_d <= 64 and not s.is_causal and s.group > 1 and s.arch < 90,
@@ -144,6 +152,25 @@ _VARLEN_RULES = (
 )
 
 
+# A pack's OVERFLOW launches (the key blocks past max_seqlen_k, one program per (sequence, kv head)) start from
+# the main launches with half their keys per block (at least 16) and these settings, then _OVERFLOW_RULES. They
+# only do work where max_seqlen_k understates a sequence (correctness, not speed), so their configs are chosen
+# to be spill-free. BLOCK_M stays the main launch's: the preprocess lays ROWS out in it.
+# num_warps / warps_dv: the warps of the launch computing dλ (with or without dV) / of a split's dV launch;
+# SPLIT_DV: run dV and dλ as two launches even where the main launch is one.
+_OVERFLOW_BASE = {"num_warps": 8, "warps_dv": 8, "SPLIT_DV": False}
+_OVERFLOW_RULES = (
+    Rule(lambda s: s.fp32 and s.block_d <= 64 and s.has_alibi and s.group > 1 and s.arch >= 90, {"num_warps": 4},
+         "fp32 ALiBi GQA at 8 warps spilled 24 B on sm_90 (32-40 B at 1 stage); 4 warps, as the main launch, do not"),
+    Rule(lambda s: s.fp32 and s.block_d >= 256 and s.group > 1 and s.arch >= 90, {"warps_dv": 4},
+         "fp32 Dv 256 GQA: the split's dV launch at 8 warps was capped at 128 registers (8 B spilled on sm_90, "
+         "non-causal); 4 warps, as the main dV launch, do not (on sm_80 they were capped at 128: 8 B)"),
+    Rule(lambda s: s.fp32 and s.block_d >= 256 and s.has_alibi, {"SPLIT_DV": True},
+         "fp32 ALiBi Dv 256 at 32×16 spilled 8 B on sm_80 (4 warps 136 B, 3 stages 24 B, 1 stage 3.6 KB; 16 "
+         "query rows would change the ROWS layout): dV and dλ as two launches hold 125 and 170 registers"),
+)
+
+
 def backward_launches(dtype: torch.dtype, dv: int, *, tq: int, tk: int, has_alibi: bool, group: int,
                       is_causal: bool, arch: int = 90, gpu: bool | None = None, varlen: bool = False) -> list[Launch]:
     """The main backward kernel's launches for V's dtype, head size Dv, the lengths (their evenness), ALiBi,
@@ -153,8 +180,7 @@ def backward_launches(dtype: torch.dtype, dv: int, *, tq: int, tk: int, has_alib
     are False whatever tq and tk (the pack's totals) are, and _VARLEN_RULES apply on top of _RULES."""
     gpu = gpu_launch_configs() if gpu is None else gpu
     block_d = block_size(dv)
-    shape = LaunchShape(dtype, block_d, has_alibi, arch, group=group, is_causal=bool(is_causal),
-                        old_triton=triton_before(3, 9))
+    shape = _launch_shape(dtype, dv, has_alibi, group, is_causal, arch)
     base = (_BASE_FP32 if shape.fp32 else _BASE)[max(64, block_d)]
     cfg = apply_rules(dict(base, DOT_PRECISION="ieee", RED_PRECISION="ieee", SPLIT_DV=False), _RULES, shape)
     if varlen:
@@ -179,13 +205,30 @@ def backward_launches(dtype: torch.dtype, dv: int, *, tq: int, tk: int, has_alib
     return launches
 
 
-def overflow_launches(launches: list[Launch]) -> list[Launch]:
-    """A pack's OVERFLOW launches, one per main launch: the key blocks past max_seqlen_k (only a launch-size
-    hint), one program per (sequence, kv head). Half the keys per block (at least 16) and 8 warps: at the main
-    tiles the loop over blocks spilled 16-24 B (bf16/fp16 D=64 causal). Open: three fp32 builds still spill
-    8-24 B (kernels/NOTES.md, 2026-12-04)."""
-    return [Launch(dict(launch.constexprs, OVERFLOW=True, BLOCK_N=max(16, launch.constexprs["BLOCK_N"] // 2)),
-                   _OVERFLOW_WARPS, launch.num_stages) for launch in launches]
+def overflow_launches(dtype: torch.dtype, dv: int, *, has_alibi: bool, group: int, is_causal: bool, arch: int = 90,
+                      gpu: bool | None = None) -> list[Launch]:
+    """A pack's OVERFLOW launches (the key blocks past max_seqlen_k, only a launch-size hint; one program per
+    (sequence, kv head)), for the arguments of backward_launches: the main launches with half the keys per
+    block and _OVERFLOW_BASE, then _OVERFLOW_RULES (at the main tiles the loop over blocks spilled 16-24 B,
+    bf16/fp16 D=64 causal)."""
+    main = backward_launches(dtype, dv, tq=0, tk=0, has_alibi=has_alibi, group=group, is_causal=is_causal,
+                             arch=arch, gpu=gpu, varlen=True)
+    cfg = apply_rules(_OVERFLOW_BASE, _OVERFLOW_RULES, _launch_shape(dtype, dv, has_alibi, group, is_causal, arch))
+    if cfg["SPLIT_DV"] and len(main) == 1:
+        (one,) = main
+        main = [Launch(dict(one.constexprs, WITH_DLAMBDA=False), one.num_warps, one.num_stages),
+                Launch(dict(one.constexprs, WITH_DV=False), one.num_warps, one.num_stages)]
+    launches = []
+    for launch in main:
+        constexprs = dict(launch.constexprs, OVERFLOW=True, BLOCK_N=max(16, launch.constexprs["BLOCK_N"] // 2))
+        warps = cfg["num_warps"] if constexprs["WITH_DLAMBDA"] else cfg["warps_dv"]
+        launches.append(Launch(constexprs, warps, launch.num_stages))
+    return launches
+
+
+def _launch_shape(dtype: torch.dtype, dv: int, has_alibi: bool, group: int, is_causal: bool, arch: int) -> LaunchShape:
+    return LaunchShape(dtype, block_size(dv), has_alibi, arch, group=group, is_causal=bool(is_causal),
+                       old_triton=triton_before(3, 9))
 
 
 def preprocess_launch(dv: int, row_block: int, varlen: bool = False) -> Launch:
@@ -324,7 +367,8 @@ def _attention_bwd(dout, lq, lk, v, out, lse, temperature, alibi_slopes, is_caus
                 count, h, tq, tk, dv_dim, slots, kb_start, *pack_args, **launch.options(),
             )
     if pack:
-        for launch in overflow_launches(launches):
+        for launch in overflow_launches(v.dtype, dv_dim, has_alibi=alibi_slopes is not None, group=h // hkv,
+                                        is_causal=is_causal, arch=arch_of(device)):
             # its first block (in its own BLOCK_N) starts where the other launches' kb_cols blocks end
             first = kb_cols * block_n // launch.constexprs["BLOCK_N"]
             taumode_attention_bwd_kernel[(programs * hkv,)](

@@ -154,8 +154,11 @@ def _attention_bwd_cases(dtype: str, dv: int, causal: bool, alibi: bool, group: 
     cases = [KernelCase(name + (f" {part}" if split else ""), taumode_attention_bwd_kernel, args,
                         {arch: launches[i] for arch, launches in per_arch.items()}, counts_scores=True)
              for i, part in enumerate(parts)]
-    if varlen:  # the pack's OVERFLOW launches (the key blocks past max_seqlen_k)
-        per_arch = {arch: overflow_launches(launches) for arch, launches in per_arch.items()}
+    if varlen:  # the pack's OVERFLOW launches (the key blocks past max_seqlen_k), split where the main one is not
+        per_arch = {arch: overflow_launches(_DTYPES[dtype], dv, has_alibi=alibi, group=group, is_causal=causal,
+                                            arch=arch, gpu=True) for arch in _ARCHS}
+        split = len(per_arch[90]) > 1
+        parts = ("dv", "dlambda")[:len(per_arch[90])]
         cases += [KernelCase(name + (f" {part}" if split else "") + " overflow", taumode_attention_bwd_kernel, args,
                              {arch: launches[i] for arch, launches in per_arch.items()}, counts_scores=True)
                   for i, part in enumerate(parts)]
@@ -210,11 +213,14 @@ def kernel_cases() -> list[KernelCase]:
     # (dtype, Dv, causal, alibi, group, even lengths)
     bwd = [("bf16", 64, True, False, 1, True), ("fp16", 64, True, False, 1, True), ("fp32", 64, True, False, 1, True),
            ("bf16", 64, True, True, 4, False), ("fp16", 64, False, False, 2, False),
-           ("bf16", 128, True, False, 1, True), ("bf16", 256, True, False, 1, True), ("bf16", 512, True, False, 1, True),
-           ("bf16", 512, True, True, 2, False), ("fp32", 128, True, True, 1, False), ("fp32", 256, True, True, 1, False),
-           ("fp32", 256, True, False, 1, True), ("fp32", 256, False, False, 1, False), ("fp32", 64, True, True, 2, False),
+           ("bf16", 128, True, False, 1, True), ("bf16", 256, True, False, 1, True),
+           ("bf16", 512, True, False, 1, True), ("bf16", 512, True, True, 2, False),
+           ("fp32", 128, True, True, 1, False), ("fp32", 256, True, True, 1, False),
+           ("fp32", 256, True, False, 1, True), ("fp32", 256, False, False, 1, False),
+           ("fp32", 64, True, True, 2, False),
            # fp32 Dv 256 with GQA: the split launches
-           ("fp32", 256, True, False, 2, False), ("fp32", 256, False, False, 2, False), ("fp32", 256, True, True, 2, False)]
+           ("fp32", 256, True, False, 2, False), ("fp32", 256, False, False, 2, False),
+           ("fp32", 256, True, True, 2, False)]
     for row in bwd:
         cases += _attention_bwd_cases(*row)
     # packed sequences (cu_seqlens): the dense rows' configs, and those where _VARLEN_RULES depart from them
@@ -278,8 +284,8 @@ def compile_case(case: KernelCase, arch: int):
 
 
 def _opcodes(lines):
-    return [_GUARD.sub("", re.sub(r"^.*?\*/\s*", "", l).strip()).rstrip(" ;")
-            for l in lines if re.search(r"/\*[0-9a-f]{4,}\*/", l)]
+    return [_GUARD.sub("", re.sub(r"^.*?\*/\s*", "", line).strip()).rstrip(" ;")
+            for line in lines if re.search(r"/\*[0-9a-f]{4,}\*/", line)]
 
 
 def loops(sass: str):

@@ -11,8 +11,8 @@ Runs under TRITON_INTERPRET=1 on CPU (conftest sets it without CUDA), the GPU's 
 """
 import pytest
 import torch
-
 from helpers import GRADIENTS, Attention, flash_close, oracle, relative_error
+
 from tauformer_kernels import reference
 
 triton = pytest.importorskip("triton")

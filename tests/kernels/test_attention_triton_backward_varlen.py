@@ -16,13 +16,15 @@ bf16 3e-2.
 """
 import pytest
 import torch
-
 from helpers import relative_error, temperature_tolerance
+
 from tauformer_kernels import reference, varlen
 
 triton = pytest.importorskip("triton")
 from tauformer_kernels.attention_triton_backward import (  # noqa: E402
-    MAX_FUSED_DV, attention_bwd_triton, backward_launches,
+    MAX_FUSED_DV,
+    attention_bwd_triton,
+    backward_launches,
 )
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

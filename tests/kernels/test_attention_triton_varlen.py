@@ -21,6 +21,7 @@ if not torch.cuda.is_available():
 pytest.importorskip("triton")
 
 from helpers import relative_error, temperature_tolerance  # noqa: E402
+
 from tauformer_kernels import attention_triton, reference, varlen  # noqa: E402
 from tauformer_kernels.attention_triton import attention_fwd_triton  # noqa: E402
 

@@ -7,7 +7,11 @@ import torch
 
 triton = pytest.importorskip("triton")
 from tauformer_kernels import (  # noqa: E402
-    attention_triton, attention_triton_backward, compile_check, lambda_triton, lambda_triton_backward,
+    attention_triton,
+    attention_triton_backward,
+    compile_check,
+    lambda_triton,
+    lambda_triton_backward,
 )
 
 NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
@@ -59,7 +63,8 @@ def _lambdas(h, hkv, t, dv, dtype):
 
 @pytest.mark.parametrize("rows, dtype, dv, alibi", [
     (("attn_fwd factorised causal D=64 bf16", "attn_fwd general causal D=64 bf16"), torch.bfloat16, 64, False),
-    (("attn_fwd factorised causal alibi D=64 fp16", "attn_fwd general causal alibi D=64 fp16"), torch.float16, 64, True),
+    (("attn_fwd factorised causal alibi D=64 fp16", "attn_fwd general causal alibi D=64 fp16"), torch.float16, 64,
+     True),
     (("attn_fwd factorised causal D=384 bf16 (3x128 cols)", "attn_fwd general causal D=384 bf16 (3x128 cols)"),
      torch.bfloat16, 384, False),
 ])
@@ -118,7 +123,8 @@ def test_lambda_backward_rows_are_the_launches(cases, record, dtype, f):
 
 
 def test_every_rule_says_why():
-    for rules in (attention_triton._FORWARD_RULES, attention_triton_backward._RULES):
+    for rules in (attention_triton._FORWARD_RULES, attention_triton_backward._RULES,
+                  attention_triton_backward._VARLEN_RULES, attention_triton_backward._OVERFLOW_RULES):
         assert all(rule.why and rule.settings for rule in rules)
 
 

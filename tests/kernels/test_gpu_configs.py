@@ -8,8 +8,8 @@ exp2), with bf16 and tf32/tf32x3 rounding and the PTX exp2's flush to zero emula
 """
 import pytest
 import torch
-
 from helpers import relative_error
+
 from tauformer_kernels import reference
 
 triton = pytest.importorskip("triton")
@@ -83,7 +83,8 @@ BACKWARD_CASES = [  # (dtype, B, H, Hkv, Tq, Tk, Dv, causal, alibi)
 ]
 
 
-@pytest.mark.parametrize("case", BACKWARD_CASES, ids=lambda c: f"{str(c[0])[6:]}-T{c[4]}x{c[5]}-D{c[6]}-G{c[2] // c[3]}")
+@pytest.mark.parametrize("case", BACKWARD_CASES,
+                         ids=lambda c: f"{str(c[0])[6:]}-T{c[4]}x{c[5]}-D{c[6]}-G{c[2] // c[3]}")
 def test_backward_with_gpu_configs(case):
     dtype, b, h, hkv, tq, tk, dv, causal, alibi = case
     shape = dict(tq=tq, tk=tk, has_alibi=alibi, group=h // hkv, is_causal=causal)
