@@ -44,6 +44,14 @@ and kmin/kmax have a row per sequence); the batch strides are not read. A progra
 offsets and is then a dense program of a batch of one whose rows and keys start at those offsets, with Tq, Tk
 its sequence's lengths: causality, the ALiBi distances and the key masks are per sequence, and no key of
 another sequence is ever read unmasked.
+
+Paged keys (PAGED, a VARLEN build; docs/math.md §The λ cache, In vLLM): λk and V live in a paged cache, λk
+(N_PAGES, Hkv, PAGE_SIZE) fp32 and V (N_PAGES, Hkv, PAGE_SIZE, Dv), any strides (the launcher passes two views
+of one (pages, Hkv, PAGE_SIZE, s + Dv) cache tensor); sequence b's key j is slot j % PAGE_SIZE of page
+BLOCK_TABLE[b, j // PAGE_SIZE], for j < SEQ_LENS[b]. Queries are packed with CU_Q as above, bottom-right aligned
+over the sequence's keys. Table entries are clamped into [0, N_PAGES) and the key counts into the table's
+width: no input makes a program read outside the cache or the table. The factorised path's λk range of the
+sequence comes from a pass over its λk in each program (_paged_key_range) instead of KMIN/KMAX.
 """
 import triton
 import triton.language as tl
@@ -71,14 +79,36 @@ def _wide(x, WIDE: tl.constexpr):
 
 
 @triton.jit
-def _key_ptrs(LK_bh, V_bh, k0, offs_n, j0, offs_d, stride_lk_t, stride_v_t, stride_v_d, WIDE: tl.constexpr):
+def _page_slots(pages, offs_n, Tk, PAGE_SIZE: tl.constexpr, MASK_KEYS: tl.constexpr):
+    """(page, slot) of keys offs_n of a sequence in a paged cache: `pages` = (its block-table row, the cache's page
+    count, the page strides of λk and V); page 64-bit. MASK_KEYS: keys at or past Tk read no table entry (the
+    row may end there). Entries outside [0, pages) are clamped into it: no table, however wrong, reads outside
+    the cache."""
+    table_row, n_pages = pages[0], pages[1]
+    if MASK_KEYS:
+        page = tl.load(table_row + offs_n // PAGE_SIZE, mask=offs_n < Tk, other=0)
+    else:
+        page = tl.load(table_row + offs_n // PAGE_SIZE)
+    page = tl.minimum(tl.maximum(page, 0), n_pages - 1)
+    return tl.cast(page, tl.int64), offs_n % PAGE_SIZE
+
+
+@triton.jit
+def _key_ptrs(LK_bh, V_bh, k0, pages, offs_n, j0, offs_d, stride_lk_t, stride_v_t, stride_v_d, Tk,
+              WIDE: tl.constexpr, PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr, MASK_KEYS: tl.constexpr):
     """Pointers to λk and V of keys offs_n (the block starting at j0) of a head whose key 0 is row k0 of LK_bh
     and V_bh (0, or a packed sequence's start). WIDE: a 64-bit block base plus 32-bit offsets inside the block
-    (j·stride_t passes 2^31 elements); else 32-bit offsets from the head."""
+    (j·stride_t passes 2^31 elements); else 32-bit offsets from the head. PAGED: key j at slot j % PAGE_SIZE
+    of page table_row[j // PAGE_SIZE] (`pages`, see _page_slots), the page offset 64-bit (a cache passes 2^31
+    elements); MASK_KEYS: the block may run past Tk."""
     # k0 joins the key index rather than the base pointers: the bases stay uniform over the warp (derived
     # from program ids only: uniform registers) and k0 folds into the per-thread offsets that the loop
     # advances anyway, so a pack costs the factorised loop no register (it runs at the register limit)
-    if WIDE:
+    if PAGED:
+        page, slot = _page_slots(pages, offs_n, Tk, PAGE_SIZE=PAGE_SIZE, MASK_KEYS=MASK_KEYS)
+        lk_ptrs = LK_bh + (page * pages[2] + slot * stride_lk_t)
+        v_ptrs = V_bh + (page * pages[3] + slot * stride_v_t)[:, None] + offs_d[None, :] * stride_v_d
+    elif WIDE:
         rows = offs_n - j0
         lk_ptrs = (LK_bh + tl.cast(k0 + j0, tl.int64) * stride_lk_t) + rows * stride_lk_t
         v_ptrs = ((V_bh + tl.cast(k0 + j0, tl.int64) * stride_v_t) + rows[:, None] * stride_v_t
@@ -90,15 +120,18 @@ def _key_ptrs(LK_bh, V_bh, k0, offs_n, j0, offs_d, stride_lk_t, stride_v_t, stri
 
 
 @triton.jit
-def _load_keys(LK_bh, V_bh, k0, offs_n, j0, offs_d, stride_lk_t, stride_v_t, stride_v_d, Tk, Dv,
+def _load_keys(LK_bh, V_bh, k0, pages, offs_n, j0, offs_d, stride_lk_t, stride_v_t, stride_v_d, Tk, Dv,
                # True where the block may run past Tk (mask the key loads)
                MASK_KEYS: tl.constexpr,
                # True where BLOCK_D > Dv (mask the feature columns of V)
                MASK_D: tl.constexpr,
                # 64-bit offsets (see _wide)
-               WIDE: tl.constexpr):
+               WIDE: tl.constexpr,
+               # keys through a block table (see _key_ptrs)
+               PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr):
     """λk of the block (fp32) and its V tile (BLOCK_N, BLOCK_D) in V's dtype; masked entries are 0."""
-    lk_ptrs, v_ptrs = _key_ptrs(LK_bh, V_bh, k0, offs_n, j0, offs_d, stride_lk_t, stride_v_t, stride_v_d, WIDE=WIDE)
+    lk_ptrs, v_ptrs = _key_ptrs(LK_bh, V_bh, k0, pages, offs_n, j0, offs_d, stride_lk_t, stride_v_t, stride_v_d, Tk,
+                                WIDE=WIDE, PAGED=PAGED, PAGE_SIZE=PAGE_SIZE, MASK_KEYS=MASK_KEYS)
     if MASK_KEYS:
         key_ok = offs_n < Tk
         lam_k = tl.load(lk_ptrs, mask=key_ok, other=0.0)
@@ -116,8 +149,8 @@ def _load_keys(LK_bh, V_bh, k0, offs_n, j0, offs_d, stride_lk_t, stride_v_t, str
 
 
 @triton.jit
-def _factorised_tile(acc, acc_l, x_row, r_row, i_rel, j0, ones, LK_bh, V_bh, k0, offs_d, stride_lk_t, stride_v_t,
-                     stride_v_d, Tk, Dv, centre, inv_t2, slope2,
+def _factorised_tile(acc, acc_l, x_row, r_row, i_rel, j0, ones, LK_bh, V_bh, k0, pages, offs_d, stride_lk_t,
+                     stride_v_t, stride_v_d, Tk, Dv, centre, inv_t2, slope2,
                      # ALiBi term present (slope2 is read)
                      HAS_ALIBI: tl.constexpr,
                      BLOCK_N: tl.constexpr,
@@ -127,7 +160,9 @@ def _factorised_tile(acc, acc_l, x_row, r_row, i_rel, j0, ones, LK_bh, V_bh, k0,
                      # input_precision of the P·V dots (the launcher passes "tf32x3" for fp32 V; ignored for fp16/bf16)
                      DOT_PRECISION: tl.constexpr,
                      # 64-bit offsets (see _wide)
-                     WIDE: tl.constexpr):
+                     WIDE: tl.constexpr,
+                     # keys through a block table (see _key_ptrs)
+                     PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr):
     """One fully visible key block of the factorised path: acc += M V, acc_l += M 1.
 
     Without ALiBi the row factor 2^-x_i is the same for every key block, so it is left out of M (it
@@ -135,8 +170,9 @@ def _factorised_tile(acc, acc_l, x_row, r_row, i_rel, j0, ones, LK_bh, V_bh, k0,
     min(2^y_j, r_i·2^-y_j) with r_i = 2^(2x_i), one multiply and one min per score. With ALiBi the row
     factors change with the block: M = P = min(u1_i·w1_j, u2_i·w2_j)."""
     offs_n = j0 + tl.arange(0, BLOCK_N)
-    lam_k, v = _load_keys(LK_bh, V_bh, k0, offs_n, j0, offs_d, stride_lk_t, stride_v_t, stride_v_d, Tk, Dv,
-                          MASK_KEYS=False, MASK_D=MASK_D, WIDE=WIDE)
+    lam_k, v = _load_keys(LK_bh, V_bh, k0, pages, offs_n, j0, offs_d, stride_lk_t, stride_v_t, stride_v_d, Tk, Dv,
+                          MASK_KEYS=False, MASK_D=MASK_D, WIDE=WIDE, PAGED=PAGED,
+                          PAGE_SIZE=PAGE_SIZE)
     y = (lam_k - centre) * inv_t2
     if HAS_ALIBI:
         col_alibi = slope2 * (tl.arange(0, BLOCK_N) - BLOCK_N // 2).to(tl.float32)
@@ -158,8 +194,8 @@ def _factorised_tile(acc, acc_l, x_row, r_row, i_rel, j0, ones, LK_bh, V_bh, k0,
 
 
 @triton.jit
-def _explicit_tile(acc, row_sum, row_ref, lam_q, i_rel, j0, ones, LK_bh, V_bh, k0, offs_d, stride_lk_t, stride_v_t,
-                   stride_v_d, Tk, Dv, inv_t2, slope2,
+def _explicit_tile(acc, row_sum, row_ref, lam_q, i_rel, j0, ones, LK_bh, V_bh, k0, pages, offs_d, stride_lk_t,
+                   stride_v_t, stride_v_d, Tk, Dv, inv_t2, slope2,
                    IS_CAUSAL: tl.constexpr,
                    HAS_ALIBI: tl.constexpr,
                    # keep a running row maximum and rescale (general path); else row_ref is fixed
@@ -170,7 +206,9 @@ def _explicit_tile(acc, row_sum, row_ref, lam_q, i_rel, j0, ones, LK_bh, V_bh, k
                    MASK_D: tl.constexpr,
                    DOT_PRECISION: tl.constexpr,
                    # 64-bit offsets (see _wide)
-                   WIDE: tl.constexpr):
+                   WIDE: tl.constexpr,
+                   # keys through a block table (see _key_ptrs)
+                   PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr):
     """One key block with an exponential per score; row_ref and the logits in log2 units.
 
     ONLINE_MAX: row_sum is a (BLOCK_M,) vector; returns (acc, row_sum, row_ref) with acc += P V,
@@ -180,16 +218,16 @@ def _explicit_tile(acc, row_sum, row_ref, lam_q, i_rel, j0, ones, LK_bh, V_bh, k
     if MASK:
         # keys past Tk get λk = +inf: their logit is -inf whatever λq (finite) is, so no per-score key mask
         key_ok = offs_n < Tk
-        lk_ptrs, v_ptrs = _key_ptrs(LK_bh, V_bh, k0, offs_n, j0, offs_d, stride_lk_t, stride_v_t, stride_v_d, WIDE=WIDE)
+        lk_ptrs, v_ptrs = _key_ptrs(LK_bh, V_bh, k0, pages, offs_n, j0, offs_d, stride_lk_t, stride_v_t, stride_v_d, Tk,
+                                    WIDE=WIDE, PAGED=PAGED, PAGE_SIZE=PAGE_SIZE, MASK_KEYS=True)
         lam_k = tl.load(lk_ptrs, mask=key_ok, other=float("inf"))
         v_mask = key_ok[:, None]
         if MASK_D:
             v_mask = v_mask & (offs_d[None, :] < Dv)
         v = tl.load(v_ptrs, mask=v_mask, other=0.0)
     else:
-        lam_k, v = _load_keys(LK_bh, V_bh, k0, offs_n, j0, offs_d, stride_lk_t, stride_v_t, stride_v_d, Tk, Dv,
-                              MASK_KEYS=False,
-                              MASK_D=MASK_D, WIDE=WIDE)
+        lam_k, v = _load_keys(LK_bh, V_bh, k0, pages, offs_n, j0, offs_d, stride_lk_t, stride_v_t, stride_v_d, Tk, Dv,
+                              MASK_KEYS=False, MASK_D=MASK_D, WIDE=WIDE, PAGED=PAGED, PAGE_SIZE=PAGE_SIZE)
     BLOCK_M: tl.constexpr = acc.shape[0]
     # a zero product on the tensor cores gives the score tile the accumulator's register layout, so the row
     # reductions are in-thread plus two shuffles and P feeds the next product without a trip through
@@ -223,13 +261,15 @@ def _explicit_tile(acc, row_sum, row_ref, lam_q, i_rel, j0, ones, LK_bh, V_bh, k
 
 
 @triton.jit
-def _factorised_path(acc, lam_q, row_ok, i_rel, lo_end, hi, lam_lo, lam_hi, LK_bh, V_bh, k0, offs_d, stride_lk_t,
+def _factorised_path(acc, lam_q, row_ok, i_rel, lo_end, hi, lam_lo, lam_hi, LK_bh, V_bh, k0, pages, offs_d, stride_lk_t,
                      stride_v_t, stride_v_d, Tk, Dv, inv_t2, slope2,
                      IS_CAUSAL: tl.constexpr, HAS_ALIBI: tl.constexpr, BLOCK_M: tl.constexpr,
                      BLOCK_N: tl.constexpr, MASK_D: tl.constexpr, FACTOR_DTYPE: tl.constexpr,
                      DOT_PRECISION: tl.constexpr,
                      # 64-bit offsets (see _wide)
-                     WIDE: tl.constexpr):
+                     WIDE: tl.constexpr,
+                     # keys through a block table (see _key_ptrs)
+                     PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr):
     """The factorised path over keys [0, hi): returns (acc, row_sum, row_ref) with O = acc / row_sum and
     log2-sum-exp = row_ref + log2(row_sum)."""
     centre = 0.5 * (lam_lo + lam_hi)
@@ -246,10 +286,10 @@ def _factorised_path(acc, lam_q, row_ok, i_rel, lo_end, hi, lam_lo, lam_hi, LK_b
     ones = tl.full([BLOCK_N, 16], 1.0, dtype=V_bh.dtype.element_ty)
     acc_l = tl.zeros([BLOCK_M, 16], dtype=tl.float32)
     for j0 in tl.range(0, lo_end, BLOCK_N):
-        acc, acc_l = _factorised_tile(acc, acc_l, x_row, r_row, i_rel, j0, ones, LK_bh, V_bh, k0, offs_d,
+        acc, acc_l = _factorised_tile(acc, acc_l, x_row, r_row, i_rel, j0, ones, LK_bh, V_bh, k0, pages, offs_d,
                                       stride_lk_t, stride_v_t, stride_v_d, Tk, Dv, centre, inv_t2, slope2,
                                       HAS_ALIBI=HAS_ALIBI, BLOCK_N=BLOCK_N, MASK_D=MASK_D, FACTOR_DTYPE=FACTOR_DTYPE,
-                                      DOT_PRECISION=DOT_PRECISION, WIDE=WIDE)
+                                      DOT_PRECISION=DOT_PRECISION, WIDE=WIDE, PAGED=PAGED, PAGE_SIZE=PAGE_SIZE)
     # blocks on the diagonal or past Tk: an exponential per score (few blocks per row; with ALiBi the sign of
     # i + off - j changes inside them). Masking the factorised products instead (possible without ALiBi)
     # cost more registers than this tile and spilled at BLOCK_M = 128.
@@ -259,43 +299,49 @@ def _factorised_path(acc, lam_q, row_ok, i_rel, lo_end, hi, lam_lo, lam_hi, LK_b
             j0 = lo_end + k * BLOCK_N
             if j0 < hi:
                 acc, acc_l, row_ref = _explicit_tile(acc, acc_l, row_ref, lam_q, i_rel, j0, ones, LK_bh, V_bh, k0,
-                                                     offs_d, stride_lk_t, stride_v_t, stride_v_d, Tk, Dv, inv_t2,
+                                                     pages, offs_d, stride_lk_t, stride_v_t, stride_v_d, Tk, Dv, inv_t2,
                                                      slope2, IS_CAUSAL=IS_CAUSAL, HAS_ALIBI=HAS_ALIBI,
                                                      ONLINE_MAX=False, MASK=True, BLOCK_N=BLOCK_N, MASK_D=MASK_D,
-                                                     DOT_PRECISION=DOT_PRECISION, WIDE=WIDE)
+                                                     DOT_PRECISION=DOT_PRECISION, WIDE=WIDE, PAGED=PAGED,
+                                                     PAGE_SIZE=PAGE_SIZE)
     else:
         for j0 in tl.range(lo_end, hi, BLOCK_N):
-            acc, acc_l, row_ref = _explicit_tile(acc, acc_l, row_ref, lam_q, i_rel, j0, ones, LK_bh, V_bh, k0, offs_d,
-                                                 stride_lk_t, stride_v_t, stride_v_d, Tk, Dv, inv_t2, slope2,
+            acc, acc_l, row_ref = _explicit_tile(acc, acc_l, row_ref, lam_q, i_rel, j0, ones, LK_bh, V_bh, k0, pages,
+                                                 offs_d, stride_lk_t, stride_v_t, stride_v_d, Tk, Dv, inv_t2, slope2,
                                                  IS_CAUSAL=IS_CAUSAL, HAS_ALIBI=HAS_ALIBI, ONLINE_MAX=False,
                                                  MASK=True, BLOCK_N=BLOCK_N, MASK_D=MASK_D,
-                                                 DOT_PRECISION=DOT_PRECISION, WIDE=WIDE)
+                                                 DOT_PRECISION=DOT_PRECISION, WIDE=WIDE, PAGED=PAGED,
+                                                 PAGE_SIZE=PAGE_SIZE)
     row_sum = tl.max(acc_l, 1)
     return acc, row_sum, row_ref
 
 
 @triton.jit
-def _general_path(acc, lam_q, i_rel, lo_end, hi, LK_bh, V_bh, k0, offs_d, stride_lk_t, stride_v_t, stride_v_d, Tk,
-                  Dv, inv_t2, slope2,
+def _general_path(acc, lam_q, i_rel, lo_end, hi, LK_bh, V_bh, k0, pages, offs_d, stride_lk_t, stride_v_t, stride_v_d,
+                  Tk, Dv, inv_t2, slope2,
                   IS_CAUSAL: tl.constexpr, HAS_ALIBI: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                   MASK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
                   # 64-bit offsets (see _wide)
-                  WIDE: tl.constexpr):
+                  WIDE: tl.constexpr,
+                  # keys through a block table (see _key_ptrs)
+                  PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr):
     """Exponential per score with an online maximum (any finite λ, any temperature); same returns."""
     row_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
     row_ref = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     for j0 in tl.range(0, lo_end, BLOCK_N):
-        acc, row_sum, row_ref = _explicit_tile(acc, row_sum, row_ref, lam_q, i_rel, j0, 0, LK_bh, V_bh, k0,
+        acc, row_sum, row_ref = _explicit_tile(acc, row_sum, row_ref, lam_q, i_rel, j0, 0, LK_bh, V_bh, k0, pages,
                                                offs_d, stride_lk_t, stride_v_t, stride_v_d, Tk, Dv, inv_t2,
                                                slope2, IS_CAUSAL=IS_CAUSAL, HAS_ALIBI=HAS_ALIBI, ONLINE_MAX=True,
                                                MASK=False, BLOCK_N=BLOCK_N, MASK_D=MASK_D,
-                                               DOT_PRECISION=DOT_PRECISION, WIDE=WIDE)
+                                               DOT_PRECISION=DOT_PRECISION, WIDE=WIDE, PAGED=PAGED,
+                                               PAGE_SIZE=PAGE_SIZE)
     for j0 in tl.range(lo_end, hi, BLOCK_N):
-        acc, row_sum, row_ref = _explicit_tile(acc, row_sum, row_ref, lam_q, i_rel, j0, 0, LK_bh, V_bh, k0,
+        acc, row_sum, row_ref = _explicit_tile(acc, row_sum, row_ref, lam_q, i_rel, j0, 0, LK_bh, V_bh, k0, pages,
                                                offs_d, stride_lk_t, stride_v_t, stride_v_d, Tk, Dv, inv_t2,
                                                slope2, IS_CAUSAL=IS_CAUSAL, HAS_ALIBI=HAS_ALIBI, ONLINE_MAX=True,
                                                MASK=True, BLOCK_N=BLOCK_N, MASK_D=MASK_D,
-                                               DOT_PRECISION=DOT_PRECISION, WIDE=WIDE)
+                                               DOT_PRECISION=DOT_PRECISION, WIDE=WIDE, PAGED=PAGED,
+                                               PAGE_SIZE=PAGE_SIZE)
 
     return acc, row_sum, row_ref
 
@@ -337,16 +383,34 @@ def _store_outputs(acc, row_sum, row_ref, OUT, LSE, b, h, pid_bh, i0, offs_m, of
 
 
 @triton.jit
-def _query_block(LQ, LK, V, TEMP, SLOPES, OUT, LSE, KMIN, KMAX, b, n_seqs, h, hk, pid_bh, i0, q_start, k_start, Tq, Tk,
-                 Dv, stride_lq_b, stride_lq_h, stride_lq_t, stride_lk_b, stride_lk_h, stride_lk_t, stride_v_b,
+def _paged_key_range(LK_bh, pages, stride_lk_t, Tk, BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr):
+    """(min, max) of λk over a sequence's Tk keys in a paged cache, NaN if one is: the factorised path's condition
+    (a pack's launcher takes it from torch, varlen.key_range, which a block table would need a gather for). One
+    pass over λk, 4 bytes per key against V's Dv values."""
+    lo = tl.full([BLOCK_N], float("inf"), dtype=tl.float32)
+    hi = tl.full([BLOCK_N], float("-inf"), dtype=tl.float32)
+    for j0 in range(0, Tk, BLOCK_N):
+        offs_n = j0 + tl.arange(0, BLOCK_N)
+        page, slot = _page_slots(pages, offs_n, Tk, PAGE_SIZE=PAGE_SIZE, MASK_KEYS=True)
+        key_ok = offs_n < Tk
+        lam_k = tl.load(LK_bh + (page * pages[2] + slot * stride_lk_t), mask=key_ok, other=0.0)
+        lo = tl.minimum(lo, tl.where(key_ok, lam_k, float("inf")), propagate_nan=tl.PropagateNan.ALL)
+        hi = tl.maximum(hi, tl.where(key_ok, lam_k, float("-inf")), propagate_nan=tl.PropagateNan.ALL)
+    return tl.min(lo, 0), tl.max(hi, 0)
+
+
+@triton.jit
+def _query_block(LQ, LK, V, TEMP, SLOPES, OUT, LSE, KMIN, KMAX, b, n_seqs, h, hk, pid_bh, i0, q_start, k_start, pages,
+                 Tq, Tk, Dv, stride_lq_b, stride_lq_h, stride_lq_t, stride_lk_b, stride_lk_h, stride_lk_t, stride_v_b,
                  stride_v_h, stride_v_t, stride_v_d, stride_o_b, stride_o_h, stride_o_t, stride_o_d, stride_lse_h, H,
                  GROUP,
                  IS_CAUSAL: tl.constexpr, HAS_ALIBI: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                  BLOCK_D: tl.constexpr, MASK_D: tl.constexpr, FAST_SPAN: tl.constexpr, FACTOR_DTYPE: tl.constexpr,
                  PATH: tl.constexpr, DOT_PRECISION: tl.constexpr, N_DCHUNK: tl.constexpr, WIDE: tl.constexpr,
-                 VARLEN: tl.constexpr):
+                 VARLEN: tl.constexpr, PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr):
     """Query rows i0 .. i0 + BLOCK_M of (b, h) (the kernel's constexprs; Tq, Tk the sequence's lengths, its rows
-    and keys from q_start, k_start of the pack when VARLEN): O and LSE of the rows this launch's PATH takes."""
+    and keys from q_start, k_start of the pack when VARLEN; PAGED: its keys through `pages`, see _page_slots): O
+    and LSE of the rows this launch's PATH takes."""
     off = Tk - Tq
     offs_m = i0 + tl.arange(0, BLOCK_M)
     # Dv > BLOCK_D is split over grid axis 2: each program recomputes P (cheap) for its BLOCK_D columns
@@ -412,8 +476,11 @@ def _query_block(LQ, LK, V, TEMP, SLOPES, OUT, LSE, KMIN, KMAX, b, n_seqs, h, hk
     # the factorised path's condition: λ span of these rows and all keys, in log2 units
     q_lo = tl.min(tl.where(row_ok, lam_q, float("inf")), 0)
     q_hi = tl.max(tl.where(row_ok, lam_q, float("-inf")), 0)
-    k_lo = tl.load(KMIN + b * (H // GROUP) + hk)
-    k_hi = tl.load(KMAX + b * (H // GROUP) + hk)
+    if PAGED:
+        k_lo, k_hi = _paged_key_range(LK_bh, pages, stride_lk_t, Tk, BLOCK_N=BLOCK_N, PAGE_SIZE=PAGE_SIZE)
+    else:
+        k_lo = tl.load(KMIN + b * (H // GROUP) + hk)
+        k_hi = tl.load(KMAX + b * (H // GROUP) + hk)
     lam_lo = tl.minimum(q_lo, k_lo)
     lam_hi = tl.maximum(q_hi, k_hi)
     span = (lam_hi - lam_lo) * inv_t2
@@ -426,19 +493,19 @@ def _query_block(LQ, LK, V, TEMP, SLOPES, OUT, LSE, KMIN, KMAX, b, n_seqs, h, hk
     if PATH == 1:
         if fast:
             acc, row_sum, row_ref = _factorised_path(
-                acc, lam_q, row_ok, i_rel, lo_end, hi, lam_lo, lam_hi, LK_bh, V_bh, k_start, offs_d,
+                acc, lam_q, row_ok, i_rel, lo_end, hi, lam_lo, lam_hi, LK_bh, V_bh, k_start, pages, offs_d,
                 stride_lk_t, stride_v_t, stride_v_d, key_end, Dv, inv_t2, slope2, IS_CAUSAL=IS_CAUSAL,
                 HAS_ALIBI=HAS_ALIBI, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, MASK_D=MASK_D,
-                FACTOR_DTYPE=FACTOR_DTYPE, DOT_PRECISION=DOT_PRECISION, WIDE=WIDE)
+                FACTOR_DTYPE=FACTOR_DTYPE, DOT_PRECISION=DOT_PRECISION, WIDE=WIDE, PAGED=PAGED, PAGE_SIZE=PAGE_SIZE)
             _store_outputs(acc, row_sum, row_ref, OUT, LSE, b, h, pid_bh, i0, offs_m, offs_d, row_ok, write_lse,
                            stride_o_b, stride_o_h, stride_o_t, stride_o_d, stride_lse_h, q_start, Tq,
                            Dv, WIDE=WIDE, VARLEN=VARLEN)
     else:
         if (not fast) or (PATH == 3):
             acc, row_sum, row_ref = _general_path(
-                acc, lam_q, i_rel, lo_end, hi, LK_bh, V_bh, k_start, offs_d, stride_lk_t, stride_v_t, stride_v_d,
+                acc, lam_q, i_rel, lo_end, hi, LK_bh, V_bh, k_start, pages, offs_d, stride_lk_t, stride_v_t, stride_v_d,
                 key_end, Dv, inv_t2, slope2, IS_CAUSAL=IS_CAUSAL, HAS_ALIBI=HAS_ALIBI, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
-                MASK_D=MASK_D, DOT_PRECISION=DOT_PRECISION, WIDE=WIDE)
+                MASK_D=MASK_D, DOT_PRECISION=DOT_PRECISION, WIDE=WIDE, PAGED=PAGED, PAGE_SIZE=PAGE_SIZE)
             _store_outputs(acc, row_sum, row_ref, OUT, LSE, b, h, pid_bh, i0, offs_m, offs_d, row_ok, write_lse,
                            stride_o_b, stride_o_h, stride_o_t, stride_o_d, stride_lse_h, q_start, Tq,
                            Dv, WIDE=WIDE, VARLEN=VARLEN)
@@ -459,6 +526,9 @@ def taumode_attention_fwd_kernel(
     CU_Q, CU_K, stride_lse_h,
     # read only by the OVERFLOW launch: the query rows per sequence that the other launches cover (their grid)
     Q_ROWS,
+    # read only when PAGED: the block table (B, width) int32 (row stride stride_bt), the sequences' key counts
+    # (B,) int32 and the cache's page count. Last, as CU_Q above; a build without pages gets None constants.
+    BLOCK_TABLE, SEQ_LENS, stride_bt, N_PAGES,
     # bottom-right causal mask j <= i + Tk - Tq
     IS_CAUSAL: tl.constexpr,
     # ALiBi slopes given (SLOPES is read)
@@ -493,6 +563,11 @@ def taumode_attention_fwd_kernel(
     # VARLEN: the launch of one program per (sequence, head) that covers the query rows past Q_ROWS (a
     # max_seqlen_q smaller than the longest sequence), on the general path (PATH 3)
     OVERFLOW: tl.constexpr,
+    # VARLEN with the keys in a paged cache (see the module docstring): key j of sequence b at slot
+    # j % PAGE_SIZE of page BLOCK_TABLE[b, j // PAGE_SIZE]; CU_K is not read
+    PAGED: tl.constexpr,
+    # keys per page (PAGED)
+    PAGE_SIZE: tl.constexpr,
 ):
     """Writes OUT (B, H, Tq, Dv) in V's dtype and LSE (B, H, Tq) fp32 (natural-log logsumexp of the logits).
 
@@ -520,8 +595,17 @@ def taumode_attention_fwd_kernel(
         # nothing (O = 0, LSE = +inf).
         n_seqs = BH // H - 1
         q_start, Tq = sequence_rows(CU_Q, b, n_seqs, Tq)
-        k_start, Tk = sequence_rows(CU_K, b, n_seqs, Tk)
-        Tk = tl.where(b < n_seqs, Tk, 0)
+        if PAGED:
+            # sequence b's keys are 0 .. SEQ_LENS[b] - 1 of its table row, the count clamped into [0, Tk] (Tk:
+            # the keys a row of the table holds), so no key reads past the row
+            k_start = 0
+            Tk = tl.minimum(tl.maximum(tl.load(SEQ_LENS + b, mask=b < n_seqs, other=0), 0), Tk)
+            # the page strides are λk's and V's batch strides
+            pages = (BLOCK_TABLE + b * stride_bt, N_PAGES, stride_lk_b, stride_v_b)
+        else:
+            k_start, Tk = sequence_rows(CU_K, b, n_seqs, Tk)
+            Tk = tl.where(b < n_seqs, Tk, 0)
+            pages = (CU_K, 0, 0, 0)  # unused
         if not OVERFLOW:
             if pid_m * BLOCK_M >= Tq:
                 return
@@ -529,25 +613,28 @@ def taumode_attention_fwd_kernel(
         n_seqs = BH
         q_start = 0
         k_start = 0
+        pages = (CU_K, 0, 0, 0)  # unused
     if OVERFLOW:
         # max_seqlen_q (the grid of the other launches, Q_ROWS query rows) is only a hint: this launch's one
         # program per (sequence, head) steps over the rows past it, on the general path (exact for any input;
         # its own, smaller tiles); a loop around the main launches' paths spilled them
         for i0 in range(Q_ROWS, Tq, BLOCK_M):
             _query_block(LQ, LK, V, TEMP, SLOPES, OUT, LSE, KMIN, KMAX, b, n_seqs, h, hk, pid_bh, i0, q_start,
-                         k_start, Tq, Tk, Dv,
+                         k_start, pages, Tq, Tk, Dv,
                          stride_lq_b, stride_lq_h, stride_lq_t, stride_lk_b, stride_lk_h, stride_lk_t, stride_v_b,
                          stride_v_h, stride_v_t, stride_v_d, stride_o_b, stride_o_h, stride_o_t, stride_o_d,
                          stride_lse_h, H, GROUP,
                          IS_CAUSAL=IS_CAUSAL, HAS_ALIBI=HAS_ALIBI, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D,
                          MASK_D=MASK_D, FAST_SPAN=FAST_SPAN, FACTOR_DTYPE=FACTOR_DTYPE, PATH=3,
-                         DOT_PRECISION=DOT_PRECISION, N_DCHUNK=N_DCHUNK, WIDE=WIDE, VARLEN=VARLEN)
+                         DOT_PRECISION=DOT_PRECISION, N_DCHUNK=N_DCHUNK, WIDE=WIDE, VARLEN=VARLEN, PAGED=PAGED,
+                         PAGE_SIZE=PAGE_SIZE)
     else:
         _query_block(LQ, LK, V, TEMP, SLOPES, OUT, LSE, KMIN, KMAX, b, n_seqs, h, hk, pid_bh, pid_m * BLOCK_M,
-                     q_start, k_start, Tq, Tk, Dv,
+                     q_start, k_start, pages, Tq, Tk, Dv,
                      stride_lq_b, stride_lq_h, stride_lq_t, stride_lk_b, stride_lk_h, stride_lk_t, stride_v_b,
                      stride_v_h, stride_v_t, stride_v_d, stride_o_b, stride_o_h, stride_o_t, stride_o_d,
                      stride_lse_h, H, GROUP,
                      IS_CAUSAL=IS_CAUSAL, HAS_ALIBI=HAS_ALIBI, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D,
                      MASK_D=MASK_D, FAST_SPAN=FAST_SPAN, FACTOR_DTYPE=FACTOR_DTYPE, PATH=PATH,
-                     DOT_PRECISION=DOT_PRECISION, N_DCHUNK=N_DCHUNK, WIDE=WIDE, VARLEN=VARLEN)
+                     DOT_PRECISION=DOT_PRECISION, N_DCHUNK=N_DCHUNK, WIDE=WIDE, VARLEN=VARLEN, PAGED=PAGED,
+                         PAGE_SIZE=PAGE_SIZE)

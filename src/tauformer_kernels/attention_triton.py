@@ -13,11 +13,21 @@ import triton
 import triton.language as tl
 
 from tauformer_kernels import varlen as _varlen
-from tauformer_kernels.launch import (
-    MAX_GRID_YZ as _MAX_GRID_YZ, Launch, LaunchShape, Rule, apply_rules, arch_of, block_size, gpu_launch_configs,
-    on_device,
-)
 from tauformer_kernels.kernels.taumode_attention import taumode_attention_fwd_kernel
+from tauformer_kernels.launch import (
+    MAX_GRID_YZ as _MAX_GRID_YZ,
+)
+from tauformer_kernels.launch import (
+    Launch,
+    LaunchShape,
+    Rule,
+    apply_rules,
+    arch_of,
+    block_size,
+    gpu_launch_configs,
+    on_device,
+    triton_before,
+)
 
 # Largest λ span (max − min of λq and λk, in log2 units of 1/temperature) for which the factorised path
 # (no exponential per score, no online maximum) is used. It bounds how far a row's maximum can fall below
@@ -42,9 +52,24 @@ _FORWARD_RULES = (
          "sm_80's mma.sync layouts: the 4-warp general build spilled 8 B at 128×64"),
     Rule(lambda s: s.wide and not s.fp32, {"warps_factorised": 8, "warps_general": 8},
          "64-bit offsets hold more registers: 4 warps spilled 24-40 B"),
+    Rule(lambda s: s.paged and not s.fp32, {"BLOCK_M": 64},
+         "keys through a block table (a page and 64-bit address per key row): 128 rows spilled 8-248 B in the "
+         "factorised build (bf16 sm_90: 248 B)"),
+    Rule(lambda s: s.paged and not s.fp32 and s.arch < 90, {"warps_factorised": 8},
+         "paged factorised 64×64 at 4 warps kept 8 B of stack on sm_80"),
+    Rule(lambda s: s.paged and s.fp32 and s.arch < 90, {"num_stages": 1},
+         "paged fp32 general path at 2 stages spilled 56 B on sm_80 (8 B at 8 warps)"),
+)
+# A pack's OVERFLOW launch (the query blocks past max_seqlen_q, only a launch-size hint): one program per
+# (sequence, head) loops over them on the general path, exact for any input (kernels/DESIGN.md, Packed
+# sequences). Half the query rows and 8 warps (the loop's state on top of the general path spilled 16-48 B at the
+# main tiles: bf16 sm_90 at 4 warps, fp32 sm_80 at 8), then these rules. It works only where max_seqlen_q
+# understates a sequence: configs chosen to be spill-free, not fast.
+_OVERFLOW_RULES = (
+    Rule(lambda s: s.old_triton and s.arch < 90, {"num_stages": 1},
+         "Triton 3.6: the non-causal fp16 Dv 48 overflow launch at 3 stages spilled 216 B on sm_80 (4 warps 248 B)"),
 )
 _FORWARD_INTERPRET = {"BLOCK_M": 64, "BLOCK_N": 64, "num_stages": 1, "warps_factorised": 4, "warps_general": 4}
-# Warps of a pack's OVERFLOW launch (the query blocks past max_seqlen_q), every config
 _OVERFLOW_WARPS = 8
 # An offset at or past this many elements needs the kernel's 64-bit (WIDE) build.
 _WIDE_OFFSET = 2**31
@@ -57,34 +82,35 @@ _PATHS = {"auto": (1, 2), "general": (3,)}
 
 def forward_launches(dv: int, dtype: torch.dtype, *, is_causal: bool, has_alibi: bool, arch: int = 90,
                      wide: bool = False, path: str = "auto", gpu: bool | None = None,
-                     varlen: bool = False) -> list[Launch]:
+                     varlen: bool = False, page_size: int | None = None) -> list[Launch]:
     """The forward's launches (one per PATH) for head size Dv, V's dtype, causality, ALiBi, the sm version,
-    the 64-bit build and a pack of sequences (varlen: the VARLEN build, same tiles and warps). The launcher
-    and the compile check both call it; the warps may differ between the launches, the tiles may not (they
-    define the programs). gpu=None: launch.gpu_launch_configs()."""
+    the 64-bit build and a pack of sequences (varlen: the VARLEN build, same tiles and warps; page_size: its
+    keys in a paged cache of pages of that many keys, the PAGED build). The launcher and the compile check both
+    call it; the warps may differ between the launches, the tiles may not (they define the programs).
+    gpu=None: launch.gpu_launch_configs()."""
     block_d = min(block_size(dv), _MAX_BLOCK_D)
-    if gpu_launch_configs() if gpu is None else gpu:
-        cfg = apply_rules(_FORWARD_BASE, _FORWARD_RULES, LaunchShape(dtype, block_d, has_alibi, arch, wide=wide))
-    else:
-        cfg = _FORWARD_INTERPRET
+    gpu = gpu_launch_configs() if gpu is None else gpu
+    shape = LaunchShape(dtype, block_d, has_alibi, arch, wide=wide, old_triton=triton_before(3, 9),
+                        paged=page_size is not None)
+    cfg = apply_rules(_FORWARD_BASE, _FORWARD_RULES, shape) if gpu else _FORWARD_INTERPRET
     common = {
         "IS_CAUSAL": bool(is_causal), "HAS_ALIBI": has_alibi, "BLOCK_M": cfg["BLOCK_M"], "BLOCK_N": cfg["BLOCK_N"],
         "BLOCK_D": block_d, "MASK_D": dv % block_d != 0, "N_DCHUNK": triton.cdiv(dv, block_d), "WIDE": wide,
-        "VARLEN": bool(varlen), "OVERFLOW": False,
+        "VARLEN": bool(varlen or page_size), "OVERFLOW": False, "PAGED": page_size is not None, "PAGE_SIZE": page_size,
         "FAST_SPAN": _FAST_SPAN[dtype], "FACTOR_DTYPE": factor_dtype(dtype, has_alibi),
         # fp32 needs ~1e-5 relative, which tf32 (10-bit mantissa) misses; tf32x3 (hi/lo split, three
         # tensor-core passes) keeps ~1e-6. fp16/bf16 P and V are exact inputs.
         "DOT_PRECISION": "tf32x3" if dtype == torch.float32 else "ieee",
     }
+    if page_size is None:
+        # a build without pages takes the table's arguments as None constants (it compiles as if they did not exist)
+        common.update(BLOCK_TABLE=None, SEQ_LENS=None, stride_bt=None, N_PAGES=None)
     launches = [Launch(dict(common, PATH=p), cfg["warps_factorised" if p == 1 else "warps_general"],
                        cfg["num_stages"]) for p in _PATHS[path]]
-    if varlen:
-        # the query blocks past max_seqlen_q (only a launch-size hint): one program per (sequence, head) loops
-        # over them on the general path, exact for any input (kernels/DESIGN.md, Packed sequences). Half the
-        # query rows, 8 warps: the loop's state on top of the general path spilled 16-48 B at the main tiles
-        # (bf16 sm_90 at 4 warps, fp32 sm_80 at 8)
-        rows = dict(BLOCK_M=max(16, cfg["BLOCK_M"] // 2))
-        launches.append(Launch(dict(common, PATH=3, OVERFLOW=True, **rows), _OVERFLOW_WARPS, cfg["num_stages"]))
+    if common["VARLEN"]:
+        overflow = apply_rules({"num_stages": cfg["num_stages"]}, _OVERFLOW_RULES, shape) if gpu else cfg
+        launches.append(Launch(dict(common, PATH=3, OVERFLOW=True, BLOCK_M=max(16, cfg["BLOCK_M"] // 2)),
+                               _OVERFLOW_WARPS, overflow["num_stages"]))
     return launches
 
 
@@ -100,8 +126,8 @@ def factor_dtype(dtype: torch.dtype, has_alibi: bool):
 
 
 def attention_fwd_triton(lq, lk, v, temperature, alibi_slopes, is_causal, seqs: _varlen.Seqs | None = None, *,
-                         poison: bool = False, path: str = "auto", out: torch.Tensor | None = None,
-                         lse: torch.Tensor | None = None):
+                         pages: tuple[torch.Tensor, torch.Tensor] | None = None, poison: bool = False,
+                         path: str = "auto", out: torch.Tensor | None = None, lse: torch.Tensor | None = None):
     """Fused taumode attention forward: (out (B, H, Tq, Dv) in v.dtype, lse (B, H, Tq) fp32).
 
     seqs: a pack (docs/math.md §Packed sequences): lq (1, H, total_q), lk (1, Hkv, total_k), v (1, Hkv,
@@ -115,9 +141,17 @@ def attention_fwd_triton(lq, lk, v, temperature, alibi_slopes, is_causal, seqs: 
     (exact for any input) where "auto" would take the factorised one: tests compare the two. out, lse:
     tensors of the shapes above to write into instead of new ones (tests pass views of larger buffers to
     see that nothing outside them is written).
+
+    pages = (block_table (B, width) int32, seq_lens (B,) int32): with seqs, the keys are in a paged cache (the
+    kernel's PAGED build): lk (pages, Hkv, page_size) fp32 and v (pages, Hkv, page_size, Dv), any strides;
+    sequence b's key j at page block_table[b, j // page_size], slot j % page_size, for j < seq_lens[b] (clamped
+    to the table's width·page_size; entries clamped into the pages). seqs.cu_k is not read, seqs.max_k is
+    only checked (>= 1).
     """
     b, h, tq = lq.shape
-    hkv, tk, dv = lk.shape[1], lk.shape[2], v.shape[-1]
+    hkv, dv = lk.shape[1], v.shape[-1]
+    # a paged cache: the keys a table row holds (the kernel clamps each sequence's count to it)
+    tk = pages[0].shape[1] * lk.shape[2] if pages is not None else lk.shape[2]
     if seqs is not None:
         _varlen.check_max_lengths(seqs, tq, tk)
     if out is None and seqs is None:
@@ -130,7 +164,8 @@ def attention_fwd_triton(lq, lk, v, temperature, alibi_slopes, is_causal, seqs: 
         # factorised loop runs at 255 registers on sm_90, and a strided λ (a view of packed (total, H) λ,
         # stride H along t) costs it a spill. A no-op for the λ kernel's own (1, H, total) output; else a
         # copy of 4 bytes per row and head, against V's Dv elements.
-        lq, lk = lq.contiguous(), lk.contiguous()
+        lq = lq.contiguous()
+        lk = lk if pages is not None else lk.contiguous()
     if lse is None:
         lse = torch.empty(b, h, tq, dtype=torch.float32, device=lq.device)
     if poison:
@@ -141,18 +176,25 @@ def attention_fwd_triton(lq, lk, v, temperature, alibi_slopes, is_causal, seqs: 
     if seqs is not None:
         # decreasing trusted offsets read as their running maximum (no host read), as every backend reads
         # them (varlen.effective); the kernel clamps them into the rows
-        seqs = seqs._replace(cu_q=_varlen.monotone(seqs.cu_q), cu_k=_varlen.monotone(seqs.cu_k))
+        seqs = seqs._replace(cu_q=_varlen.monotone(seqs.cu_q),
+                             cu_k=pages[1] if pages is not None else _varlen.monotone(seqs.cu_k))
     # per (batch row or sequence, kv head) range of λk: decides, inside the kernel, whether the factorised
-    # path is exact (an empty sequence's (+inf, -inf) is never read: its programs exit)
-    k_lo, k_hi = (t.contiguous() for t in _varlen.key_range(lk, seqs))
+    # path is exact (an empty sequence's (+inf, -inf) is never read: its programs exit). A paged build finds
+    # it itself (it reads no KMIN/KMAX: any pointer will do).
+    if pages is None:
+        k_lo, k_hi = (t.contiguous() for t in _varlen.key_range(lk, seqs))
+    else:
+        k_lo = k_hi = temperature
     slopes = alibi_slopes.to(torch.float32).contiguous() if alibi_slopes is not None else k_lo
     temperature = temperature.to(torch.float32).contiguous()
     has_alibi = alibi_slopes is not None
     # 64-bit offsets only where one can pass 2^31 elements (the 32-bit build holds fewer registers); a pack's
     # sequence bases lie inside its tensors, so their offsets are bounded the same way
-    wide = max(max_offset(t) for t in (lq, lk, v, out, lse)) >= _WIDE_OFFSET
+    # (a paged build forms the cache's page offsets in 64 bits whatever WIDE says)
+    wide = max(max_offset(t) for t in ((lq, out, lse) if pages else (lq, lk, v, out, lse))) >= _WIDE_OFFSET
     launches = forward_launches(dv, v.dtype, is_causal=is_causal, has_alibi=has_alibi, arch=arch_of(v.device),
-                                wide=wide, path=path, varlen=seqs is not None)
+                                wide=wide, path=path, varlen=seqs is not None,
+                                page_size=lk.shape[2] if pages is not None else None)
     tiles = launches[0].constexprs
     if seqs is None:
         # CU_Q, CU_K are not read by the dense build: any pointer will do
@@ -164,6 +206,12 @@ def attention_fwd_triton(lq, lk, v, temperature, alibi_slopes, is_causal, seqs: 
         # max_seqlen_q would only add programs that exit
         cu_q, cu_k = seqs.cu_q.contiguous(), seqs.cu_k.contiguous()
         rows, batch = min(seqs.max_q, tq), seqs.count + 1
+    if pages is not None:
+        block_table, seq_lens = pages
+        paged_args = dict(BLOCK_TABLE=block_table, SEQ_LENS=seq_lens, stride_bt=block_table.stride(0),
+                          N_PAGES=lk.shape[0])
+    else:
+        paged_args = {}
     # b·h over axes 1 and 2 (each at most 65,535 programs), query blocks on axis 0
     bh = batch * h
     bh_axis = min(bh, _MAX_GRID_YZ)
@@ -176,7 +224,7 @@ def attention_fwd_triton(lq, lk, v, temperature, alibi_slopes, is_causal, seqs: 
             taumode_attention_fwd_kernel[grid](
                 lq, lk, v, temperature, slopes, k_lo, k_hi, out, lse,
                 *lq.stride(), *lk.stride(), *v.stride(), *out.stride(),
-                bh, h, h // hkv, tq, tk, dv, cu_q, cu_k, lse.stride(1), q_blocks * tiles["BLOCK_M"],
+                bh, h, h // hkv, tq, tk, dv, cu_q, cu_k, lse.stride(1), q_blocks * tiles["BLOCK_M"], **paged_args,
                 **launch.options(),
             )
     return out, lse

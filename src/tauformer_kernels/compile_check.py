@@ -109,9 +109,9 @@ def _lambda_bwd_case(x_dtype: str, f: int, per_vector_tau: bool = False) -> Kern
 
 
 def _attention_fwd_case(name: str, v_dtype: str, dv: int, path: int, causal: bool = True, alibi: bool = False,
-                        wide: bool = False, varlen: bool = False) -> KernelCase:
+                        wide: bool = False, varlen: bool = False, page_size: int | None = None) -> KernelCase:
     """One launch of the forward (path 1 factorised, 2 general; 3 a pack's OVERFLOW launch) at the launcher's
-    config per arch."""
+    config per arch. page_size: the PAGED build over a vLLM-layout cache (pages, Hkv, page_size, s + Dv)."""
     from tauformer_kernels.attention_triton import forward_launches
     from tauformer_kernels.kernels.taumode_attention import taumode_attention_fwd_kernel
 
@@ -124,8 +124,13 @@ def _attention_fwd_case(name: str, v_dtype: str, dv: int, path: int, causal: boo
     # the pack's offsets and LSE's head stride come last in the kernel's signature (narrow_base_products
     # numbers the PTX parameters in this order)
     args.update({"CU_Q": "*i32:16", "CU_K": "*i32:16", "stride_lse_h": "i32", "Q_ROWS": "i32"})
+    if page_size:
+        # λk and V are views of one cache whose rows are s + Dv values: V starts s values in (4 bytes: no 16-byte
+        # alignment), the key strides are s + Dv (λk: in fp32 words); head and page strides hold page_size rows
+        args.update({"V": f"*{v_dtype}", "stride_lk_t": "i32", "stride_v_t": "i32", "BLOCK_TABLE": "*i32:16",
+                     "SEQ_LENS": "*i32:16", "stride_bt": "i32", "N_PAGES": "i32"})
     launches = {arch: forward_launches(dv, _DTYPES[v_dtype], is_causal=causal, has_alibi=alibi, arch=arch, wide=wide,
-                                       gpu=True, varlen=varlen)[path - 1] for arch in _ARCHS}
+                                       gpu=True, varlen=varlen, page_size=page_size)[path - 1] for arch in _ARCHS}
     return KernelCase(name, taumode_attention_fwd_kernel, args, launches, counts_scores=True)
 
 
@@ -206,6 +211,11 @@ def kernel_cases() -> list[KernelCase]:
     for label, dtype, dv, extra in varlen_fwd:
         for path, path_name in ((1, "factorised"), (2, "general"), (3, "overflow")):
             cases.append(_attention_fwd_case(f"attn_fwd {path_name} {label} varlen", dtype, dv, path, varlen=True,
+                                             **extra))
+    # keys through a block table (vLLM's paged cache, pages of 16 keys as vLLM's GPU default)
+    for label, dtype, dv, extra in varlen_fwd[:3]:
+        for path, path_name in ((1, "factorised"), (2, "general"), (3, "overflow")):
+            cases.append(_attention_fwd_case(f"attn_fwd {path_name} {label} paged", dtype, dv, path, page_size=16,
                                              **extra))
     cases += [_attention_fwd_case("attn_fwd factorised causal D=64 fp16 wide", "fp16", 64, 1, wide=True),
               _attention_fwd_case("attn_fwd factorised causal D=64 fp32 wide", "fp32", 64, 1, wide=True),

@@ -49,8 +49,8 @@ class Rule:
 @dataclasses.dataclass(frozen=True)
 class LaunchShape:
     """What an attention launcher's config depends on: V's dtype, the padded head size of a program, ALiBi,
-    the sm version, the 64-bit build, the GQA group, causality, and a Triton before 3.9 (whose register
-    allocation differs)."""
+    the sm version, the 64-bit build, the GQA group, causality, a Triton before 3.9 (whose register
+    allocation differs), and keys read through a block table (the forward's PAGED build)."""
     dtype: torch.dtype
     block_d: int
     has_alibi: bool
@@ -59,6 +59,7 @@ class LaunchShape:
     group: int = 1
     is_causal: bool = True
     old_triton: bool = False
+    paged: bool = False
 
     @property
     def fp32(self) -> bool:

@@ -6,10 +6,11 @@ holding λk in the first s slots and V after it, s = 4 / itemsize of the cache d
 fp16: λk keeps its fp32 bits in a 16-bit cache, since rounding it to bf16 changes the attention). The
 layer hands this backend λq and λk (fp32 bits viewed as s values of the cache dtype) and V.
 
-Per step, the metadata builder turns the block table into the cache rows of every request's keys, once for
-all layers; each layer gathers its λk and V through them and runs one packed (varlen) tauformer_kernels call
-for the whole batch: the queries of request i are its newest query_len_i tokens over its seq_len_i keys,
-bottom-right aligned (chunked prefill and prefix caching are the same case: λk depends only on the prefix).
+Per step each layer runs one tauformer_kernels.paged_attention_from_lambda call for the whole batch, with vLLM's
+block table and seq_lens: the queries of request i are its newest query_len_i tokens over its seq_len_i keys,
+bottom-right aligned (chunked prefill and prefix caching are the same case: λk depends only on the prefix). On
+CUDA the paged Triton kernel reads λk and V through the block table; on CPU the keys are gathered into a pack
+and the packed op runs (the same numbers as before the paged kernel).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import ClassVar
 import torch
 from vllm.v1.attention.backend import (
     AttentionBackend,
+    AttentionCGSupport,
     AttentionImpl,
     AttentionMetadataBuilder,
     AttentionType,
@@ -90,39 +92,35 @@ class TaumodeAttentionBackend(AttentionBackend):
 
 @dataclass
 class TaumodeMetadata:
-    """One step's batch: query_start_loc (R + 1,) and the keys' offsets key_start_loc (R + 1,), int32; the
-    longest query and key run (host ints); key_blocks / key_offsets (total keys,): the cache block and the
-    place in it of every key of every request, in request order; slot_mapping: where the new tokens go."""
+    """One step's batch: query_start_loc (R + 1,) int32; the longest query and key run (host ints); block_table
+    (R, width) and seq_lens (R,), int32, vLLM's own; slot_mapping: where the new tokens go."""
 
     num_actual_tokens: int
     query_start_loc: torch.Tensor
-    key_start_loc: torch.Tensor
     max_query_len: int
     max_seq_len: int
-    key_blocks: torch.Tensor
-    key_offsets: torch.Tensor
+    block_table: torch.Tensor
+    seq_lens: torch.Tensor
     slot_mapping: torch.Tensor
 
 
 class TaumodeMetadataBuilder(AttentionMetadataBuilder[TaumodeMetadata]):
-    def __init__(self, kv_cache_spec, layer_names, vllm_config, device):
+    # Eager only: no CUDA graph has captured this backend. A decode graph would need the step's shapes fixed
+    # (the paged kernel's grid is sized by max_query_len and the request count, host ints that vary per step,
+    # and the CPU path gathers a batch-dependent number of keys) and has not been built or tested.
+    _cudagraph_support = AttentionCGSupport.NEVER
+
+    def __init__(self, kv_cache_spec, layer_names, vllm_config, device):  # abstract in vLLM's base class
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
-        self.block_size = kv_cache_spec.block_size
 
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
               fast_build: bool = False) -> TaumodeMetadata:
         m = common_attn_metadata
-        seq_lens = m.seq_lens[:m.num_reqs].long()
-        key_start = torch.zeros(m.num_reqs + 1, dtype=torch.long, device=seq_lens.device)
-        torch.cumsum(seq_lens, 0, out=key_start[1:])
-        request = torch.repeat_interleave(torch.arange(m.num_reqs, device=seq_lens.device), seq_lens)
-        position = torch.arange(request.numel(), device=seq_lens.device) - key_start[request]
-        blocks = m.block_table_tensor[request, position // self.block_size].long()
         return TaumodeMetadata(num_actual_tokens=m.num_actual_tokens,
                                query_start_loc=m.query_start_loc[:m.num_reqs + 1].to(torch.int32),
-                               key_start_loc=key_start.to(torch.int32), max_query_len=m.max_query_len,
-                               max_seq_len=m.max_seq_len, key_blocks=blocks, key_offsets=position % self.block_size,
-                               slot_mapping=m.slot_mapping)
+                               max_query_len=m.max_query_len, max_seq_len=m.max_seq_len,
+                               block_table=m.block_table_tensor[:m.num_reqs].to(torch.int32),
+                               seq_lens=m.seq_lens[:m.num_reqs].to(torch.int32), slot_mapping=m.slot_mapping)
 
 
 class TaumodeAttentionImpl(AttentionImpl):
@@ -166,12 +164,9 @@ class TaumodeAttentionImpl(AttentionImpl):
             return output.fill_(0)
         m = attn_metadata
         n = m.num_actual_tokens
-        s = self.head_size
-        keys = kv_cache[m.key_blocks, :, m.key_offsets]  # (total keys, Hkv, s + F)
-        y = tk.taumode_attention_from_lambda(
-            as_lambda(query[:n]), as_lambda(keys[..., :s]), keys[..., s:], temperature=self.taumode.temperature(),
-            alibi_slopes=self.taumode.slopes(), is_causal=True, backend=self.backend,
-            cu_seqlens_q=m.query_start_loc, cu_seqlens_k=m.key_start_loc, max_seqlen_q=m.max_query_len,
-            max_seqlen_k=m.max_seq_len)
+        y = tk.paged_attention_from_lambda(
+            as_lambda(query[:n]), kv_cache, m.block_table, m.seq_lens, m.query_start_loc,
+            temperature=self.taumode.temperature(), alibi_slopes=self.taumode.slopes(), lambda_slots=self.head_size,
+            max_seqlen_q=m.max_query_len, max_seqlen_k=m.max_seq_len, backend=self.backend)
         output[:n].copy_(y)
         return output

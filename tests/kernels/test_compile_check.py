@@ -86,6 +86,22 @@ def test_packed_forward_rows_are_the_launches(cases, record):
     assert record["taumode_attention_fwd_kernel"].launches == [cases[r].launches[90].options() for r in rows]
 
 
+def test_paged_forward_rows_are_the_launches(cases, record):
+    from tauformer_kernels import paged
+
+    cache = torch.randn(6, 1, 16, 2 + 64).to(torch.bfloat16)
+    table = torch.arange(6, dtype=torch.int32).view(2, 3)
+    cu_q = torch.tensor([0, 1, 30], dtype=torch.int32)
+    paged.paged_fwd_triton(torch.rand(30, 2), cache, table, torch.tensor([20, 40], dtype=torch.int32), cu_q,
+                           torch.ones(2), None, 2, 29, 40)
+    table_args = ("BLOCK_TABLE", "SEQ_LENS", "stride_bt", "N_PAGES")  # the table itself, not a config
+    launches = [{k: v for k, v in launch.items() if k not in table_args}
+                for launch in record["taumode_attention_fwd_kernel"].launches]
+    rows = ("attn_fwd factorised causal D=64 bf16 paged", "attn_fwd general causal D=64 bf16 paged",
+            "attn_fwd overflow causal D=64 bf16 paged")
+    assert launches == [cases[r].launches[90].options() for r in rows]
+
+
 @pytest.mark.parametrize("row, dtype, dv, alibi, group, t", [
     ("taumode_attention_bwd bf16 D=64 causal=True alibi=False G=1", torch.bfloat16, 64, False, 1, 128),
     ("taumode_attention_bwd bf16 D=64 causal=True alibi=True G=4", torch.bfloat16, 64, True, 4, 97),
@@ -124,7 +140,8 @@ def test_lambda_backward_rows_are_the_launches(cases, record, dtype, f):
 
 def test_every_rule_says_why():
     for rules in (attention_triton._FORWARD_RULES, attention_triton_backward._RULES,
-                  attention_triton_backward._VARLEN_RULES, attention_triton_backward._OVERFLOW_RULES):
+                  attention_triton._OVERFLOW_RULES, attention_triton_backward._VARLEN_RULES,
+                  attention_triton_backward._OVERFLOW_RULES):
         assert all(rule.why and rule.settings for rule in rules)
 
 
