@@ -149,6 +149,8 @@ _VARLEN_RULES = (
     Rule(lambda s: s.old_triton and s.fp32 and s.block_d >= 256 and s.group == 1 and not s.has_alibi and s.arch < 90,
          {"BLOCK_M": 32}, "Triton 3.6: fp32 Dv 256 at 16×16 spilled 24 B on sm_80 (8 warps too, 1 stage 408 B+); 32 "
          "query rows do not"),
+    Rule(lambda s: s.old_triton and not s.fp32 and s.block_d == 128 and not s.is_causal and s.group > 2
+         and s.arch >= 90, {"BLOCK_M": 32}, "Triton 3.6: non-causal GQA 4 at 64×128 spilled 48 B on sm_90"),
 )
 
 
@@ -168,6 +170,8 @@ _OVERFLOW_RULES = (
     Rule(lambda s: s.fp32 and s.block_d >= 256 and s.has_alibi, {"SPLIT_DV": True},
          "fp32 ALiBi Dv 256 at 32×16 spilled 8 B on sm_80 (4 warps 136 B, 3 stages 24 B, 1 stage 3.6 KB; 16 "
          "query rows would change the ROWS layout): dV and dλ as two launches hold 125 and 170 registers"),
+    Rule(lambda s: s.old_triton and s.fp32, {"SPLIT_DV": True},
+         "Triton 3.6: fp32 OVERFLOW builds spilled 8-24 B as one launch (D 64-256, both arches)"),
 )
 
 

@@ -28,6 +28,8 @@ import tempfile
 
 import torch
 
+from tauformer_kernels.launch import triton_before
+
 # Per-SM, per-clock throughputs (published figures for A100 and H100): dense fp16
 # tensor FMAs, FP32 ALU warp-instructions, MUFU warp-instructions, issue (4 schedulers).
 _SM = {80: {"fma_tc": 1024, "alu": 4.0, "mufu": 0.5, "issue": 4.0},
@@ -386,6 +388,16 @@ def report(case: KernelCase, arch: int, kernel, show_loops: bool) -> dict:
     return row
 
 
+# Spills found under Triton 3.6 only (CI's second venv) that no launch option tried removed (1 stage, 4 / 16
+# warps: kernels/NOTES.md, 2026-12-07): the split dλ launches of fp32 Dv 256 GQA packs on sm_90. They are
+# reported, not failed, under Triton < 3.9 alone; any other spill, and these under 3.9, fail the check.
+KNOWN_OLD_TRITON_SPILLS = (
+    ("taumode_attention_bwd varlen fp32 D=256 causal=True alibi=True G=2 dlambda", 90),
+    ("taumode_attention_bwd varlen fp32 D=256 causal=True alibi=True G=2 dlambda overflow", 90),
+    ("taumode_attention_bwd varlen fp32 D=256 causal=True alibi=False G=2 dlambda overflow", 90),
+)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--arch", type=int, nargs="+", default=[80, 90], help="SM versions to compile for (80, 90)")
@@ -410,7 +422,10 @@ def main(argv=None) -> int:
                 failures.append(f"{case.name} sm_{arch}: compile error")
                 continue
             row = report(case, arch, kernel, args.loops)
-            if row["stack"]:
+            if row["stack"] and triton_before(3, 9) and (case.name, arch) in KNOWN_OLD_TRITON_SPILLS:
+                print(f"KNOWN (Triton < 3.9, kernels/NOTES.md): {case.name} sm_{arch}: {row['stack']} bytes of stack",
+                      file=sys.stderr)
+            elif row["stack"]:
                 failures.append(f"{case.name} sm_{arch}: {row['stack']} bytes of stack (spills)")
             failures += [f"{case.name} sm_{arch}: 32-bit base offset {n}" for n in row["narrow"]]
     for f in failures:
