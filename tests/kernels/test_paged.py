@@ -21,15 +21,6 @@ pytest.importorskip("triton")
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 5e-3}
 
 
-@pytest.fixture(params=["interpreter-tiles", "gpu-tiles"])
-def tiles(request, monkeypatch):
-    if request.param == "gpu-tiles":
-        if torch.cuda.is_available():
-            pytest.skip("on a GPU the launchers take the GPU's tiles anyway")
-        monkeypatch.setenv("TAUFORMER_GPU_CONFIGS", "1")
-    return request.param
-
-
 def _paged_inputs(q_lens, k_lens, h, hkv, dv, page, dtype, temperature, alibi, seed=0, spare_pages=3):
     """A shuffled paged cache holding each sequence's keys, the rest stale; λq packed; float64 copies of what the
     cache stores for the oracle."""

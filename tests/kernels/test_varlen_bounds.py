@@ -36,15 +36,6 @@ CASES = {
 }
 
 
-@pytest.fixture(params=["interpreter-tiles", "gpu-tiles"])
-def tiles(request, monkeypatch):
-    if request.param == "gpu-tiles":
-        if torch.cuda.is_available():
-            pytest.skip("on a GPU the launchers take the GPU's tiles anyway")
-        monkeypatch.setenv("TAUFORMER_GPU_CONFIGS", "1")
-    return request.param
-
-
 def _inputs(total_q, total_k, alibi, count, seed=0):
     g = torch.Generator().manual_seed(seed)
     lq, lk = torch.rand(1, H, total_q, generator=g), torch.rand(1, HKV, total_k, generator=g)
