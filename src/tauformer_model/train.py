@@ -61,7 +61,7 @@ from .common import (
 )
 from .config import ATTENTIONS, PRESETS, RECENCIES, TAU_RULES, TauGPTConfig
 from .data import DataError, Dataset, load_dataset
-from .model import TauGPT
+from .model import TauGPT, TaumodeAttention
 
 FULL_STATE = StateDictOptions(full_state_dict=True, cpu_offload=True)  # whole tensors, on rank 0's CPU
 
@@ -102,6 +102,10 @@ class TrainConfig:
     context_parallel: int = 1  # ranks each window is split over
     resume: bool = False
     recalibrate_tau: bool = False
+    # Adaptive tau (0: off): before the steps after every N-th, tau is set again to the median E of the first
+    # layer's keys (calibrate_tau) over a training batch of its own, as the keys drift in training. Saved with the
+    # run's config, so --resume keeps the schedule; the batch depends only on the seed and the step.
+    recalibrate_tau_every: int = 0
     # Attention never crosses a document (a file of the corpus) inside a window, and RoPE positions restart
     # at each document (docs/math.md §Packed sequences); evaluation windows are cut the same way.
     pack_documents: bool = False
@@ -367,6 +371,7 @@ def start_run(tc: TrainConfig, log, dist: Dist, device: torch.device) -> Run:
         # what a killed or failed write left (a partial checkpoint on a full disk) goes before anything is written
         remove_temporaries(tc.out)
         (pathlib.Path(tc.out) / PLOT_TMP).unlink(missing_ok=True)
+    check_adaptive_tau(tc)
     if tc.threads:
         torch.set_num_threads(tc.threads)
     torch.manual_seed(tc.seed)  # before the model is built: its initialisation draws from it
@@ -450,9 +455,11 @@ def load_optimizer_state(run: Run, saved: dict) -> None:
     set_optimizer_state_dict(run.model, run.optimizer, saved, options=StateDictOptions(full_state_dict=True))
 
 
-def calibrate_tau(run: Run, message: str) -> None:
-    """Set tau from one training batch of its own generator (the same batch on every rank: the same tau)."""
-    gen = torch.Generator().manual_seed(run.tc.seed + 2)
+def calibrate_tau(run: Run, message: str, step: int = 0) -> None:
+    """Set tau from one training batch of its own generator (the same batch on every rank: the same tau). The
+    batch depends on the seed and ``step`` alone, not on the sampler's state: adaptive tau (--recalibrate-tau-every)
+    leaves the training batches those of the run without it, and a resumed run recalibrates on the same batch."""
+    gen = torch.Generator().manual_seed(run.tc.seed + 2 + step)
     starts = run.dataset.starts("train", run.tc.batch_size, run.model.config.block_size, gen)
     x, _, doc_ids = read_batch(run.dataset, "train", starts, run.tc, run.device)
     run.log(f"{message}: {run.model.calibrate_tau(x, doc_ids):.4f}")
@@ -526,6 +533,11 @@ def train_loop(run: Run) -> str:
                 if run.dist.all_sum([float(interrupted.is_set())])[0] > 0:  # every rank stops at the same step
                     stopped = "interrupted"
                     break
+                every = tc.recalibrate_tau_every
+                # at the start of the step after every N-th, so that the checkpoint and evaluation of step N see
+                # the tau it trained with, and a run resumed at step N recalibrates just as the unbroken one
+                if every and state.step and state.step % every == 0:
+                    calibrate_tau(run, f"step {state.step}: tau recalibrated", state.step)
                 t0 = time.perf_counter()
                 loss = train_step(run)
                 state.count_step(loss, time.perf_counter() - t0, tokens_per_step)
@@ -621,7 +633,8 @@ def evaluate_and_log(run: Run) -> None:
     val_loss = evaluate(run.fwd, run.dataset, run.tc, run.device, run.autocast, run.dist)
     row = {"step": st.step, "train_loss": st.loss_sum / st.loss_count if st.loss_count else None,
            "val_loss": val_loss, "tokens_per_s": round(st.tokens_per_s, 1) if st.step else None,
-           "train_time_s": round(st.train_time, 3), "lr": run.tc.learning_rate(max(st.step - 1, 0)), "label": run.label}
+           "train_time_s": round(st.train_time, 3), "lr": run.tc.learning_rate(max(st.step - 1, 0)), "label": run.label,
+           "tau": current_tau(run.model)}
     if run.dist.main:
         with run.metrics_path.open("a") as f:
             f.write(json.dumps(row) + "\n")
@@ -632,6 +645,19 @@ def evaluate_and_log(run: Run) -> None:
         run.log(f"step {st.step}: train {row['train_loss']:.4f} val {val_loss:.4f} "
                 f"tokens/s {st.tokens_per_s:.0f} time {st.train_time:.0f}s")
     st.loss_sum, st.loss_count, st.interval_tokens, st.interval_time = 0.0, 0, 0, 0.0
+
+
+def current_tau(model: TauGPT) -> float | None:
+    """The tau of the first taumode layer (the mean over its kv heads; calibration gives every layer and head the
+    same one), or None where no calibrated tau exists (dot product only, a per-vector tau rule)."""
+    if model.config.tau_rule != "calibrated":
+        return None
+    for block in model.blocks:
+        if isinstance(block.attn, TaumodeAttention):
+            log_tau = block.attn.log_tau.detach()
+            log_tau = log_tau.full_tensor() if hasattr(log_tau, "full_tensor") else log_tau  # FSDP: a DTensor
+            return float(log_tau.float().exp().mean())
+    return None
 
 
 def save(run: Run) -> None:
@@ -741,6 +767,8 @@ TRAIN_FLAGS = {
     "seed": (int, "seed of the initialisation and of the batch sampler"),
     "device": (str, "'auto' (cuda if available), 'cpu', 'cuda', 'cuda:1', ..."),
     "threads": (positive_int, "torch.set_num_threads (CPU)"),
+    "recalibrate_tau_every": (nonnegative_int, "adaptive tau: recalibrate tau (median E of layer-0 keys over a "
+                                                "training batch) after every N steps (0: only at the start)"),
     "pack_documents": (bool, "attention never crosses a document (a file of the corpus) inside a training window; "
                              "RoPE positions restart at each document"),
 }
@@ -801,7 +829,22 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         load_laplacian(model.laplacian, model.head_dim)  # a file that is not a head_dim² Laplacian fails here
     tc = TrainConfig(**{k: v for k, v in train_fields.items() if k in names}, model=model)
     check_context_parallel(tc)
+    check_adaptive_tau(tc)
     return tc
+
+
+def check_adaptive_tau(tc: TrainConfig) -> None:
+    """--recalibrate-tau-every N needs a tau that calibration sets (ValueError otherwise)."""
+    N, mc = tc.recalibrate_tau_every, tc.model
+    if not N:
+        return
+    if mc.attention != "taumode" or mc.tau_rule != "calibrated":
+        raise ValueError(f"--recalibrate-tau-every {N}: needs taumode layers with --tau-rule calibrated (got "
+                         f"attention={mc.attention!r}, tau_rule={mc.tau_rule!r}: no tau to recalibrate)")
+    if mc.learn_tau:  # the optimizer's moments of a learned tau would describe a value calibration replaced
+        raise ValueError(f"--recalibrate-tau-every {N}: not with --learn-tau (tau is either learned or calibrated)")
+    if tc.fsdp:  # calibration reads the first layer's weights outside a forward, which FSDP shards
+        raise ValueError(f"--recalibrate-tau-every {N}: not with --fsdp")
 
 
 def check_context_parallel(tc: TrainConfig) -> None:
