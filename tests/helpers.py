@@ -1,9 +1,15 @@
 """Input factories, the float64 oracle and the tolerances shared by the tests."""
+import importlib.util
 from typing import NamedTuple, Optional
 
+import pytest
 import torch
 
 from tauformer_kernels import reference
+
+# the numba backend, as a parameter of the backend lists (skipped without the package: the cpu extra)
+NUMBA_INSTALLED = importlib.util.find_spec("numba") is not None
+NUMBA = pytest.param("numba", marks=pytest.mark.skipif(not NUMBA_INSTALLED, reason="needs numba (the cpu extra)"))
 
 
 def random_lambdas(b, h, hkv, tq, tk, *, dtype=torch.float64, device="cpu"):

@@ -4,6 +4,8 @@ Backends (docs/internal-contract.md gives each one's functions):
 - "reference": plain PyTorch, chunked over queries (reference.py); any device, float64 included.
 - "triton": the fused Triton kernels; CUDA tensors, or CPU tensors under TRITON_INTERPRET=1.
 - "loglinear": exact O(T log T) attention by sorting (loglinear.py); any device.
+- "numba": the same sorted algorithm compiled by numba for the CPU, one fused loop per head
+  (attention_numba.py); CPU tensors, with the numba package (the `cpu` extra).
 """
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ from typing import Callable
 
 import torch
 
-BACKENDS = ("auto", "reference", "triton", "loglinear")
+BACKENDS = ("auto", "reference", "triton", "loglinear", "numba")
 
 # Key length from which `auto` takes the O(T log T) path on CPU, measured on the 2-core development
 # machine (B=1, H=8, Dv=64, fp32; kernels/NOTES.md): forward+backward crossed over between 1024 and 2048
@@ -26,6 +28,10 @@ CPU_LOGLINEAR_MIN_KEYS_INFERENCE = 1024
 
 def triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
+
+
+def numba_available() -> bool:
+    return importlib.util.find_spec("numba") is not None
 
 
 def triton_interpreting() -> bool:
@@ -60,6 +66,14 @@ def _require_triton(device: torch.device, dtype: torch.dtype) -> None:
             )
 
 
+def _require_numba(device: torch.device, dtype: torch.dtype) -> None:
+    if not numba_available():
+        raise RuntimeError("backend='numba' needs the numba package (pip install 'tauformer[cpu]'); use "
+                           "backend='auto' or 'loglinear'")
+    if device.type != "cpu":
+        raise RuntimeError(f"backend='numba' runs CPU tensors (got tensors on {device}); use backend='auto'")
+
+
 # The functions of each (op, backend) pair: (module, forward), (module, backward), imported on first use so
 # that the package imports without triton. Signatures: docs/internal-contract.md.
 _IMPLEMENTATIONS = {
@@ -71,6 +85,7 @@ _IMPLEMENTATIONS = {
         "reference": (("reference", "attention_fwd_chunked"), ("reference", "attention_bwd_chunked")),
         "triton": (("attention_triton", "attention_fwd_triton"), ("attention_triton_backward", "attention_bwd_triton")),
         "loglinear": (("loglinear", "attention_fwd_loglinear"), ("loglinear", "attention_bwd_loglinear")),
+        "numba": (("attention_numba", "attention_fwd_numba"), ("attention_numba", "attention_bwd_numba")),
     },
 }
 
@@ -87,14 +102,18 @@ def resolve(op: str, backend: str, device: torch.device, dtype: torch.dtype, key
     with `keys` keys; `needs_grad`: whether the call records a backward (the CPU crossover is lower
     without one). "loglinear" is an attention algorithm: the λ projection it is given takes auto's choice."""
     check_backend_name(backend)
-    if op == "lambda" and backend == "loglinear":
+    if op == "lambda" and backend in ("loglinear", "numba"):
         backend = "auto"
     if backend == "triton":
         _require_triton(device, dtype)
+    if backend == "numba":
+        _require_numba(device, dtype)
     if backend != "auto":
         return backend
     if device.type == "cuda" and triton_available() and dtype != torch.float64:
         return "triton"
+    if op == "attention" and device.type == "cpu" and numba_available():
+        return "numba"
     if op == "attention" and device.type == "cpu" and keys >= (
             CPU_LOGLINEAR_MIN_KEYS if needs_grad else CPU_LOGLINEAR_MIN_KEYS_INFERENCE):
         return "loglinear"

@@ -226,7 +226,7 @@ def test_bad_input_from_lambda_and_lambda():
 
 
 def test_backend_names():
-    assert BACKENDS == ("auto", "reference", "triton", "loglinear")
+    assert BACKENDS == ("auto", "reference", "triton", "loglinear", "numba")
     lq, lk = random_lambdas(1, 1, 1, 3, 3, dtype=torch.float32)
     with pytest.raises(TypeError, match="float64"):
         taumode_attention_from_lambda(lq.double(), lk.double(), torch.randn(1, 1, 3, 2, dtype=torch.float64),
@@ -240,8 +240,38 @@ def test_triton_backend_on_cpu_without_interpreter_is_a_clear_error(monkeypatch)
         taumode_attention_from_lambda(lq, lk, torch.randn(1, 1, 3, 2), backend="triton")
 
 
-def test_auto_backend_choice_on_cpu():
+def test_auto_backend_choice_on_cpu_with_numba():
+    from tauformer_kernels import backends
+
+    pytest.importorskip("numba", reason="the numba package (the cpu extra) is not installed")
+    cpu = torch.device("cpu")
+    for keys in (1, 100, 10**6):
+        for needs_grad in (True, False):
+            assert backends.resolve("attention", "auto", cpu, torch.float32, keys, needs_grad) == "numba"
+    assert backends.resolve("attention", "auto", cpu, torch.float64, 10) == "numba"
+    # an explicit backend is kept; the λ projection has no numba path
+    assert backends.resolve("attention", "reference", cpu, torch.float32, 10) == "reference"
+    assert backends.resolve("lambda", "numba", cpu, torch.float32) == backends.resolve("lambda", "auto", cpu,
+                                                                                       torch.float32)
+
+
+def test_numba_backend_errors(monkeypatch):
+    from tauformer_kernels import backends
+
+    lq, lk = random_lambdas(1, 1, 1, 3, 3, dtype=torch.float32)
+    monkeypatch.setattr(backends, "numba_available", lambda: False)
+    with pytest.raises(RuntimeError, match="backend='numba' needs the numba package"):
+        taumode_attention_from_lambda(lq, lk, torch.randn(1, 1, 3, 2), backend="numba")
+    monkeypatch.setattr(backends, "numba_available", lambda: True)
+    with pytest.raises(RuntimeError, match="backend='numba' runs CPU tensors"):
+        backends.resolve("attention", "numba", torch.device("cuda"), torch.float32, 3)
+
+
+def test_auto_backend_choice_on_cpu_without_numba(monkeypatch):
+    from tauformer_kernels import backends
     from tauformer_kernels.backends import CPU_LOGLINEAR_MIN_KEYS, CPU_LOGLINEAR_MIN_KEYS_INFERENCE, resolve
+
+    monkeypatch.setattr(backends, "numba_available", lambda: False)
 
     def resolve_attention_backend(backend, device, dtype, keys, needs_grad=True):
         return resolve("attention", backend, device, dtype, keys, needs_grad)

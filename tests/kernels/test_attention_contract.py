@@ -13,7 +13,9 @@ of the naive attention in the same precision (fp32, or fp16 / bf16 P·V) plus a 
 below the specification's bounds (fp32 1e-5 forward, bf16 1e-2; helpers.BOUNDS).
 
 Shapes are small (the Triton kernels run in the interpreter on a CPU); the loglinear backend and the
-sorted cache get small blocks so that these short sequences cross several of their levels. Their own
+sorted cache get small blocks so that these short sequences cross several of their levels; the numba
+backend runs twice, as it is (its Fenwick trees for more than DENSE_MAX_QUERIES queries, the dense loop for
+fewer) and with the dense forward everywhere ("numba_dense"). Their own
 machinery at real sizes is tested in test_loglinear.py and test_sorted_cache.py, the Triton launches in
 test_attention_triton*.py.
 """
@@ -85,7 +87,7 @@ CASES = [
 ]
 LOW_PRECISION = ["odd", "one_token", "decode_from_cache", "mqa", "alibi_per_batch_full", "full_more_queries_alibi",
                  "cold", "hot_alibi", "lambda_wide", "lambda_wide_cold", "retrieval_full", "ties"]
-BACKENDS = ("reference", "triton", "loglinear", "sorted_cache")
+BACKENDS = ("reference", "triton", "loglinear", "numba", "numba_dense", "sorted_cache")
 BY_NAME = {case.name: case for case in CASES}
 DTYPE_CASES = [(torch.float32, "fp32", case) for case in CASES] + [
     (dtype, tag, BY_NAME[name]) for dtype, tag in ((torch.float16, "fp16"), (torch.bfloat16, "bf16"))
@@ -140,6 +142,10 @@ def _forward_function(backend):
         from tauformer_kernels.loglinear import attention_fwd_loglinear
 
         return attention_fwd_loglinear
+    if backend == "numba":
+        from tauformer_kernels.attention_numba import attention_fwd_numba
+
+        return attention_fwd_numba
     return reference.attention_fwd_chunked
 
 
@@ -188,6 +194,13 @@ def test_contract(backend, dtype, case, monkeypatch):
         pytest.skip("the triton package is not installed")
     if backend == "loglinear":
         loglinear_small_blocks(monkeypatch)
+    if backend.startswith("numba"):
+        pytest.importorskip("numba", reason="the numba package (the cpu extra) is not installed")
+        if backend == "numba_dense":
+            from tauformer_kernels import attention_numba
+
+            monkeypatch.setattr(attention_numba, "DENSE_MAX_QUERIES", 1 << 30)
+            backend = "numba"
     lq, lk, v, temperature, slopes, dout = inputs(case, dtype)
     dout = dout if case.grads and backend != "sorted_cache" else None
     exact = oracle(lq, lk, v, temperature, slopes, case.causal, dout)

@@ -6,7 +6,7 @@ import importlib.util
 
 import pytest
 import torch
-from helpers import oracle_attention, per_head, random_heads, relative_error
+from helpers import NUMBA, oracle_attention, per_head, random_heads, relative_error
 
 from tauformer_kernels import (
     chain_laplacian,
@@ -17,7 +17,7 @@ from tauformer_kernels import (
 )
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
-BACKENDS = ["reference", "loglinear"] + (["triton"] if HAS_TRITON else [])
+BACKENDS = ["reference", "loglinear", NUMBA] + (["triton"] if HAS_TRITON else [])
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # the Triton backend's device (else the interpreter)
 
 

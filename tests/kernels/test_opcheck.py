@@ -13,11 +13,12 @@ a mismatch, #29), checks its schema and autograd registration, and traces it wit
 - packed: (N, H, F) rows with int32 cu_seqlens and the max_seqlen a compiled model passes (the public
   ops), or the (1, H, N, ·) views of them the public ops hand the backend ops.
 
-Every backend runs on the CPU: "reference" and "loglinear" as they are, "triton" in Triton's interpreter
+Every backend runs on the CPU: "reference", "loglinear" and "numba" as they are, "triton" in Triton's interpreter
 (its body runs on real tensors; opcheck's tracing goes through the fake implementation, not the kernel).
 """
 import pytest
 import torch
+from helpers import NUMBA
 
 from tauformer_kernels import chain_laplacian, ops
 from tauformer_kernels.backends import triton_available, triton_interpreting
@@ -28,7 +29,7 @@ LAYOUTS = ("contiguous", "token_major", "cache", "packed")
 
 triton_runs = triton_available() and (torch.cuda.is_available() or triton_interpreting())
 LAMBDA_BACKENDS = ["reference", pytest.param("triton", marks=pytest.mark.skipif(not triton_runs, reason="no triton"))]
-ATTENTION_BACKENDS = LAMBDA_BACKENDS + ["loglinear"]
+ATTENTION_BACKENDS = LAMBDA_BACKENDS + ["loglinear", NUMBA]
 
 
 def heads(layout: str, heads: int, *feature: int, grad: bool = False) -> torch.Tensor:

@@ -3,11 +3,11 @@ a pack equals the float64 oracle on that sequence alone, forward and every gradi
 across a boundary (docs/math.md §Packed sequences)."""
 import pytest
 import torch
-from helpers import oracle_attention, relative_error, temperature_tolerance
+from helpers import NUMBA, oracle_attention, relative_error, temperature_tolerance
 
 from tauformer_kernels import chain_laplacian, loglinear, reference, taumode_attention, taumode_attention_from_lambda
 
-BACKENDS = ["reference", "loglinear", pytest.param("triton", marks=pytest.mark.skipif(
+BACKENDS = ["reference", "loglinear", NUMBA, pytest.param("triton", marks=pytest.mark.skipif(
     __import__("importlib").util.find_spec("triton") is None, reason="needs triton"))]
 
 # (queries, keys) per sequence: ragged, with empty and one-token sequences

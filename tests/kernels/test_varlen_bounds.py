@@ -10,7 +10,7 @@ oracle on each sequence alone.
 """
 import pytest
 import torch
-from helpers import relative_error
+from helpers import NUMBA, NUMBA_INSTALLED, relative_error
 
 from tauformer_kernels import reference, taumode_attention_from_lambda, varlen
 
@@ -127,7 +127,7 @@ def test_trusted_offsets_every_backend_agrees_and_stays_inside(case, causal, til
     if tiles == "gpu-tiles":
         return
     # the PyTorch backends through the public op: the same answer
-    for backend in ("reference", "loglinear"):
+    for backend in ("reference", "loglinear") + (("numba",) if NUMBA_INSTALLED else ()):
         leaves = [lq[0].t().clone().requires_grad_(), lk[0].t().clone().requires_grad_(),
                   v[0].transpose(0, 1).clone().requires_grad_()]
         out = taumode_attention_from_lambda(*leaves, temperature=temp, is_causal=causal, backend=backend,
@@ -167,7 +167,7 @@ def test_every_max_seqlen_from_minus_one(case, tiles):
             _compare(got, want)
 
 
-@pytest.mark.parametrize("backend", ["reference", "triton", "loglinear"])
+@pytest.mark.parametrize("backend", ["reference", "triton", "loglinear", NUMBA])
 def test_max_seqlen_below_one_refused_on_every_backend(backend):
     lq, lk, v = torch.rand(7, 2), torch.rand(7, 1), torch.randn(7, 1, 4)
     cu = torch.tensor([0, 3, 7], dtype=torch.int32)
@@ -177,7 +177,7 @@ def test_max_seqlen_below_one_refused_on_every_backend(backend):
                                           max_seqlen_q=mq, max_seqlen_k=mk)
 
 
-@pytest.mark.parametrize("backend", ["reference", "triton", "loglinear"])
+@pytest.mark.parametrize("backend", ["reference", "triton", "loglinear", NUMBA])
 def test_issue_repro_past_the_end(backend):
     """Issue #29 item 1 verbatim: offsets past the rows with max_seqlen given (the interpreter's heap was
     corrupted): the rows past the offsets' last sequence are attended to as their own sequence's."""
@@ -191,7 +191,7 @@ def test_issue_repro_past_the_end(backend):
     assert torch.allclose(out, want, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("backend", ["reference", "triton", "loglinear"])
+@pytest.mark.parametrize("backend", ["reference", "triton", "loglinear", NUMBA])
 def test_offsets_short_of_the_rows(backend):
     """Read on the host (no max_seqlen): a ValueError naming the offsets; trusted: the rows past them get 0."""
     lq, lk, v = torch.rand(7, 2), torch.rand(7, 1), torch.randn(7, 1, 4)
@@ -203,7 +203,7 @@ def test_offsets_short_of_the_rows(backend):
     assert bool((out[5:] == 0).all()) and bool(torch.isfinite(out).all())
 
 
-@pytest.mark.parametrize("backend", ["reference", "triton", "loglinear"])
+@pytest.mark.parametrize("backend", ["reference", "triton", "loglinear", NUMBA])
 @pytest.mark.parametrize("offsets", [[0], [0, 0, 0, 0]], ids=["B=0", "all-empty"])
 def test_empty_packs_accepted(backend, offsets):
     """Issue #29 item 11: valid packs with no tokens give empty outputs and gradients on every backend."""

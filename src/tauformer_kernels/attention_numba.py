@@ -1,0 +1,427 @@
+"""Taumode attention on the CPU, compiled by numba: the exact sorted algorithm as one loop per head.
+
+For query i at position p = i + Tk − Tq (bottom-right aligned) and a key j ≤ p, the logit
+−|λq_i − λk_j|/T − s·(p − j) is a key term minus a query term, on each side of λk:
+
+    λk ≤ λq:  (λk/T + s·j) − (λq/T + s·p)          λk > λq:  (−λk/T + s·j) − (−λq/T + s·p)
+
+Keys enter two Fenwick trees in time order, at their λk rank (ascending for the first side, descending for
+the second); a query reads the prefix of ranks on each side: O(log T) nodes of [Σ e^{a_j − ref} v_j,
+Σ e^{a_j − ref}], where ref is the node's largest key term (a node rescales when a larger one enters: the
+online softmax of one node), so every exponent is ≤ 0 and any temperature or slope stays finite. The
+backward runs the same query pass again (P, O, lse and D from one float64 computation, as autograd forms
+them) and its transpose: queries enter trees at their λq rank in reverse time order with weights
+e^{−lse}·[dO, D], and each key reads the sums over the queries that see it, by the side and sign of λq − λk.
+The temperature and slope gradients follow from the per-row and per-column sums (docs/math.md §Sorted
+(loglinear) attention). Everything runs in float64; O(T·log T·Dv) per head. Few queries per head (decode)
+take the dense loop instead: one pass over the keys, exponentials of the visible logits only.
+
+Non-causal attention with ALiBi slopes (keys on both sides of a query at a distance) is not written here:
+the backend functions hand it to the PyTorch loglinear backend.
+
+Numba compiles each function on its first call (cached on disk beside this file after that); the first-call
+latency is in kernels/DESIGN.md §CPU.
+"""
+from __future__ import annotations
+
+import math
+
+import numba
+import numpy as np
+import torch
+
+from . import loglinear, reference, varlen
+
+# Queries per (sequence, head) up to which the forward is the dense loop: a Fenwick pass first sorts the
+# keys (O(Tk log Tk)), which a few queries do not repay (measured crossover: kernels/DESIGN.md §CPU).
+DENSE_MAX_QUERIES = 16
+
+_JIT = dict(cache=True, nogil=True)
+_NEG_INF = -np.inf
+
+
+@numba.njit(**_JIT)
+def _insert(ref, acc, index, a, row):
+    """Adds e^{a − ref}·row to every Fenwick node over `index` (1-based), rescaling a node whose ref a exceeds."""
+    n, width = ref.shape[0] - 1, row.shape[0]
+    while index <= n:
+        r = ref[index]
+        if a > r:
+            f = math.exp(r - a)  # 0 for an empty node (r = −inf)
+            for d in range(width):
+                acc[index, d] = acc[index, d] * f + row[d]
+            ref[index] = a
+        else:
+            f = math.exp(a - r)
+            for d in range(width):
+                acc[index, d] += f * row[d]
+        index += index & (-index)
+
+
+@numba.njit(**_JIT)
+def _prefix_max(ref, index, b):
+    """max over the nodes of the prefix 1..index of (ref − b): the largest logit a query can meet there."""
+    m = _NEG_INF
+    while index > 0:
+        m = max(m, ref[index] - b)
+        index -= index & (-index)
+    return m
+
+
+@numba.njit(**_JIT)
+def _prefix_add(ref, acc, index, shift, out, sign):
+    """out += sign·Σ over the prefix nodes of e^{ref − shift}·acc."""
+    width = out.shape[0]
+    while index > 0:
+        f = sign * math.exp(ref[index] - shift)
+        if f != 0.0:
+            for d in range(width):
+                out[d] += f * acc[index, d]
+        index -= index & (-index)
+
+
+@numba.njit(**_JIT)
+def _ranks(values, n):
+    """(sorted values, 1-based ascending rank of each) of the first n entries."""
+    order = np.argsort(values[:n], kind="mergesort")
+    ranks = np.empty(n, np.int64)
+    for r in range(n):
+        ranks[order[r]] = r + 1
+    return values[:n][order], ranks
+
+
+@numba.njit(**_JIT)
+def _has_nan(x):
+    return np.isnan(x).any()
+
+
+@numba.njit(**_JIT)
+def _query_sums(lqh, lkh, vh, inv_t, slope, tq, tk, causal, strict, m_out, le_out, gt_out, lt_out):
+    """The query pass of one (sequence, head): for each query i, m_out[i] = the largest logit it sees, and the
+    sums of e^{logit − m}·[v, 1] over its visible keys with λk ≤ λq (le_out), λk > λq (gt_out) and, when
+    `strict`, λk < λq (lt_out). lqh (tq,), lkh (tk,), vh (tk, Dv) of this head, float64 views or arrays."""
+    dv = vh.shape[1]
+    width = dv + 1
+    sorted_k, rank = _ranks(lkh, tk)
+    ref_le, ref_gt = np.full(tk + 1, _NEG_INF), np.full(tk + 1, _NEG_INF)
+    acc_le, acc_gt = np.zeros((tk + 1, width)), np.zeros((tk + 1, width))
+    row = np.empty(width)
+    row[dv] = 1.0
+    entered = 0
+    for i in range(tq):
+        p = i + tk - tq
+        last = p if causal else tk - 1
+        while entered <= last and entered < tk:
+            j = entered
+            entered += 1
+            if math.isinf(lkh[j]):  # weight 0 for every finite query
+                continue
+            for d in range(dv):
+                row[d] = vh[j, d]
+            a = lkh[j] * inv_t + slope * j
+            _insert(ref_le, acc_le, rank[j], a, row)
+            _insert(ref_gt, acc_gt, tk + 1 - rank[j], -lkh[j] * inv_t + slope * j, row)
+        b_le = lqh[i] * inv_t + slope * p
+        b_gt = -lqh[i] * inv_t + slope * p
+        r_right = np.searchsorted(sorted_k, lqh[i], side="right")
+        m = max(_prefix_max(ref_le, r_right, b_le), _prefix_max(ref_gt, tk - r_right, b_gt))
+        m_out[i] = m
+        le_out[i, :] = 0.0
+        gt_out[i, :] = 0.0
+        if m == _NEG_INF or math.isnan(m):
+            continue
+        _prefix_add(ref_le, acc_le, r_right, b_le + m, le_out[i], 1.0)
+        _prefix_add(ref_gt, acc_gt, tk - r_right, b_gt + m, gt_out[i], 1.0)
+        if strict:
+            lt_out[i, :] = 0.0
+            _prefix_add(ref_le, acc_le, np.searchsorted(sorted_k, lqh[i], side="left"), b_le + m, lt_out[i], 1.0)
+
+
+@numba.njit(parallel=True, **_JIT)
+def _forward_sorted(lq, lk, v, temperature, slopes, jobs, group, causal, out, lse):
+    """Forward over (sequence, query head) pairs in parallel. jobs (n, 6): batch row, q0, q1, k0, k1, slope
+    row. out and lse are written at the jobs' rows only."""
+    n_heads = lq.shape[1]
+    dv = v.shape[3]
+    for task in numba.prange(jobs.shape[0] * n_heads):
+        job, h = task // n_heads, task % n_heads
+        bi, q0, q1, k0, k1, srow = jobs[job]
+        tq, tk = q1 - q0, k1 - k0
+        if tq <= 0:
+            continue
+        g = h // group
+        inv_t = 1.0 / temperature[h]
+        slope = slopes[srow, h] if slopes.shape[0] > 0 else 0.0
+        lqh = lq[bi, h, q0:q1].astype(np.float64)
+        lkh = lk[bi, g, k0:k1].astype(np.float64)
+        if tk == 0 or _has_nan(lqh) or _has_nan(lkh):
+            _fill_rows(out, lse, bi, h, q0, q1, tk)
+            continue
+        vh = v[bi, g, k0:k1].astype(np.float64)
+        m = np.empty(tq)
+        le, gt = np.empty((tq, dv + 1)), np.empty((tq, dv + 1))
+        _query_sums(lqh, lkh, vh, inv_t, slope, tq, tk, causal, False, m, le, gt, le)
+        for i in range(tq):
+            den = le[i, dv] + gt[i, dv]
+            if den > 0.0 and not math.isinf(lqh[i]):
+                for d in range(dv):
+                    out[bi, h, q0 + i, d] = (le[i, d] + gt[i, d]) / den
+                lse[bi, h, q0 + i] = m[i] + math.log(den)
+            else:
+                _empty_row(out, lse, bi, h, q0 + i, lqh[i])
+
+
+@numba.njit(**_JIT)
+def _empty_row(out, lse, bi, h, row, lam):
+    """A query that sees no key: output 0, lse +inf (FlashAttention's empty rows); NaN for an infinite λq
+    (the reference's softmax of a row of −inf)."""
+    value = np.nan if math.isinf(lam) else 0.0
+    for d in range(out.shape[3]):
+        out[bi, h, row, d] = value
+    lse[bi, h, row] = np.nan if math.isinf(lam) else np.inf
+
+
+@numba.njit(**_JIT)
+def _fill_rows(out, lse, bi, h, q0, q1, tk):
+    """A sequence with a NaN λ (NaN everywhere, as the reference's softmax gives) or without keys (empty rows)."""
+    value = 0.0 if tk == 0 else np.nan
+    for i in range(q0, q1):
+        for d in range(out.shape[3]):
+            out[bi, h, i, d] = value
+        lse[bi, h, i] = np.inf if tk == 0 else np.nan
+
+
+@numba.njit(parallel=True, **_JIT)
+def _forward_dense(lq, lk, v, temperature, slopes, jobs, group, causal, out, lse):
+    """The same forward as one pass over the visible keys per query (decode and short prompts)."""
+    n_heads = lq.shape[1]
+    dv = v.shape[3]
+    for task in numba.prange(jobs.shape[0] * n_heads):
+        job, h = task // n_heads, task % n_heads
+        bi, q0, q1, k0, k1, srow = jobs[job]
+        tq, tk = q1 - q0, k1 - k0
+        g = h // group
+        inv_t = 1.0 / temperature[h]
+        slope = slopes[srow, h] if slopes.shape[0] > 0 else 0.0
+        logits = np.empty(max(tk, 1))
+        acc = np.empty(dv)
+        for i in range(tq):
+            p = i + tk - tq
+            last = min(p, tk - 1) if causal else tk - 1
+            lam = np.float64(lq[bi, h, q0 + i])
+            m = _NEG_INF
+            for j in range(last + 1):
+                s = -abs(lam - np.float64(lk[bi, g, k0 + j])) * inv_t - slope * abs(p - j)
+                logits[j] = s
+                if s > m or math.isnan(s):
+                    m = s
+            if m == _NEG_INF or math.isnan(m):
+                if math.isnan(m):
+                    for d in range(dv):
+                        out[bi, h, q0 + i, d] = np.nan
+                    lse[bi, h, q0 + i] = np.nan
+                else:
+                    _empty_row(out, lse, bi, h, q0 + i, lam)
+                continue
+            acc[:] = 0.0
+            den = 0.0
+            for j in range(last + 1):
+                s = logits[j] - m
+                if s > -745.0:  # e^s underflows to 0 below: skip the slow subnormal exponentials
+                    w = math.exp(s)
+                    den += w
+                    for d in range(dv):
+                        acc[d] += w * v[bi, g, k0 + j, d]
+            for d in range(dv):
+                out[bi, h, q0 + i, d] = acc[d] / den
+            lse[bi, h, q0 + i] = m + math.log(den)
+
+
+@numba.njit(parallel=True, **_JIT)
+def _backward_sorted(dout, lq, lk, v, temperature, slopes, jobs, group, causal, dlq, dlk, dv_out, dtemp, dslope):
+    """Backward over (sequence, kv head) pairs in parallel (the query heads of a group add into one dλk and
+    dv). dtemp (n_jobs, H) and dslope (n_jobs, H) are per job; the caller sums them."""
+    n_kv = lk.shape[1]
+    dv = v.shape[3]
+    width = dv + 1
+    for task in numba.prange(jobs.shape[0] * n_kv):
+        job, g = task // n_kv, task % n_kv
+        bi, q0, q1, k0, k1, srow = jobs[job]
+        tq, tk = q1 - q0, k1 - k0
+        if tq <= 0 or tk <= 0:
+            continue
+        lkh = lk[bi, g, k0:k1].astype(np.float64)
+        vh = v[bi, g, k0:k1].astype(np.float64)
+        for h in range(g * group, (g + 1) * group):
+            inv_t = 1.0 / temperature[h]
+            slope = slopes[srow, h] if slopes.shape[0] > 0 else 0.0
+            lqh = lq[bi, h, q0:q1].astype(np.float64)
+            doh = dout[bi, h, q0:q1].astype(np.float64)
+            if _has_nan(lqh) or _has_nan(lkh) or _has_nan(doh):
+                for i in range(tq):
+                    dlq[bi, h, q0 + i] = np.nan
+                for j in range(tk):
+                    dlk[bi, g, k0 + j] = np.nan
+                dtemp[job, h] = np.nan
+                dslope[job, h] = np.nan
+                continue
+            # the query pass: P, O, lse and D in float64, and dλq from the signed sums
+            m = np.empty(tq)
+            le, gt, lt = np.empty((tq, width)), np.empty((tq, width)), np.empty((tq, width))
+            _query_sums(lqh, lkh, vh, inv_t, slope, tq, tk, causal, True, m, le, gt, lt)
+            lse = np.full(tq, np.inf)
+            delta = np.zeros(tq)
+            moment_q = 0.0  # Σ_i λq_i·dλq_i (centred) for the temperature gradient
+            center = 0.0
+            for i in range(tq):
+                center += lqh[i]
+            center /= tq
+            for i in range(tq):
+                den = le[i, dv] + gt[i, dv]
+                if not den > 0.0:
+                    dlq[bi, h, q0 + i] = 0.0
+                    continue
+                lse[i] = m[i] + math.log(den)
+                d_i = 0.0
+                signed = 0.0
+                for d in range(dv):
+                    d_i += doh[i, d] * (le[i, d] + gt[i, d])
+                d_i /= den
+                delta[i] = d_i
+                for d in range(dv):
+                    signed += doh[i, d] * (lt[i, d] - gt[i, d])
+                signed -= d_i * (lt[i, dv] - gt[i, dv])
+                g_q = -inv_t * signed / den
+                dlq[bi, h, q0 + i] = g_q
+                moment_q += (lqh[i] - center) * g_q
+            # the key pass: queries enter in reverse time order at their λq rank, weights e^{−lse}·[dO, D]
+            sorted_q, rank = _ranks(lqh, tq)
+            ref_up, ref_dn = np.full(tq + 1, _NEG_INF), np.full(tq + 1, _NEG_INF)
+            acc_up, acc_dn = np.zeros((tq + 1, width)), np.zeros((tq + 1, width))
+            row = np.empty(width)
+            s_ge, s_gt, s_lt = np.empty(width), np.empty(width), np.empty(width)
+            entered = tq - 1
+            moment_k = 0.0
+            moment_j = 0.0
+            for j in range(tk - 1, -1, -1):
+                # causal: the queries at positions p >= j see key j; otherwise all of them
+                first = j - (tk - tq) if causal else 0
+                while entered >= max(first, 0):
+                    i = entered
+                    entered -= 1
+                    if math.isinf(lse[i]):
+                        continue
+                    p = i + tk - tq
+                    for d in range(dv):
+                        row[d] = doh[i, d]
+                    row[dv] = delta[i]
+                    # λq >= λk: e^{(λk/T + s·j) + (−λq/T − s·p − lse)}; λq < λk: e^{(−λk/T + s·j) + (λq/T − s·p − lse)}
+                    _insert(ref_up, acc_up, tq + 1 - rank[i], -lqh[i] * inv_t - slope * p - lse[i], row)
+                    _insert(ref_dn, acc_dn, rank[i], lqh[i] * inv_t - slope * p - lse[i], row)
+                if math.isinf(lkh[j]):
+                    continue
+                r_left = np.searchsorted(sorted_q, lkh[j], side="left")  # queries with λq < λk
+                r_right = np.searchsorted(sorted_q, lkh[j], side="right")  # λq <= λk
+                s_ge[:] = 0.0
+                s_gt[:] = 0.0
+                s_lt[:] = 0.0
+                key_up = lkh[j] * inv_t + slope * j
+                key_dn = -lkh[j] * inv_t + slope * j
+                _prefix_add(ref_up, acc_up, tq - r_left, -key_up, s_ge, 1.0)
+                _prefix_add(ref_up, acc_up, tq - r_right, -key_up, s_gt, 1.0)
+                _prefix_add(ref_dn, acc_dn, r_left, -key_dn, s_lt, 1.0)
+                col = 0.0  # Σ_i dS_ij
+                signed = 0.0  # Σ_i dS_ij sign(λq_i − λk_j)
+                for d in range(dv):
+                    dv_out[bi, g, k0 + j, d] += s_ge[d] + s_lt[d]
+                    col += vh[j, d] * (s_ge[d] + s_lt[d])
+                    signed += vh[j, d] * (s_gt[d] - s_lt[d])
+                col -= s_ge[dv] + s_lt[dv]
+                signed -= s_gt[dv] - s_lt[dv]
+                g_k = inv_t * signed
+                dlk[bi, g, k0 + j] += g_k
+                moment_k += (lkh[j] - center) * g_k
+                moment_j += (j - 0.5 * tk) * col
+            # dT = Σ dS·|Δλ|/T² = −(1/T)(Σ_i λq_i dλq_i + Σ_j λk_j dλk_j) (shift-free: Σ dλq + Σ dλk = 0);
+            # dslope = −Σ dS·(p − j) = Σ_j j·Σ_i dS_ij (each row of dS sums to 0)
+            dtemp[job, h] = -inv_t * (moment_q + moment_k)
+            dslope[job, h] = moment_j
+
+
+def _jobs(b: int, tq: int, tk: int, seqs) -> np.ndarray:
+    """(batch row, q0, q1, k0, k1, slope row) of every independent attention problem."""
+    if seqs is None:
+        return np.array([(i, 0, tq, 0, tk, i) for i in range(b)], dtype=np.int64).reshape(-1, 6)
+    spans = varlen.visible_bounds(varlen.bounds(seqs, tq, tk), False)
+    return np.array([(0, q0, q1, k0, k1, s) for s, (q0, q1, k0, k1) in enumerate(spans)],
+                    dtype=np.int64).reshape(-1, 6)
+
+
+def _array(t: torch.Tensor) -> np.ndarray:
+    """A numpy view of a CPU tensor (float32/float64 kept; half types widened to float32, which numpy lacks)."""
+    if t.dtype in (torch.float16, torch.bfloat16):
+        t = t.float()
+    return t.detach().numpy()
+
+
+def _threads() -> None:
+    numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
+
+
+def _slopes(alibi_slopes, dt) -> np.ndarray:
+    return np.zeros((0, 0)) if alibi_slopes is None else _array(alibi_slopes.to(dt))
+
+
+def attention_fwd_numba(lq, lk, v, temperature, alibi_slopes, is_causal, seqs=None):
+    """The numba forward (the contract's attention_fwd; a pack with its varlen.Seqs). Returns (out, lse)."""
+    if alibi_slopes is not None and not is_causal:
+        return loglinear.attention_fwd_loglinear(lq, lk, v, temperature, alibi_slopes, is_causal, seqs=seqs)
+    b, h, tq = lq.shape
+    hkv, tk, dv = lk.shape[1], lk.shape[2], v.shape[-1]
+    if seqs is not None:
+        varlen.check_max_lengths(seqs, tq, tk)
+    dt = reference.compute_dtype(lq)
+    work = torch.float64 if dt == torch.float64 else torch.float32
+    out = torch.zeros(b, h, tq, dv, dtype=work)
+    lse = torch.full((b, h, tq), float("inf"), dtype=dt)
+    jobs = _jobs(b, tq, tk, seqs)
+    longest = max((int(j[2] - j[1]) for j in jobs), default=0)
+    kernel = _forward_dense if longest <= DENSE_MAX_QUERIES else _forward_sorted
+    _threads()
+    kernel(_array(lq), _array(lk), _array(v), _array(temperature.to(dt)), _slopes(alibi_slopes, dt), jobs,
+           h // hkv, bool(is_causal), out.numpy(), lse.numpy())
+    if seqs is not None:
+        return varlen.as_packed(out.to(v.dtype)), lse
+    return out.to(v.dtype), lse
+
+
+def attention_bwd_numba(dout, lq, lk, v, out, lse, temperature, alibi_slopes, is_causal, seqs=None):
+    """The numba backward (the contract's attention_bwd): (dlq, dlk, dv, dtemperature, dalibi). P, O and lse
+    are recomputed in float64 (`out` and `lse` are not read)."""
+    if alibi_slopes is not None and not is_causal:
+        return loglinear.attention_bwd_loglinear(dout, lq, lk, v, out, lse, temperature, alibi_slopes, is_causal,
+                                                 seqs=seqs)
+    b, h, tq = lq.shape
+    hkv, tk, dv = lk.shape[1], lk.shape[2], v.shape[-1]
+    if seqs is not None:
+        varlen.check_max_lengths(seqs, tq, tk)
+    dt = reference.compute_dtype(lq)
+    work = torch.float64 if dt == torch.float64 else torch.float32
+    jobs = _jobs(b, tq, tk, seqs)
+    dlq = torch.zeros(b, h, tq, dtype=dt)
+    dlk = torch.zeros(b, hkv, tk, dtype=dt)
+    dv_acc = torch.zeros(b, hkv, tk, dv, dtype=torch.float64)
+    dtemp = np.zeros((len(jobs), h))
+    dslope = np.zeros((len(jobs), h))
+    _threads()
+    _backward_sorted(_array(dout), _array(lq), _array(lk), _array(v), _array(temperature.to(dt)),
+                     _slopes(alibi_slopes, dt), jobs, h // hkv, bool(is_causal), dlq.numpy(), dlk.numpy(),
+                     dv_acc.numpy(), dtemp, dslope)
+    dtemperature = torch.from_numpy(dtemp.sum(0)).to(temperature.dtype)
+    dalibi = None
+    if alibi_slopes is not None:  # one row per batch row, or per sequence of a pack (the jobs' order)
+        dalibi = torch.from_numpy(dslope).to(alibi_slopes.dtype)
+    dv_out = dv_acc.to(work).to(v.dtype)
+    if seqs is not None:
+        dv_out = varlen.as_packed(dv_out)
+    return dlq, dlk, dv_out, dtemperature, dalibi
