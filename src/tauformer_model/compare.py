@@ -34,10 +34,11 @@ def run_folder(out: pathlib.Path, name: str, seed: int) -> pathlib.Path:
     return out / name / f"seed-{seed}"
 
 
-def table(out: pathlib.Path, names: list[str], seeds: list[int]) -> str:
+def table(out: pathlib.Path, names: list[str], seeds: list[int], references: list[str] | None = None) -> str:
     """Val loss of every variant as mean ± sd over the seeds that finished, at the last step every run reached
-    and at the training wall-clock every run reached; the gap to the first variant paired by seed (the same
-    seed draws the same batches for every variant), as mean ± sd of the per-seed relative gaps."""
+    and at the training wall-clock every run reached; the gap to each of ``references`` (default: the first
+    variant) paired by seed (the same seed draws the same batches for every variant), as mean ± sd of the
+    per-seed relative gaps."""
     runs = {n: {s: rows for s in seeds if len(rows := read_metrics(run_folder(out, n, s) / "metrics.jsonl")) > 1}
             for n in names}
     last = max((rows[-1]["step"] for by_seed in runs.values() for rows in by_seed.values()), default=0)
@@ -56,21 +57,27 @@ def table(out: pathlib.Path, names: list[str], seeds: list[int]) -> str:
     def at_wall(rows):
         return [r for r in rows if r["train_time_s"] <= wall + 1e-6][-1]
 
-    reference = next(iter(runs))
-    lines = [f"| variant | seeds | val @ step {step} | vs {reference} (paired by seed) | val @ {wall:.0f} s of "
+    # a reference without finished runs has no column (its gaps could not be computed)
+    references = [r for r in (references or [next(iter(runs))]) if r in runs]
+    gap_heads = "".join(f" vs {reference} (paired by seed) |" for reference in references)
+    lines = [f"| variant | seeds | val @ step {step} |{gap_heads} val @ {wall:.0f} s of "
              "training (steps) | tokens/s (median) | training time | cache bytes / token / layer |",
-             "|---|---|---|---|---|---|---|---|"]
+             "|---" * (7 + len(references)) + "|"]
+
+    def gap(name, reference):
+        paired = [s for s in runs[name] if s in runs[reference]]
+        gaps = [100 * (at_step(runs[name][s]) / at_step(runs[reference][s]) - 1) for s in paired]
+        return "–" if name == reference else (mean_sd(gaps, 2) + " %" if gaps else "(no common seed)")
+
     for name, by_seed in runs.items():
         vals = [at_step(rows) for rows in by_seed.values()]
-        paired = [s for s in by_seed if s in runs[reference]]
-        gaps = [100 * (at_step(by_seed[s]) / at_step(runs[reference][s]) - 1) for s in paired]
-        gap = "–" if name == reference else (mean_sd(gaps, 2) + " %" if gaps else "(no common seed)")
+        gaps = " | ".join(gap(name, reference) for reference in references)
         walls = [at_wall(rows) for rows in by_seed.values()]
         tps = statistics.median(r["tokens_per_s"] for rows in by_seed.values() for r in rows if r.get("tokens_per_s"))
         times = [rows[-1]["train_time_s"] for rows in by_seed.values()]
         model, _ = load_model(run_folder(out, name, next(iter(by_seed))) / "checkpoint")
         cache = model.new_cache(1, 1)
-        lines.append(f"| {name} | {', '.join(map(str, by_seed))} | {mean_sd(vals)} | {gap} | "
+        lines.append(f"| {name} | {', '.join(map(str, by_seed))} | {mean_sd(vals)} | {gaps} | "
                      f"{mean_sd([r['val_loss'] for r in walls])} ({'/'.join(str(r['step']) for r in walls)}) | "
                      f"{tps:.0f} | {statistics.mean(times):.0f} s | {cache.bytes_per_token_per_layer:.0f} |")
     return "\n".join(lines)
@@ -83,6 +90,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="runs/compare", help="<out>/<variant>/seed-<seed> per run, and table.md")
     p.add_argument("--variants", default="dot,taumode,recency-only,taumode+recency-4x32,taumode+recency",
                    help=f"comma-separated, from {', '.join(VARIANTS)}; the first is the reference of the gaps")
+    p.add_argument("--gaps-to", default=None, metavar="NAMES",
+                   help="comma-separated variants (of --variants) to give the paired gap to, one column each "
+                        "(default: the first variant)")
     p.add_argument("--max-steps", type=int, default=None, help="override the preset's number of steps")
     p.add_argument("--seed", type=int, default=1337, help="the first seed (of the initialisation and the batches)")
     p.add_argument("--seeds", type=int, default=3, help="seeds per variant: --seed, --seed + 1, ...")
@@ -110,6 +120,10 @@ def main(argv: list[str] | None = None) -> int:
     for name in names:
         if name not in variants:
             p.error(f"unknown variant {name!r}; choose from {', '.join(variants)}")
+    references = [n.strip() for n in args.gaps_to.split(",") if n.strip()] if args.gaps_to else None
+    for name in references or []:
+        if name not in names:
+            p.error(f"--gaps-to {name!r}: not one of --variants ({', '.join(names)})")
     seeds = [args.seed + i for i in range(args.seeds)]
     if not args.table_only:
         for name in names:
@@ -126,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
                     continue
                 print0(f"=== {name}, seed {seed} ===")
                 train(tc)
-    text = table(out, names, seeds)
+    text = table(out, names, seeds, references)
     out.mkdir(parents=True, exist_ok=True)
     (out / "table.md").write_text(text + "\n")
     print0(text)

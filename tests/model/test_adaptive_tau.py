@@ -74,4 +74,23 @@ def test_the_variant_sets_the_training_option():
     flags = as_flags(VARIANTS["taumode+recency+adaptive-tau"])
     tc = train_mod.config_from_args(train_mod.build_parser().parse_args(["--preset", "micro", *flags]))
     assert tc.recalibrate_tau_every > 0 and tc.model.attention == "taumode"
-    assert callable(compare_main)
+
+
+def test_compare_gives_the_paired_gap_to_each_reference(tmp_path, corpus):
+    """The variant's row in compare's table, with --gaps-to dot,taumode+recency: one gap column per reference,
+    each the mean of the per-seed relative gaps (one seed here: the gap itself)."""
+    out = tmp_path / "cmp"
+    names = ["dot", "taumode+recency", "taumode+recency+adaptive-tau"]
+    argv = ["--preset", "micro", "--out", str(out), "--variants", ",".join(names), "--max-steps", "4", "--seeds", "1",
+            "--seed", "5", "--data", str(corpus), "--data-cache", str(tmp_path / "cache"),
+            "--gaps-to", "dot,taumode+recency"]
+    assert compare_main(argv) == 0
+    lines = (out / "table.md").read_text().splitlines()
+    assert "| vs dot (paired by seed) | vs taumode+recency (paired by seed) |" in lines[0]
+    val = {n: read_metrics(out / n / "seed-5" / "metrics.jsonl")[-1]["val_loss"] for n in names}
+    cells = next(line for line in lines if line.startswith("| taumode+recency+adaptive-tau |")).split(" | ")
+    for cell, reference in zip(cells[3:5], ("dot", "taumode+recency")):
+        assert cell == f"{100 * (val['taumode+recency+adaptive-tau'] / val[reference] - 1):.2f} %"
+    assert read_metrics(out / names[2] / "seed-5" / "metrics.jsonl")[-1]["tau"] > 0
+    with pytest.raises(SystemExit):  # a reference that is not among the variants
+        compare_main([*argv, "--table-only", "--gaps-to", "taumode"])
