@@ -128,13 +128,14 @@ PRESETS: dict[str, dict[str, dict]] = {
     },
     # tiny at a 4× longer context (512), for the loss-by-position question (does loss keep falling deeper in
     # the window?): the same model, 8 windows per step so a step is tiny's 4096 tokens, and as many val tokens
-    # (8 batches of 8 windows of 512). 180 steps (1.5 s each on an idle core of an EPYC, 2.4 s on the shared
-    # 2-core machine) fit compare's 4 variants × 3 seeds in 50-95 minutes: bench/results/loss-by-position-cpu.md.
+    # (8 batches of 8 windows of 512). 120 steps: a step takes 1.5 s on an idle core of an EPYC and 3.6 s on the
+    # shared 2-core machine, so compare's 4 variants × 3 seeds take 40-100 minutes
+    # (bench/results/loss-by-position-cpu.md).
     "tiny-512": {
         "model": dict(n_layer=4, n_head=4, n_kv_head=4, n_embd=128, block_size=512),
         "model_taumode": dict(n_head=8, n_kv_head=8),
-        "train": dict(batch_size=8, max_steps=180, lr=3e-3, warmup_steps=30, eval_every=60,
-                      eval_batches=8, checkpoint_every=60),
+        "train": dict(batch_size=8, max_steps=120, lr=3e-3, warmup_steps=20, eval_every=40,
+                      eval_batches=8, checkpoint_every=40),
     },
     # The reference crate's 30M run: 6 layers, 6 heads of 64, context 1024, lr 5e-4, 100 warm-up steps.
     # Its 30M counts a word-piece vocabulary: the blocks are 10.6M (6 × 12 × 384²), the untied embedding and

@@ -23,9 +23,10 @@ VARIANTS: dict[str, dict] = {
     "taumode+recency+lambda-before-rope": dict(TAUMODE_RECENCY, lambda_before_rope=True),
     "taumode+recency+learn-tau": dict(TAUMODE_RECENCY, learn_tau=True),
     "taumode+recency+learn-laplacian": dict(TAUMODE_RECENCY, learn_laplacian=True),
-    # adaptive tau (the reference crate's announced next step): tau recalibrated to the keys' median E every 50
-    # steps of training instead of once at the start (a training option: train's --recalibrate-tau-every)
-    "taumode+recency+adaptive-tau": dict(TAUMODE_RECENCY, recalibrate_tau_every=50),
+    # adaptive tau (the reference crate's announced next step): tau recalibrated to the keys' median E every 20
+    # steps of training instead of once at the start (a training option: train's --recalibrate-tau-every); 20 is
+    # often enough to follow the keys through the tiny-512 preset's 120 steps (5 recalibrations)
+    "taumode+recency+adaptive-tau": dict(TAUMODE_RECENCY, recalibrate_tau_every=20),
     # ideas that could close the gap to dot: a sigmoid gate per head on the attention output; a hybrid
     # stack whose last layer (of the tiny preset's 4) is dot product, with learned recency like the others
     "taumode+recency+gate": dict(TAUMODE_RECENCY, output_gate=True),
