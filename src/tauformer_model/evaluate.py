@@ -3,7 +3,8 @@
 ``pip install "tauformer[eval]"``. MODEL is a training run of ``python -m tauformer_model.train`` (its folder or
 one of its checkpoints), a folder written by ``python -m tauformer_model.export``, or a Hugging Face model saved
 after ``hf.enable_taumode``. Importing this module registers the model with lm-eval as ``taugpt``, so lm-eval's
-own API takes it too: ``lm_eval.simple_evaluate(model="taugpt", model_args="pretrained=MODEL", ...)``.
+own API takes it too: ``lm_eval.simple_evaluate(model="taugpt", model_args="pretrained=MODEL", tasks=[...],
+task_manager=task_manager(MODEL, tasks))`` (the task manager: for this package's tasks).
 
 The local task ``taugpt_val_loss`` (lm_eval_tasks/, shipped with the package: nothing is downloaded) scores
 the windows that the trainer's validation loss scores (train.evaluate: Dataset.evaluation_starts over the val
@@ -96,9 +97,20 @@ def separator_id(tokenizer) -> int | None:
 # The model lm-eval calls
 # ---------------------------------------------------------------------------------------------------------
 
+TOKEN_IDS = "token_ids"
+
+
+def token_request(context_ids, continuation_ids, context: str, continuation: str) -> tuple:
+    """The arguments of a loglikelihood request given in token ids: (context text, continuation text,
+    {TOKEN_IDS: (context ids, continuation ids)}). The texts are for people and lm-eval's logged samples (which
+    hash them); the ids are what is scored. An extra last element is lm-eval's own way of carrying more than text
+    (its multimodal requests carry their images so)."""
+    return context, continuation, {TOKEN_IDS: (tuple(context_ids), tuple(continuation_ids))}
+
+
 def is_token_request(args: tuple) -> bool:
-    """A loglikelihood request given in token ids: (context ids, continuation ids), two tuples of ints."""
-    return len(args) == 2 and all(isinstance(a, tuple) for a in args)
+    """Arguments made by token_request."""
+    return len(args) == 3 and isinstance(args[2], dict) and TOKEN_IDS in args[2]
 
 
 @register_model("taugpt")
@@ -135,11 +147,12 @@ class TauGPTLM(HFLM):
         if not by_ids:
             return super().loglikelihood(requests, disable_tqdm=disable_tqdm)
         results = [None] * len(requests)
-        as_text = [i for i in range(len(requests)) if i not in set(by_ids)]
+        given_in_ids = set(by_ids)
+        as_text = [i for i in range(len(requests)) if i not in given_in_ids]
         if as_text:
             for i, r in zip(as_text, super().loglikelihood([requests[i] for i in as_text], disable_tqdm)):
                 results[i] = r
-        tokens = [(requests[i].args, list(requests[i].args[0]), list(requests[i].args[1])) for i in by_ids]
+        tokens = [(requests[i].args[:2], *map(list, requests[i].args[2][TOKEN_IDS])) for i in by_ids]
         for i, r in zip(by_ids, self._loglikelihood_tokens(tokens, disable_tqdm=disable_tqdm)):
             results[i] = r
         return results
@@ -150,9 +163,10 @@ class TauGPTLM(HFLM):
 # ---------------------------------------------------------------------------------------------------------
 
 def validation_windows(pretrained, data: str | None = None, data_cache: str | None = None,
-                       windows: int | None = None, block_size: int | None = None, log=print) -> list[list[int]]:
-    """The token windows (block_size + 1 tokens each: the inputs and their shifted targets) that
-    train.evaluate scores for ``pretrained``, in its order.
+                       windows: int | None = None, block_size: int | None = None, log=print) -> list[dict]:
+    """The token windows that train.evaluate scores for ``pretrained``, in its order: per window its start in
+    the val split, its block_size + 1 tokens (the inputs and their shifted targets), and as text (for reading: a
+    window may start or end inside a character) its first token (``context``) and the others (``continuation``).
 
     A training run: its train config gives the corpus, the tokenizer, block_size and the count
     (eval_batches × batch_size); ``data``/``data_cache``/``windows``/``block_size`` given here replace them. A
@@ -195,30 +209,39 @@ def validation_windows(pretrained, data: str | None = None, data_cache: str | No
         raise EvaluationError(f"pretrained={pretrained}: the BPE tokenizer of the data cache {dataset.folder} is "
                               f"not the run's ({found / 'tokenizer.json'}): give the run's data_cache in --metadata")
     starts = dataset.evaluation_starts("val", windows, block_size)
-    return [[int(t) for t in dataset.val[s:s + block_size + 1]] for s in starts]
+    found_windows = [[int(t) for t in dataset.val[s:s + block_size + 1]] for s in starts]
+    decode = dataset.tokenizer.decode
+    return [{"start": s, "tokens": tokens, "context": decode(tokens[:1]), "continuation": decode(tokens[1:])}
+            for s, tokens in zip(starts, found_windows)]
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Command line
 # ---------------------------------------------------------------------------------------------------------
 
-def evaluate(pretrained, tasks: list[str], device: str = "cpu", batch_size: int | str = 1, limit: float | None = None,
-             metadata: dict | None = None, include_path: str | None = None, num_fewshot: int | None = None) -> dict:
-    """lm_eval.simple_evaluate of ``pretrained`` on ``tasks`` with this package's tasks included; its results."""
+def task_manager(pretrained, tasks: list[str], metadata: dict | None = None, include_path: str | None = None):
+    """An lm-eval TaskManager that knows this package's tasks (and ``include_path``'s), with ``pretrained`` in
+    the tasks' metadata: where the local task reads its run. (lm-eval puts the model_args there itself only
+    when it makes the TaskManager, which then lacks our tasks.)"""
     from lm_eval.tasks import TaskManager
 
-    found = pathlib.Path(str(pretrained))
-    if not found.exists():
-        raise EvaluationError(f"pretrained={pretrained}: no such file or folder")
     paths = [str(TASKS_DIR)] + ([include_path] if include_path else [])
     # indexing lm-eval's thousands of task files takes a while: only when a task is not ours
     ours = {p.stem for p in TASKS_DIR.glob("*.yaml")}
-    # model_args reach the task's dataset function as metadata (lm-eval merges them): it reads the run there
-    meta = {"pretrained": str(pretrained), **(metadata or {})}
-    lm = TauGPTLM(pretrained, device=device, batch_size=batch_size)
+    return TaskManager(include_path=paths, metadata={"pretrained": str(pretrained), **(metadata or {})},
+                       include_defaults=not set(tasks) <= ours)
+
+
+def evaluate(pretrained, tasks: list[str], device: str = "cpu", batch_size: int | str = 1, limit: float | None = None,
+             metadata: dict | None = None, include_path: str | None = None, num_fewshot: int | None = None,
+             model_args: dict | None = None) -> dict:
+    """lm_eval.simple_evaluate of ``pretrained`` on ``tasks`` with this package's tasks included; its results.
+    ``model_args``: more of HFLM's options, e.g. mixed_precision_dtype="bfloat16" (the trainer's GPU autocast)."""
+    if not pathlib.Path(str(pretrained)).exists():
+        raise EvaluationError(f"pretrained={pretrained}: no such file or folder")
+    lm = TauGPTLM(pretrained, device=device, batch_size=batch_size, **(model_args or {}))
     return lm_eval.simple_evaluate(model=lm, tasks=tasks, num_fewshot=num_fewshot, limit=limit,
-                                   task_manager=TaskManager(include_path=paths, metadata=meta,
-                                                              include_defaults=not set(tasks) <= ours),
+                                   task_manager=task_manager(pretrained, tasks, metadata, include_path),
                                    log_samples=False, bootstrap_iters=0)
 
 
@@ -242,6 +265,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--metadata", default=None, help="JSON passed to the tasks, e.g. the local task's "
                                                     "'{\"data\": PATH, \"data_cache\": DIR, \"windows\": N, "
                                                     "\"block_size\": T}' (defaults: the run's)")
+    p.add_argument("--model-args", default="", help="more options of lm-eval's HFLM as key=value,... e.g. "
+                                                    "mixed_precision_dtype=bfloat16,softmax_dtype=float32")
     p.add_argument("--include-path", default=None, help="a folder of more task YAML files")
     p.add_argument("--output", default=None, help="write lm-eval's results (JSON) to this file")
     args = p.parse_args(argv)
@@ -255,7 +280,8 @@ def main(argv: list[str] | None = None) -> int:
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     try:
         results = evaluate(args.pretrained, tasks, device=args.device, batch_size=batch_size, limit=args.limit,
-                           metadata=metadata, include_path=args.include_path, num_fewshot=args.num_fewshot)
+                           metadata=metadata, include_path=args.include_path, num_fewshot=args.num_fewshot,
+                           model_args=lm_eval.utils.simple_parse_args_string(args.model_args))
     except (EvaluationError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

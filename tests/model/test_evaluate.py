@@ -64,6 +64,17 @@ def test_local_task_of_a_run_is_its_val_loss(trained, tmp_path, capsys):
     assert ev.local_task_score(results) == pytest.approx(last["val_loss"], abs=TOLERANCE)
 
 
+def test_lm_eval_builds_the_registered_model_from_its_name(trained):
+    """lm-eval's own entry point, the model named "taugpt" with model_args as a string."""
+    import lm_eval
+
+    run, _ = trained
+    results = lm_eval.simple_evaluate(model="taugpt", model_args=f"pretrained={run},max_batch_size=8",
+                                      tasks=[ev.LOCAL_TASK], batch_size=2, device="cpu", bootstrap_iters=0,
+                                      task_manager=ev.task_manager(run, [ev.LOCAL_TASK]))
+    assert ev.local_task_score(results) == pytest.approx(trainer_val_loss(run), abs=TOLERANCE)
+
+
 def test_export_folder_scores_the_same_windows(trained, tmp_path):
     """The export of the run (a Hugging Face folder: no train config) on the windows given as metadata."""
     run, cache = trained

@@ -3,7 +3,7 @@
 from lm_eval.api.instance import Instance
 from lm_eval.api.task import ConfigurableTask
 
-from tauformer_model.evaluate import EvaluationError, validation_windows
+from tauformer_model.evaluate import EvaluationError, token_request, validation_windows
 
 
 def dataset(pretrained=None, data=None, data_cache=None, windows=None, block_size=None, **other_metadata):
@@ -14,8 +14,8 @@ def dataset(pretrained=None, data=None, data_cache=None, windows=None, block_siz
     if pretrained is None:
         raise EvaluationError("the task taugpt_val_loss needs the run: model_args pretrained=RUN (lm-eval passes "
                               "the model_args to the task as metadata)")
-    tokens = validation_windows(pretrained, data=data, data_cache=data_cache, windows=windows, block_size=block_size)
-    return {"test": datasets.Dataset.from_dict({"window": list(range(len(tokens))), "tokens": tokens})}
+    found = validation_windows(pretrained, data=data, data_cache=data_cache, windows=windows, block_size=block_size)
+    return {"test": datasets.Dataset.from_list(found)}
 
 
 def process_results(doc, results):
@@ -28,7 +28,8 @@ def process_results(doc, results):
 class ValidationWindowsTask(ConfigurableTask):
     """A ConfigurableTask whose requests are token ids: the window's first token as the context, the other
     block_size as the continuation (TauGPTLM.loglikelihood scores them as given). The model's input is then
-    exactly the trainer's window and the targets its shifted targets."""
+    exactly the trainer's window and the targets its shifted targets. Only the taugpt model reads token ids:
+    lm-eval's other models take the texts, and refuse the third element of the arguments."""
 
     def __init__(self, config: dict):
         config = {k: v for k, v in config.items() if k != "class"}  # the YAML's route to this class, not a field
@@ -36,5 +37,6 @@ class ValidationWindowsTask(ConfigurableTask):
 
     def construct_requests(self, doc, ctx, **kwargs):
         kwargs.pop("apply_chat_template", None), kwargs.pop("chat_template", None)
-        tokens = tuple(doc["tokens"])
-        return Instance(request_type="loglikelihood", doc=doc, arguments=(tokens[:1], tokens[1:]), idx=0, **kwargs)
+        tokens = doc["tokens"]
+        arguments = token_request(tokens[:1], tokens[1:], doc["context"], doc["continuation"])
+        return Instance(request_type="loglikelihood", doc=doc, arguments=arguments, idx=0, **kwargs)
