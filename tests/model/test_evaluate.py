@@ -64,6 +64,18 @@ def test_local_task_of_a_run_is_its_val_loss(trained, tmp_path, capsys):
     assert ev.local_task_score(results) == pytest.approx(last["val_loss"], abs=TOLERANCE)
 
 
+def test_local_task_of_a_bpe_run_is_its_val_loss(tmp_path, corpus):
+    """A BPE run: its windows (cut inside merges) are scored in the run's own token ids."""
+    pytest.importorskip("tokenizers")
+    run = tmp_path / "bpe"
+    run_trainer(["--preset", "micro", "--data", str(corpus), "--data-cache", str(tmp_path / "cache"), "--out",
+                 str(run), "--tokenizer", "bpe", "--bpe-vocab-size", "300", "--batch-size", "3", "--max-steps", "2",
+                 "--eval-every", "2", "--checkpoint-every", "2", "--seed", "4", "--threads", "1", "--no-progress",
+                 "--device", "cpu"])
+    results = ev.evaluate(run, [ev.LOCAL_TASK], batch_size=6)
+    assert ev.local_task_score(results) == pytest.approx(trainer_val_loss(run), abs=TOLERANCE)
+
+
 def test_lm_eval_builds_the_registered_model_from_its_name(trained):
     """lm-eval's own entry point, the model named "taugpt" with model_args as a string."""
     import lm_eval
