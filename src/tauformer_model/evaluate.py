@@ -129,8 +129,7 @@ class TauGPTLM(HFLM):
         if newline is not None:
             for name in ("bos_token", "eos_token", "pad_token"):
                 if getattr(tokenizer, name) is None:
-                    # the token the id stands for, not added as a special token (which would change how text
-                    # containing its characters is encoded)
+                    # the id only: the newline added as a special token would change how text is encoded
                     setattr(tokenizer, name + "_id", newline)
         kwargs.setdefault("backend", "causal")  # the model type "taugpt" is not in transformers' own tables
         super().__init__(pretrained=model, tokenizer=tokenizer, max_length=max_length or context,
@@ -152,8 +151,9 @@ class TauGPTLM(HFLM):
         if as_text:
             for i, r in zip(as_text, super().loglikelihood([requests[i] for i in as_text], disable_tqdm)):
                 results[i] = r
-        tokens = [(requests[i].args[:2], *map(list, requests[i].args[2][TOKEN_IDS])) for i in by_ids]
-        for i, r in zip(by_ids, self._loglikelihood_tokens(tokens, disable_tqdm=disable_tqdm)):
+        # lm-eval's tokenised form of a request: (its texts, context ids, continuation ids)
+        tokenised = [(requests[i].args[:2], *map(list, requests[i].args[2][TOKEN_IDS])) for i in by_ids]
+        for i, r in zip(by_ids, self._loglikelihood_tokens(tokenised, disable_tqdm=disable_tqdm)):
             results[i] = r
         return results
 
