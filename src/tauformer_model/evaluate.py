@@ -272,10 +272,12 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         metadata = json.loads(args.metadata) if args.metadata else {}
-        if not isinstance(metadata, dict):
-            raise EvaluationError(f"--metadata must be a JSON object, got {args.metadata!r}")
     except json.JSONDecodeError as e:
         p.error(f"--metadata is not JSON: {e}")
+    if not isinstance(metadata, dict):
+        p.error(f"--metadata must be a JSON object, got {args.metadata!r}")
+    if not (args.batch_size.startswith("auto") or args.batch_size.isdigit() and int(args.batch_size) > 0):
+        p.error(f"--batch-size must be a positive integer or 'auto', got {args.batch_size!r}")
     batch_size = args.batch_size if args.batch_size.startswith("auto") else int(args.batch_size)
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     try:

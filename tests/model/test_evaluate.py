@@ -134,6 +134,10 @@ def test_what_cannot_be_evaluated_is_named(trained, tmp_path, capsys):
     assert ev.main([str(tmp_path / "missing")]) == 1
     error = capsys.readouterr().err
     assert "pretrained=" in error and "missing" in error
+    for flags, named in ((["--metadata", "[1]"], "--metadata"), (["--batch-size", "0"], "--batch-size")):
+        with pytest.raises(SystemExit):
+            ev.main([str(run), *flags])
+        assert named in capsys.readouterr().err
     with pytest.raises(ev.EvaluationError, match="pretrained=.*missing"):
         ev.evaluate(tmp_path / "missing", [ev.LOCAL_TASK])
     (tmp_path / "empty").mkdir()
