@@ -40,10 +40,40 @@ _JIT = dict(cache=True, nogil=True)
 _NEG_INF = -np.inf
 
 
+# A tree whose key terms span at most this many nats (in float64 e^-600 is still normal) takes one reference
+# for all its nodes, the largest key term: a key is scaled once and added to its nodes, a query scales each
+# side's prefix sum once (one exponential per key and per lookup instead of one per node). Wider spans (a
+# cold temperature over a wide λ range, steep slopes over long sequences) rescale node by node.
+FIXED_REFERENCE_SPAN = 600.0
+
+
 @numba.njit(**_JIT)
-def _insert(ref, acc, index, a, row):
-    """Adds e^{a − ref}·row to every Fenwick node over `index` (1-based), rescaling a node whose ref a exceeds."""
+def _reference(terms, count):
+    """The fixed reference of a tree over terms[:count] (their maximum), or NaN where they span more than
+    FIXED_REFERENCE_SPAN (the tree then rescales per node). Infinite and NaN terms are never inserted."""
+    hi, lo = _NEG_INF, np.inf
+    for j in range(count):
+        t = terms[j]
+        if not math.isinf(t) and not math.isnan(t):
+            hi = max(hi, t)
+            lo = min(lo, t)
+    if hi == _NEG_INF:
+        return 0.0
+    return hi if hi - lo <= FIXED_REFERENCE_SPAN else np.nan
+
+
+@numba.njit(**_JIT)
+def _insert(ref, acc, index, a, row, fixed):
+    """Adds e^{a − ref}·row to every Fenwick node over `index` (1-based). With a fixed reference (not NaN)
+    ref is `fixed` for every node; else each node's ref is its largest a, rescaled when a larger one enters."""
     n, width = ref.shape[0] - 1, row.shape[0]
+    if fixed == fixed:
+        f = math.exp(a - fixed)
+        while index <= n:
+            for d in range(width):
+                acc[index, d] += f * row[d]
+            index += index & (-index)
+        return
     while index <= n:
         r = ref[index]
         if a > r:
@@ -59,19 +89,29 @@ def _insert(ref, acc, index, a, row):
 
 
 @numba.njit(**_JIT)
-def _prefix_max(ref, index, b):
-    """max over the nodes of the prefix 1..index of (ref − b): the largest logit a query can meet there."""
+def _prefix_max(ref, acc, index, b, fixed):
+    """max over the non-empty nodes of the prefix 1..index of (ref − b): the largest logit scale a query meets
+    there (−inf when the prefix holds no key)."""
     m = _NEG_INF
+    last = acc.shape[1] - 1
     while index > 0:
-        m = max(m, ref[index] - b)
+        if acc[index, last] > 0.0:
+            m = max(m, (fixed if fixed == fixed else ref[index]) - b)
         index -= index & (-index)
     return m
 
 
 @numba.njit(**_JIT)
-def _prefix_add(ref, acc, index, shift, out, sign):
+def _prefix_add(ref, acc, index, shift, out, sign, fixed):
     """out += sign·Σ over the prefix nodes of e^{ref − shift}·acc."""
     width = out.shape[0]
+    if fixed == fixed:
+        f = sign * math.exp(fixed - shift)
+        while index > 0:
+            for d in range(width):
+                out[d] += f * acc[index, d]
+            index -= index & (-index)
+        return
     while index > 0:
         f = sign * math.exp(ref[index] - shift)
         if f != 0.0:
@@ -103,6 +143,11 @@ def _query_sums(lqh, lkh, vh, inv_t, slope, tq, tk, causal, strict, m_out, le_ou
     dv = vh.shape[1]
     width = dv + 1
     sorted_k, rank = _ranks(lkh, tk)
+    a_le, a_gt = np.empty(tk), np.empty(tk)
+    for j in range(tk):
+        a_le[j] = lkh[j] * inv_t + slope * j
+        a_gt[j] = -lkh[j] * inv_t + slope * j
+    fixed_le, fixed_gt = _reference(a_le, tk), _reference(a_gt, tk)
     ref_le, ref_gt = np.full(tk + 1, _NEG_INF), np.full(tk + 1, _NEG_INF)
     acc_le, acc_gt = np.zeros((tk + 1, width)), np.zeros((tk + 1, width))
     row = np.empty(width)
@@ -118,23 +163,24 @@ def _query_sums(lqh, lkh, vh, inv_t, slope, tq, tk, causal, strict, m_out, le_ou
                 continue
             for d in range(dv):
                 row[d] = vh[j, d]
-            a = lkh[j] * inv_t + slope * j
-            _insert(ref_le, acc_le, rank[j], a, row)
-            _insert(ref_gt, acc_gt, tk + 1 - rank[j], -lkh[j] * inv_t + slope * j, row)
+            _insert(ref_le, acc_le, rank[j], a_le[j], row, fixed_le)
+            _insert(ref_gt, acc_gt, tk + 1 - rank[j], a_gt[j], row, fixed_gt)
         b_le = lqh[i] * inv_t + slope * p
         b_gt = -lqh[i] * inv_t + slope * p
         r_right = np.searchsorted(sorted_k, lqh[i], side="right")
-        m = max(_prefix_max(ref_le, r_right, b_le), _prefix_max(ref_gt, tk - r_right, b_gt))
+        m = max(_prefix_max(ref_le, acc_le, r_right, b_le, fixed_le),
+                _prefix_max(ref_gt, acc_gt, tk - r_right, b_gt, fixed_gt))
         m_out[i] = m
         le_out[i, :] = 0.0
         gt_out[i, :] = 0.0
         if m == _NEG_INF or math.isnan(m):
             continue
-        _prefix_add(ref_le, acc_le, r_right, b_le + m, le_out[i], 1.0)
-        _prefix_add(ref_gt, acc_gt, tk - r_right, b_gt + m, gt_out[i], 1.0)
+        _prefix_add(ref_le, acc_le, r_right, b_le + m, le_out[i], 1.0, fixed_le)
+        _prefix_add(ref_gt, acc_gt, tk - r_right, b_gt + m, gt_out[i], 1.0, fixed_gt)
         if strict:
             lt_out[i, :] = 0.0
-            _prefix_add(ref_le, acc_le, np.searchsorted(sorted_k, lqh[i], side="left"), b_le + m, lt_out[i], 1.0)
+            r_left = np.searchsorted(sorted_k, lqh[i], side="left")
+            _prefix_add(ref_le, acc_le, r_left, b_le + m, lt_out[i], 1.0, fixed_le)
 
 
 @numba.njit(parallel=True, **_JIT)
@@ -296,6 +342,22 @@ def _backward_sorted(dout, lq, lk, v, temperature, slopes, jobs, group, causal, 
                 moment_q += (lqh[i] - center) * g_q
             # the key pass: queries enter in reverse time order at their λq rank, weights e^{−lse}·[dO, D]
             sorted_q, rank = _ranks(lqh, tq)
+            c_up, c_dn = np.empty(tq), np.empty(tq)
+            for i in range(tq):
+                p = i + tk - tq
+                c_up[i] = -lqh[i] * inv_t - slope * p - lse[i]
+                c_dn[i] = lqh[i] * inv_t - slope * p - lse[i]
+            fixed_up, fixed_dn = _reference(c_up, tq), _reference(c_dn, tq)
+            # a key's factor e^{fixed + d_j} must stay finite: past it, rescale per node
+            top_up, top_dn = _NEG_INF, _NEG_INF
+            for j in range(tk):
+                if not math.isinf(lkh[j]):
+                    top_up = max(top_up, lkh[j] * inv_t + slope * j)
+                    top_dn = max(top_dn, -lkh[j] * inv_t + slope * j)
+            if fixed_up + top_up > FIXED_REFERENCE_SPAN:
+                fixed_up = np.nan
+            if fixed_dn + top_dn > FIXED_REFERENCE_SPAN:
+                fixed_dn = np.nan
             ref_up, ref_dn = np.full(tq + 1, _NEG_INF), np.full(tq + 1, _NEG_INF)
             acc_up, acc_dn = np.zeros((tq + 1, width)), np.zeros((tq + 1, width))
             row = np.empty(width)
@@ -311,13 +373,12 @@ def _backward_sorted(dout, lq, lk, v, temperature, slopes, jobs, group, causal, 
                     entered -= 1
                     if math.isinf(lse[i]):
                         continue
-                    p = i + tk - tq
                     for d in range(dv):
                         row[d] = doh[i, d]
                     row[dv] = delta[i]
-                    # λq >= λk: e^{(λk/T + s·j) + (−λq/T − s·p − lse)}; λq < λk: e^{(−λk/T + s·j) + (λq/T − s·p − lse)}
-                    _insert(ref_up, acc_up, tq + 1 - rank[i], -lqh[i] * inv_t - slope * p - lse[i], row)
-                    _insert(ref_dn, acc_dn, rank[i], lqh[i] * inv_t - slope * p - lse[i], row)
+                    # λq >= λk: e^{(λk/T + s·j) + c_up}; λq < λk: e^{(−λk/T + s·j) + c_dn}
+                    _insert(ref_up, acc_up, tq + 1 - rank[i], c_up[i], row, fixed_up)
+                    _insert(ref_dn, acc_dn, rank[i], c_dn[i], row, fixed_dn)
                 if math.isinf(lkh[j]):
                     continue
                 r_left = np.searchsorted(sorted_q, lkh[j], side="left")  # queries with λq < λk
@@ -327,9 +388,9 @@ def _backward_sorted(dout, lq, lk, v, temperature, slopes, jobs, group, causal, 
                 s_lt[:] = 0.0
                 key_up = lkh[j] * inv_t + slope * j
                 key_dn = -lkh[j] * inv_t + slope * j
-                _prefix_add(ref_up, acc_up, tq - r_left, -key_up, s_ge, 1.0)
-                _prefix_add(ref_up, acc_up, tq - r_right, -key_up, s_gt, 1.0)
-                _prefix_add(ref_dn, acc_dn, r_left, -key_dn, s_lt, 1.0)
+                _prefix_add(ref_up, acc_up, tq - r_left, -key_up, s_ge, 1.0, fixed_up)
+                _prefix_add(ref_up, acc_up, tq - r_right, -key_up, s_gt, 1.0, fixed_up)
+                _prefix_add(ref_dn, acc_dn, r_left, -key_dn, s_lt, 1.0, fixed_dn)
                 col = 0.0  # Σ_i dS_ij
                 signed = 0.0  # Σ_i dS_ij sign(λq_i − λk_j)
                 for d in range(dv):
@@ -425,3 +486,96 @@ def attention_bwd_numba(dout, lq, lk, v, out, lse, temperature, alibi_slopes, is
     if seqs is not None:
         dv_out = varlen.as_packed(dv_out)
     return dlq, dlk, dv_out, dtemperature, dalibi
+
+
+# ----------------------------------------------------------------------------------------------------
+# The λ projection (docs/math.md §The λ projection): one pass per vector, L x and the two dot products fused
+# ----------------------------------------------------------------------------------------------------
+
+# The λ loops may reassociate their sums (vectorised dot products over F); NaN and inf keep their meaning.
+_LAMBDA_JIT = dict(_JIT, fastmath={"reassoc", "contract"})
+
+
+@numba.njit(parallel=True, **_LAMBDA_JIT)
+def _lambda_forward(x, laplacian, tau, per_vector, eps, lam):
+    """λ of every vector of x (B, Hx, T, F): E = max(xᵀLx / (xᵀx + eps), 0), λ = E / (E + tau)."""
+    b_n, h_n, t_n, f_n = x.shape
+    for n in numba.prange(b_n * h_n * t_n):
+        b, h, t = n // (h_n * t_n), (n // t_n) % h_n, n % t_n
+        xv = x[b, h, t]
+        quad = 0.0
+        norm = 0.0
+        for i in range(f_n):
+            lx_i = 0.0
+            for j in range(f_n):
+                lx_i += laplacian[i, j] * xv[j]
+            x_i = np.float64(xv[i])
+            quad += x_i * lx_i
+            norm += x_i * x_i
+        energy = max(quad / (norm + eps), 0.0)
+        t_v = tau[b, h, t] if per_vector else tau[0, h, 0]
+        lam[b, h, t] = energy / (energy + t_v)
+
+
+@numba.njit(parallel=True, **_LAMBDA_JIT)
+def _lambda_backward(dlam, x, laplacian, l_sym, tau, per_vector, eps, dx, dtau):
+    """(l_sym = L + Lᵀ.) dx = dE·(L + Lᵀ)x/s − 2·dE·E_raw·x/s with dE = dλ·tau/(E + tau)² where E_raw >= 0 (else 0);
+    dtau = −dλ·E/(E + tau)² per vector (the caller sums it per head)."""
+    b_n, h_n, t_n, f_n = x.shape
+    for n in numba.prange(b_n * h_n * t_n):
+        b, h, t = n // (h_n * t_n), (n // t_n) % h_n, n % t_n
+        xv = x[b, h, t]
+        quad = 0.0
+        norm = 0.0
+        for i in range(f_n):
+            lx_i = 0.0
+            for j in range(f_n):
+                lx_i += laplacian[i, j] * xv[j]
+            x_i = np.float64(xv[i])
+            quad += x_i * lx_i
+            norm += x_i * x_i
+        s = norm + eps
+        e_raw = quad / s
+        energy = max(e_raw, 0.0)
+        t_v = tau[b, h, t] if per_vector else tau[0, h, 0]
+        denom = (energy + t_v) ** 2
+        g = np.float64(dlam[b, h, t])
+        d_energy = g * t_v / denom if e_raw >= 0.0 else 0.0
+        dtau[b, h, t] = -g * energy / denom
+        scale = d_energy / s
+        for i in range(f_n):
+            sym_i = 0.0  # ((L + Lᵀ) x)_i
+            for j in range(f_n):
+                sym_i += l_sym[i, j] * xv[j]
+            dx[b, h, t, i] = scale * (sym_i - 2.0 * e_raw * xv[i])
+
+
+def _tau_array(tau: torch.Tensor, x: torch.Tensor, dt) -> tuple[np.ndarray, bool]:
+    """tau as a (B, Hx, T) array (per vector) or (1, Hx, 1) (per head), and which."""
+    per_vector = tau.dim() == 3
+    t = tau.to(dt) if per_vector else tau.to(dt).reshape(1, -1, 1)
+    return _array(t.contiguous()), per_vector
+
+
+def lambda_fwd_numba(x, laplacian, tau, eps):
+    """The contract's lambda_fwd: x (B, Hx, T, F), laplacian (F, F) dense, tau (Hx,) or (B, Hx, T)."""
+    dt = reference.compute_dtype(x)
+    lam = torch.empty(x.shape[:-1], dtype=dt)
+    tau_a, per_vector = _tau_array(tau, x, dt)
+    _threads()
+    lap = laplacian.to(torch.float64).contiguous()
+    _lambda_forward(_array(x), lap.numpy(), tau_a, per_vector, float(eps), lam.numpy())
+    return lam
+
+
+def lambda_bwd_numba(dlam, x, laplacian, tau, eps):
+    """The contract's lambda_bwd: (dx like x, dtau like tau)."""
+    dt = reference.compute_dtype(x)
+    dx = torch.empty(x.shape, dtype=dt)
+    dtau = torch.empty(x.shape[:-1], dtype=dt)
+    tau_a, per_vector = _tau_array(tau, x, dt)
+    _threads()
+    lap = laplacian.to(torch.float64).contiguous()
+    _lambda_backward(_array(dlam), _array(x), lap.numpy(), (lap + lap.T).contiguous().numpy(), tau_a, per_vector,
+                     float(eps), dx.numpy(), dtau.numpy())
+    return dx.to(x.dtype), reference._tau_grad(dtau, tau)

@@ -80,6 +80,7 @@ _IMPLEMENTATIONS = {
     "lambda": {
         "reference": (("reference", "lambda_fwd_reference"), ("reference", "lambda_bwd_reference")),
         "triton": (("lambda_triton", "lambda_fwd_triton"), ("lambda_triton_backward", "lambda_bwd_triton")),
+        "numba": (("attention_numba", "lambda_fwd_numba"), ("attention_numba", "lambda_bwd_numba")),
     },
     "attention": {
         "reference": (("reference", "attention_fwd_chunked"), ("reference", "attention_bwd_chunked")),
@@ -102,7 +103,7 @@ def resolve(op: str, backend: str, device: torch.device, dtype: torch.dtype, key
     with `keys` keys; `needs_grad`: whether the call records a backward (the CPU crossover is lower
     without one). "loglinear" is an attention algorithm: the λ projection it is given takes auto's choice."""
     check_backend_name(backend)
-    if op == "lambda" and backend in ("loglinear", "numba"):
+    if op == "lambda" and backend == "loglinear":
         backend = "auto"
     if backend == "triton":
         _require_triton(device, dtype)
@@ -112,7 +113,7 @@ def resolve(op: str, backend: str, device: torch.device, dtype: torch.dtype, key
         return backend
     if device.type == "cuda" and triton_available() and dtype != torch.float64:
         return "triton"
-    if op == "attention" and device.type == "cpu" and numba_available():
+    if device.type == "cpu" and numba_available():
         return "numba"
     if op == "attention" and device.type == "cpu" and keys >= (
             CPU_LOGLINEAR_MIN_KEYS if needs_grad else CPU_LOGLINEAR_MIN_KEYS_INFERENCE):

@@ -203,6 +203,8 @@ def _lambda_inputs(x: Tensor, laplacian: Tensor, backend: str) -> tuple[Tensor, 
     the Triton kernels (their x·L runs on the tensor cores)."""
     dt = reference.compute_dtype(x)
     lam_backend = backends.resolve("lambda", backend, x.device, x.dtype)
+    if laplacian.layout != torch.strided and lam_backend == "numba":  # its loop is dense: F² per vector
+        lam_backend = "reference"
     if laplacian.layout != torch.strided:
         laplacian = laplacian.to_sparse_csr() if lam_backend == "reference" else laplacian.to_dense()
     return (laplacian if laplacian.dtype == dt else laplacian.to(dt)), lam_backend
