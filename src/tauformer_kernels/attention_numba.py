@@ -168,6 +168,26 @@ def _query_sums(lqh, lkh, vh, inv_t, slope, tq, tk, causal, strict, m_out, le_ou
         b_le = lqh[i] * inv_t + slope * p
         b_gt = -lqh[i] * inv_t + slope * p
         r_right = np.searchsorted(sorted_k, lqh[i], side="right")
+        if fixed_le == fixed_le and fixed_gt == fixed_gt:  # one walk per side: plain sums, scaled after
+            le_out[i, :] = 0.0
+            gt_out[i, :] = 0.0
+            _prefix_add(ref_le, acc_le, r_right, fixed_le, le_out[i], 1.0, fixed_le)
+            _prefix_add(ref_gt, acc_gt, tk - r_right, fixed_gt, gt_out[i], 1.0, fixed_gt)
+            x_le = fixed_le - b_le if le_out[i, dv] > 0.0 else _NEG_INF
+            x_gt = fixed_gt - b_gt if gt_out[i, dv] > 0.0 else _NEG_INF
+            m = max(x_le, x_gt)
+            m_out[i] = m
+            if m == _NEG_INF or math.isnan(m):
+                continue
+            f_le, f_gt = math.exp(x_le - m), math.exp(x_gt - m)
+            for d in range(width):
+                le_out[i, d] *= f_le
+                gt_out[i, d] *= f_gt
+            if strict:
+                lt_out[i, :] = 0.0
+                r_left = np.searchsorted(sorted_k, lqh[i], side="left")
+                _prefix_add(ref_le, acc_le, r_left, fixed_le - x_le + m, lt_out[i], 1.0, fixed_le)
+            continue
         m = max(_prefix_max(ref_le, acc_le, r_right, b_le, fixed_le),
                 _prefix_max(ref_gt, acc_gt, tk - r_right, b_gt, fixed_gt))
         m_out[i] = m
