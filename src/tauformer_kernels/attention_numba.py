@@ -24,6 +24,7 @@ latency is in kernels/DESIGN.md §CPU.
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import numba
@@ -429,10 +430,17 @@ def _backward_sorted(dout, lq, lk, v, temperature, slopes, jobs, group, causal, 
             dslope[job, h] = moment_j
 
 
+@functools.lru_cache(maxsize=64)
+def _batch_jobs(b: int, tq: int, tk: int) -> np.ndarray:
+    jobs = np.array([(i, 0, tq, 0, tk, i) for i in range(b)], dtype=np.int64).reshape(-1, 6)
+    jobs.setflags(write=False)  # shared between calls
+    return jobs
+
+
 def _jobs(b: int, tq: int, tk: int, seqs) -> np.ndarray:
     """(batch row, q0, q1, k0, k1, slope row) of every independent attention problem."""
     if seqs is None:
-        return np.array([(i, 0, tq, 0, tk, i) for i in range(b)], dtype=np.int64).reshape(-1, 6)
+        return _batch_jobs(b, tq, tk)
     spans = varlen.visible_bounds(varlen.bounds(seqs, tq, tk), False)
     return np.array([(0, q0, q1, k0, k1, s) for s, (q0, q1, k0, k1) in enumerate(spans)],
                     dtype=np.int64).reshape(-1, 6)
@@ -445,12 +453,23 @@ def _array(t: torch.Tensor) -> np.ndarray:
     return t.detach().numpy()
 
 
-def _threads() -> None:
-    numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
+# Below this many multiply-adds a call runs on one thread: waking numba's workers costs more than it saves
+# (a decode step over a short cache).
+PARALLEL_MIN_WORK = 1 << 20
+
+
+def _threads(work: float) -> None:
+    """numba's thread count for a call: torch's (torch.set_num_threads, OMP_NUM_THREADS), or 1 for small work."""
+    want = 1 if work < PARALLEL_MIN_WORK else max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
+    if numba.get_num_threads() != want:
+        numba.set_num_threads(want)
 
 
 def _slopes(alibi_slopes, dt) -> np.ndarray:
-    return np.zeros((0, 0)) if alibi_slopes is None else _array(alibi_slopes.to(dt))
+    """The slopes as an array of the compute dtype, an empty one without slopes (one compiled signature)."""
+    if alibi_slopes is None:
+        return np.zeros((0, 0), dtype=np.float64 if dt == torch.float64 else np.float32)
+    return _array(alibi_slopes.to(dt))
 
 
 def attention_fwd_numba(lq, lk, v, temperature, alibi_slopes, is_causal, seqs=None):
@@ -462,15 +481,17 @@ def attention_fwd_numba(lq, lk, v, temperature, alibi_slopes, is_causal, seqs=No
     if seqs is not None:
         varlen.check_max_lengths(seqs, tq, tk)
     dt = reference.compute_dtype(lq)
-    work = torch.float64 if dt == torch.float64 else torch.float32
-    out = torch.zeros(b, h, tq, dv, dtype=work)
-    lse = torch.full((b, h, tq), float("inf"), dtype=dt)
+    if seqs is None:  # every row is written
+        out, lse = torch.empty(b, h, tq, dv, dtype=dt), torch.empty(b, h, tq, dtype=dt)
+    else:  # rows of no sequence keep output 0 and lse +inf
+        out, lse = torch.zeros(b, h, tq, dv, dtype=dt), torch.full((b, h, tq), float("inf"), dtype=dt)
     jobs = _jobs(b, tq, tk, seqs)
-    longest = max((int(j[2] - j[1]) for j in jobs), default=0)
-    kernel = _forward_dense if longest <= DENSE_MAX_QUERIES else _forward_sorted
-    _threads()
-    kernel(_array(lq), _array(lk), _array(v), _array(temperature.to(dt)), _slopes(alibi_slopes, dt), jobs,
-           h // hkv, bool(is_causal), out.numpy(), lse.numpy())
+    longest = int((jobs[:, 2] - jobs[:, 1]).max()) if len(jobs) else 0
+    dense = longest <= DENSE_MAX_QUERIES
+    _threads(b * h * dv * (tq * tk if dense else (tq + tk) * max(1, tk.bit_length())))
+    (_forward_dense if dense else _forward_sorted)(
+        _array(lq), _array(lk), _array(v), _array(temperature), _slopes(alibi_slopes, dt), jobs, h // hkv,
+        bool(is_causal), out.numpy(), lse.numpy())
     if seqs is not None:
         return varlen.as_packed(out.to(v.dtype)), lse
     return out.to(v.dtype), lse
@@ -487,22 +508,21 @@ def attention_bwd_numba(dout, lq, lk, v, out, lse, temperature, alibi_slopes, is
     if seqs is not None:
         varlen.check_max_lengths(seqs, tq, tk)
     dt = reference.compute_dtype(lq)
-    work = torch.float64 if dt == torch.float64 else torch.float32
     jobs = _jobs(b, tq, tk, seqs)
     dlq = torch.zeros(b, h, tq, dtype=dt)
     dlk = torch.zeros(b, hkv, tk, dtype=dt)
     dv_acc = torch.zeros(b, hkv, tk, dv, dtype=torch.float64)
     dtemp = np.zeros((len(jobs), h))
     dslope = np.zeros((len(jobs), h))
-    _threads()
-    _backward_sorted(_array(dout), _array(lq), _array(lk), _array(v), _array(temperature.to(dt)),
+    _threads(b * h * dv * (tq + tk) * max(1, tk.bit_length()))
+    _backward_sorted(_array(dout), _array(lq), _array(lk), _array(v), _array(temperature),
                      _slopes(alibi_slopes, dt), jobs, h // hkv, bool(is_causal), dlq.numpy(), dlk.numpy(),
                      dv_acc.numpy(), dtemp, dslope)
     dtemperature = torch.from_numpy(dtemp.sum(0)).to(temperature.dtype)
     dalibi = None
     if alibi_slopes is not None:  # one row per batch row, or per sequence of a pack (the jobs' order)
         dalibi = torch.from_numpy(dslope).to(alibi_slopes.dtype)
-    dv_out = dv_acc.to(work).to(v.dtype)
+    dv_out = dv_acc.to(v.dtype)
     if seqs is not None:
         dv_out = varlen.as_packed(dv_out)
     return dlq, dlk, dv_out, dtemperature, dalibi
@@ -582,7 +602,7 @@ def lambda_fwd_numba(x, laplacian, tau, eps):
     dt = reference.compute_dtype(x)
     lam = torch.empty(x.shape[:-1], dtype=dt)
     tau_a, per_vector = _tau_array(tau, x, dt)
-    _threads()
+    _threads(x.numel() * x.shape[-1])
     lap = laplacian.to(torch.float64).contiguous()
     _lambda_forward(_array(x), lap.numpy(), tau_a, per_vector, float(eps), lam.numpy())
     return lam
@@ -594,7 +614,7 @@ def lambda_bwd_numba(dlam, x, laplacian, tau, eps):
     dx = torch.empty(x.shape, dtype=dt)
     dtau = torch.empty(x.shape[:-1], dtype=dt)
     tau_a, per_vector = _tau_array(tau, x, dt)
-    _threads()
+    _threads(2 * x.numel() * x.shape[-1])
     lap = laplacian.to(torch.float64).contiguous()
     _lambda_backward(_array(dlam), _array(x), lap.numpy(), (lap + lap.T).contiguous().numpy(), tau_a, per_vector,
                      float(eps), dx.numpy(), dtau.numpy())
