@@ -7,7 +7,9 @@ and 16,384; a decode step over a plain (V, λk) cache of 1k, 16k and 64k tokens 
 the cache write, the attention) against SDPA over a (K, V) cache; the 30m preset's attention in a prefill of
 1,152 tokens (6 layers of B 1, H 6, F 64); and a vLLM decode step's packed call (15 sequences of 1 query and
 400–700 keys, H 4, Dv 32, ALiBi; no peer: vLLM's own attention is measured end to end by
-bench/vllm_serving.py). `ours` is backend="auto". The machine's load (os.getloadavg) is printed before and after.
+bench/vllm_serving.py); and a training step of the tiny preset (B 32, T 128, AdamW, its taumode model with
+learned recency against its dot-product model), as tokens per second. `ours` is backend="auto" (numba's
+compiled paths where the package is installed). The machine's load (os.getloadavg) is printed before and after.
 """
 from __future__ import annotations
 
@@ -107,6 +109,29 @@ def vllm_step(budget_s: float = 5.0):
     return _median_ms({"ours": ours}, budget_s)
 
 
+def training_step(budget_s: float = 20.0):
+    """Milliseconds per optimizer step of the tiny preset's two models on one fixed batch, in turn."""
+    from tauformer_model.config import PRESETS, TauGPTConfig
+    from tauformer_model.model import TauGPT
+
+    preset = PRESETS["tiny"]
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randint(0, 256, (32, 128), generator=g), torch.randint(0, 256, (32, 128), generator=g)
+    steps = {}
+    for name, attention, extra in (("ours", "taumode", dict(preset["model_taumode"], recency="learned")),
+                                   ("sdpa", "dot", dict(recency="none"))):
+        torch.manual_seed(0)
+        model = TauGPT(TauGPTConfig(vocab_size=256, attention=attention, **dict(preset["model"], **extra)))
+        opt = torch.optim.AdamW(model.parameters(), lr=preset["train"]["lr"])
+
+        def step(model=model, opt=opt):
+            model(x, y).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        steps[name] = step
+    return _median_ms(steps, budget_s, min_rounds=5)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="short budgets (a smoke run)")
@@ -125,6 +150,8 @@ def main(argv=None) -> int:
     rows.append(("30m-shape prefill, 1,152 tokens, 6 layers (attention only)", prefill_30m(budget_s=scale * 10)))
     rows.append(("vLLM decode step, one layer's packed call (15 × 1 query, 400–700 keys)",
                  vllm_step(budget_s=scale * 5)))
+    step = training_step(budget_s=scale * 30)
+    rows.append(("tiny-preset training step (B 32 × T 128, taumode 8×16 + recency vs dot 4×32)", step))
     load_after = os.getloadavg()
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     lines = [f"commit {commit} (+ working tree), torch {torch.__version__}, {torch.get_num_threads()} threads; "
@@ -133,6 +160,9 @@ def main(argv=None) -> int:
     for name, ms in rows:
         sdpa = ms.get("sdpa", math.nan)
         lines.append(f"| {name} | {ms['ours']:.3g} | {sdpa:.3g} | {sdpa / ms['ours']:.2f}× |")
+    tokens = 32 * 128
+    lines += ["", f"Training tokens/s (tiny preset step): ours {tokens / step['ours'] * 1e3:,.0f}, "
+              f"dot {tokens / step['sdpa'] * 1e3:,.0f}."]
     text = "\n".join(lines)
     print(text)
     if args.out:
