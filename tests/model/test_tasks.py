@@ -153,7 +153,7 @@ def test_one_command_writes_every_row(tmp_path, capsys):
     assert [r.split(" | ")[0][2:] for r in rows] == ["variant", "chance", *tasks.DEFAULT_VARIANTS]
     header = rows[0].split(" | ")
     assert "mqar" in header and "needle L64 d0.9 |" in rows[0]
-    assert len(header) == 2 + len(tasks.NEEDLE_DEPTHS) * len(tasks.NEEDLE_LENGTHS)
+    assert len(header) == 2 + len(tasks.NEEDLE_DEPTHS) * 2  # mqar, and the needle at 2 lengths
     assert all(" ± " in cell and cell.rstrip(" |").endswith("/2)") for r in rows[2:]
                for cell in r.split(" | ")[1:])  # 2 seeds: mean ± sd (seeds solved/2)
     settings = "- mqar: {'length': 32, 'pairs': 4, 'queries': 24, 'steps': 2, 'batch_size': 4"
