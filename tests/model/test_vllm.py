@@ -268,3 +268,25 @@ def test_enable_taumode_models_are_served(tmp_path, family):
     for prompt, (tokens, _) in zip(batch, serve(llm, batch)):
         expected = model.generate(torch.tensor([prompt]), max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0)
         assert tokens == expected[0, len(prompt):].tolist()
+
+
+def test_an_engine_starts_after_numba_ran_in_the_process(tmp_path):
+    """The CPU attention (numba) loads llvmlite, whose ffi.lib broke vLLM 0.32's kernel scan at worker init:
+    the scan as vLLM ships it raises once llvmlite is loaded, the plugin's wrapped one does not, and an engine
+    starts after taumode attention ran through numba in this process."""
+    pytest.importorskip("numba")
+    from vllm.triton_utils import dispatcher
+
+    import tauformer_kernels as tk
+    from tauformer_model import vllm_plugin
+
+    vllm_plugin.register()  # what vLLM does at an engine's start (here before this test's first engine)
+    tk.taumode_attention_from_lambda(torch.rand(1, 2, 20), torch.rand(1, 2, 20), torch.randn(1, 2, 20, 4),
+                                     backend="numba")
+    assert "llvmlite.binding.ffi" in sys.modules
+    with pytest.raises(AttributeError, match="_lib_fn_wrapper"):
+        dispatcher.register_kernels.__wrapped__({})
+    dispatcher.register_kernels({})
+    save_model(tmp_path)
+    tokens = engine(tmp_path).generate([{"prompt_token_ids": prompts()[0]}], vllm.SamplingParams(max_tokens=3))
+    assert len(tokens[0].outputs[0].token_ids) == 3
