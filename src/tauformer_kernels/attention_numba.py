@@ -185,9 +185,12 @@ def _query_sums(lqh, lkh, vh, inv_t, slope, tq, tk, causal, strict, m_out, le_ou
                 le_out[i, d] *= f_le
                 gt_out[i, d] *= f_gt
             if strict:
-                lt_out[i, :] = 0.0
                 r_left = np.searchsorted(sorted_k, lqh[i], side="left")
-                _prefix_add(ref_le, acc_le, r_left, fixed_le - x_le + m, lt_out[i], 1.0, fixed_le)
+                if r_left == r_right:  # no key ties λq: λk < λq is λk <= λq
+                    lt_out[i, :] = le_out[i, :]
+                else:
+                    lt_out[i, :] = 0.0
+                    _prefix_add(ref_le, acc_le, r_left, fixed_le - x_le + m, lt_out[i], 1.0, fixed_le)
             continue
         m = max(_prefix_max(ref_le, acc_le, r_right, b_le, fixed_le),
                 _prefix_max(ref_gt, acc_gt, tk - r_right, b_gt, fixed_gt))
@@ -199,9 +202,12 @@ def _query_sums(lqh, lkh, vh, inv_t, slope, tq, tk, causal, strict, m_out, le_ou
         _prefix_add(ref_le, acc_le, r_right, b_le + m, le_out[i], 1.0, fixed_le)
         _prefix_add(ref_gt, acc_gt, tk - r_right, b_gt + m, gt_out[i], 1.0, fixed_gt)
         if strict:
-            lt_out[i, :] = 0.0
             r_left = np.searchsorted(sorted_k, lqh[i], side="left")
-            _prefix_add(ref_le, acc_le, r_left, b_le + m, lt_out[i], 1.0, fixed_le)
+            if r_left == r_right:
+                lt_out[i, :] = le_out[i, :]
+            else:
+                lt_out[i, :] = 0.0
+                _prefix_add(ref_le, acc_le, r_left, b_le + m, lt_out[i], 1.0, fixed_le)
 
 
 @numba.njit(parallel=True, **_JIT)
@@ -410,7 +416,10 @@ def _backward_sorted(dout, lq, lk, v, temperature, slopes, jobs, group, causal, 
                 key_up = lkh[j] * inv_t + slope * j
                 key_dn = -lkh[j] * inv_t + slope * j
                 _prefix_add(ref_up, acc_up, tq - r_left, -key_up, s_ge, 1.0, fixed_up)
-                _prefix_add(ref_up, acc_up, tq - r_right, -key_up, s_gt, 1.0, fixed_up)
+                if r_left == r_right:  # no query ties λk: λq > λk is λq >= λk
+                    s_gt[:] = s_ge
+                else:
+                    _prefix_add(ref_up, acc_up, tq - r_right, -key_up, s_gt, 1.0, fixed_up)
                 _prefix_add(ref_dn, acc_dn, r_left, -key_dn, s_lt, 1.0, fixed_dn)
                 col = 0.0  # Σ_i dS_ij
                 signed = 0.0  # Σ_i dS_ij sign(λq_i − λk_j)
