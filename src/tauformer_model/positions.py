@@ -47,6 +47,9 @@ class PositionLoss:
     loss_sum: np.ndarray  # float64 (T,)
     count: np.ndarray  # int64 (T,)
     logged_val_loss: float | None  # metrics.jsonl's val loss at `step` (None: no row there)
+    # (windows, T) loss of every token of a dense run (None with --pack-documents): how much of a bin's mean is the
+    # particular val text, which every seed and variant shares and the sd over seeds therefore never shows
+    per_window: np.ndarray | None = None
 
     @property
     def by_position(self) -> np.ndarray:
@@ -72,13 +75,16 @@ def positions_in_document(doc_ids: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def loss_by_position(model, dataset: Dataset, tc: TrainConfig, device) -> tuple[np.ndarray, np.ndarray]:
+def loss_by_position(model, dataset: Dataset, tc: TrainConfig,
+                     device) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """Sums and counts of the per-token val loss by position over train.evaluate's windows (the same windows, in
-    the same batches, with the same document ids), on one process without autocast (fp32)."""
+    the same batches, with the same document ids), on one process without autocast (fp32); and the (windows, T)
+    losses themselves for a dense run (None with --pack-documents, where positions restart inside a window)."""
     model.eval()
     T, size = tc.model.block_size, tc.batch_size
     starts = dataset.evaluation_starts("val", tc.eval_batches * size, T)
     loss_sum, count = torch.zeros(T, dtype=torch.float64), torch.zeros(T, dtype=torch.int64)
+    rows = []
     for i in range(tc.eval_batches):
         x, y, doc_ids = read_batch(dataset, "val", starts[i * size:(i + 1) * size], tc, device)
         logits = model(x, doc_ids=doc_ids)
@@ -87,7 +93,8 @@ def loss_by_position(model, dataset: Dataset, tc: TrainConfig, device) -> tuple[
         where = torch.arange(T).expand_as(y) if doc_ids is None else positions_in_document(doc_ids)
         loss_sum.index_add_(0, where.reshape(-1), losses.reshape(-1))
         count.index_add_(0, where.reshape(-1), torch.ones(where.numel(), dtype=torch.int64))
-    return loss_sum.numpy(), count.numpy()
+        rows.append(losses)
+    return loss_sum.numpy(), count.numpy(), None if tc.pack_documents else torch.cat(rows).numpy()
 
 
 def train_config(folder: pathlib.Path) -> tuple[TrainConfig, int]:
@@ -124,11 +131,12 @@ def measure(folder: pathlib.Path, device, cache_dir: str | None, log=print0) -> 
     model, _ = load_model(folder, device)
     tc.model = model.config
     dataset = load_dataset(tc.data, cache_dir or tc.data_cache, tc.tokenizer, tc.bpe_vocab_size, log=log)
-    loss_sum, count = loss_by_position(model, dataset, tc, device)
+    loss_sum, count, per_window = loss_by_position(model, dataset, tc, device)
     seed = int(m.group(1)) if (m := SEED_FOLDER.fullmatch(folder.name)) else tc.seed
     variant = folder.parent.name if m else folder.name
     rows = [r for r in read_metrics(folder / "metrics.jsonl") if r["step"] == step]
-    return PositionLoss(folder, variant, seed, step, loss_sum, count, rows[-1]["val_loss"] if rows else None)
+    return PositionLoss(folder, variant, seed, step, loss_sum, count, rows[-1]["val_loss"] if rows else None,
+                        per_window)
 
 
 def check_comparable(runs: list[pathlib.Path]) -> None:
@@ -162,6 +170,15 @@ def bin_mean(result: PositionLoss, lo: int, hi: int) -> float:
     return float(result.loss_sum[lo - 1:hi].sum() / result.count[lo - 1:hi].sum())
 
 
+def window_se(results: list[PositionLoss], score) -> str:
+    """The standard error that the choice of val windows puts on ``score`` (a function of a (windows, T) loss
+    array's rows, giving one value per window): sd over the windows / √windows, the mean over the dense runs;
+    "–" without any."""
+    errors = [float(np.std(score(r.per_window), ddof=1) / math.sqrt(len(r.per_window)))
+              for r in results if r.per_window is not None and len(r.per_window) > 1]
+    return f"{sum(errors) / len(errors):.3f}" if errors else "–"
+
+
 def group(results: list[PositionLoss]) -> dict[str, dict[int, PositionLoss]]:
     """variant -> seed -> result, variants in the order they first appear."""
     grouped: dict[str, dict[int, PositionLoss]] = {}
@@ -188,17 +205,24 @@ def tables(grouped: dict[str, dict[int, PositionLoss]], bins: list[tuple[int, in
         steps = sorted({r.step for r in by_seed.values()})
         lines.append(f"| {name} | {', '.join(map(str, by_seed))} | {'/'.join(map(str, steps))} | "
                      + " | ".join(cells) + f" | {mean_sd([r.mean for r in by_seed.values()], 4)} |")
+    every = [r for by_seed in grouped.values() for r in by_seed.values()]
+    lines.append("| standard error from the choice of val windows | | | " + " | ".join(
+        window_se(every, lambda w, b=b: w[:, b[0] - 1:b[1]].mean(1)) for b in bins)
+        + f" | {window_se(every, lambda w: w.mean(1))} |")
     # how much the loss still falls at the end of the window: the last bin against the one before it
     if len(bins) > 1:
         (plo, phi), (llo, lhi) = bins[-2], bins[-1]
         lines += ["", f"### Does the loss keep falling? Last bin ({label(llo, lhi)}) minus the one before "
                   f"({label(plo, phi)}), and the first bin ({label(*bins[0])}) minus the last", "",
-                  "| variant | last − before (nats, mean ± sd) | seeds where it fell | first − last (nats) |",
-                  "|---|---|---|---|"]
+                  "| variant | last − before (nats, mean ± sd) | its standard error from the choice of val windows | "
+                  "seeds where it fell | first − last (nats) |",
+                  "|---|---|---|---|---|"]
         for name, by_seed in grouped.items():
             falls = [bin_mean(r, llo, lhi) - bin_mean(r, plo, phi) for r in by_seed.values()]
             spans = [bin_mean(r, *bins[0]) - bin_mean(r, llo, lhi) for r in by_seed.values()]
-            lines.append(f"| {name} | {mean_sd(falls, 4)} | {sum(f < 0 for f in falls)} of {len(falls)} | "
+            # paired by window: the same text at both bins, so the error is that of the difference
+            se = window_se(list(by_seed.values()), lambda w: w[:, llo - 1:lhi].mean(1) - w[:, plo - 1:phi].mean(1))
+            lines.append(f"| {name} | {mean_sd(falls, 4)} | {se} | {sum(f < 0 for f in falls)} of {len(falls)} | "
                          f"{mean_sd(spans, 3)} |")
     if len(grouped) > 1:
         lines += ["", f"### Gap to {reference} by position (nats, this variant minus {reference}, paired by seed)", "",

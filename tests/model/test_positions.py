@@ -53,6 +53,8 @@ def test_positions_are_the_prefix_models_losses_and_average_to_the_val_loss(runs
             ce = torch.logsumexp(last, -1) - last.gather(1, y[:, p - 1:p]).squeeze(1)
             by_hand[p - 1] = float(ce.mean())
     np.testing.assert_allclose(result.by_position, by_hand, rtol=0, atol=2e-5)
+    assert result.per_window.shape == (len(starts), T)
+    np.testing.assert_allclose(result.per_window.mean(0), result.by_position, rtol=0, atol=1e-12)
 
     evaluated = train_mod.evaluate(model, dataset, tc, "cpu", contextlib.nullcontext, train_mod.Dist())
     assert result.mean == pytest.approx(evaluated, abs=1e-6)
@@ -88,7 +90,13 @@ def test_bins_and_tables_by_hand():
     assert gap.startswith("| b | 1, 2 | -0.500 ± 0.707 | 0.000 ± 0.000 | 1.250 ± 2.475 | 0.5000 ± 1.0607 |")
     fall = [line for line in text.splitlines() if line.startswith("| a | ") and "of 2" in line][0]
     # last bin (3-4) minus the one before (2): 2 - 3 and 2 - 5
-    assert fall.startswith("| a | -2.0000 ± 1.4142 | 2 of 2 |")
+    assert fall.startswith("| a | -2.0000 ± 1.4142 | – | 2 of 2 |")  # no per-window losses: no window error
+    # the windows' standard error: 4 windows whose position-1 losses are 1, 2, 3, 6: sd 2.160 / √4
+    windows = fake("w", 1, [3.0, 0.0])
+    windows.per_window = np.array([[1.0, 0], [2, 0], [3, 0], [6, 0]])
+    assert pos.window_se([windows], lambda w: w[:, 0]) == "1.080"
+    assert "| standard error from the choice of val windows | | | 1.080 | 0.000 | 0.540 |" in pos.tables(
+        pos.group([windows]), pos.position_bins(2))
     with pytest.raises(ValueError, match="seed 1"):
         pos.group([fake("a", 1, [1.0]), fake("a", 1, [2.0])])
 
