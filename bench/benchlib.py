@@ -6,7 +6,7 @@ The oracles are exact but cheap at any length: they compute only a sample of que
 T is small), in float64, so a 16k-token check costs O(rows · T) instead of O(T²).
 
 Contenders (names as they appear in the tables):
-    ours-auto, ours-reference, ours-triton, ours-loglinear   `taumode_attention(..., backend=...)`
+    ours-auto, ours-reference, ours-triton, ours-loglinear, ours-numba   `taumode_attention(..., backend=...)`
     naive-eager     reference.lambda_naive + reference.attention_naive (materialises T×T)
     flex-compiled   torch.compile(flex_attention) with a taumode score_mod and a causal block mask
     sdpa-dot        F.scaled_dot_product_attention(q, k, v, is_causal=True): ordinary attention's cost
@@ -40,10 +40,10 @@ TAU = 1.0
 TEMPERATURE = 0.05
 EPS = 1e-6
 
-OURS = ("ours-auto", "ours-reference", "ours-triton", "ours-loglinear")
+OURS = ("ours-auto", "ours-reference", "ours-triton", "ours-loglinear", "ours-numba")
 ATTENTION_PEERS = ("naive-eager", "flex-compiled", "sdpa-dot")
 LAMBDA_CONTENDERS = ("ours-auto", "ours-reference", "ours-triton", "torch-einsum")
-DECODE_CONTENDERS = ("ours-auto", "ours-reference", "ours-triton", "ours-loglinear", "ours-sorted-cache",
+DECODE_CONTENDERS = ("ours-auto", "ours-reference", "ours-triton", "ours-loglinear", "ours-numba", "ours-sorted-cache",
                      "sdpa-dot-cache")
 
 DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.float64: "fp64"}
@@ -112,8 +112,8 @@ class Settings:
 
 
 # How a contender's call time grows with T (for the safety-net prediction): dense attention is O(T²),
-# the loglinear backend O(T log T).
-GROWTH = {"loglinear": 1.15}
+# the loglinear and numba backends O(T log T).
+GROWTH = {"loglinear": 1.15, "numba": 1.15}
 
 # ----------------------------------------------------------------------------------------------------
 # availability
@@ -128,6 +128,8 @@ def unavailable_reason(contender: str, device: str) -> str | None:
         missing = _missing_triton_modules()
         if missing:
             return f"backend 'triton' is not importable yet (missing: {', '.join(missing)})"
+    if backend == "numba" and (device != "cpu" or not backends.numba_available()):
+        return "backend 'numba' runs CPU tensors with the numba package (the cpu extra)"
     if backend == "loglinear" and importlib.util.find_spec("tauformer_kernels.loglinear") is None:
         return "backend 'loglinear' is not importable yet (tauformer_kernels.loglinear missing)"
     if contender == "flex-compiled" and importlib.util.find_spec("torch.nn.attention.flex_attention") is None:

@@ -18,8 +18,8 @@ import re
 from collections import defaultdict
 
 OURS = "ours-auto"
-CONTENDER_ORDER = ("ours-auto", "ours-reference", "ours-triton", "ours-loglinear", "ours-sorted-cache", "naive-eager",
-                   "flex-compiled", "sdpa-dot", "torch-einsum", "sdpa-dot-cache")
+CONTENDER_ORDER = ("ours-auto", "ours-reference", "ours-triton", "ours-loglinear", "ours-numba", "ours-sorted-cache",
+                   "naive-eager", "flex-compiled", "sdpa-dot", "torch-einsum", "sdpa-dot-cache")
 PEERS = {  # the ratio columns of each kind's pivot table
     "attn-fwd": ("flex-compiled", "sdpa-dot", "naive-eager", "ours-reference", "ours-loglinear", "ours-triton"),
     "attn-fwdbwd": ("flex-compiled", "sdpa-dot", "naive-eager", "ours-reference", "ours-loglinear", "ours-triton"),
