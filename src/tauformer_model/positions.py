@@ -255,27 +255,41 @@ def plot_bins(block_size: int, per_octave: int = 4) -> list[tuple[int, int]]:
 
 
 def write_plot(path: pathlib.Path, grouped: dict[str, dict[int, PositionLoss]], block_size: int) -> None:
-    """Loss against position (log axis): the mean over seeds of each variant, a band of ± sd (matplotlib's Agg
-    canvas, no pyplot state)."""
+    """Loss against position (log axis): the mean over seeds of each variant with a band of ± sd; below it, each
+    variant minus the first paired by seed, where the val text (the same for every line, the plot's zigzag)
+    cancels. matplotlib's Agg canvas, no pyplot state."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(8, 5), dpi=110)
+    fig = Figure(figsize=(8, 8), dpi=110, layout="constrained")
     FigureCanvasAgg(fig)
-    ax = fig.add_subplot(1, 1, 1)
+    ax, gap_ax = fig.subplots(2, 1, sharex=True, height_ratios=(3, 2))
     bins = plot_bins(block_size)
     centres = [math.sqrt(lo * hi) for lo, hi in bins]
-    for name, by_seed in grouped.items():
-        per_seed = np.array([[bin_mean(r, *b) for b in bins] for r in by_seed.values()])
+    reference = next(iter(grouped))
+
+    def band(axes, per_seed: np.ndarray, name: str) -> None:
         mean = per_seed.mean(0)
         sd = per_seed.std(0, ddof=1) if len(per_seed) > 1 else np.zeros_like(mean)
-        ax.plot(centres, mean, marker=".", label=f"{name} ({len(per_seed)} seeds)")
-        ax.fill_between(centres, mean - sd, mean + sd, alpha=0.2)
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("position in the window (tokens seen)")
+        axes.plot(centres, mean, marker=".", label=f"{name} ({len(per_seed)} seeds)")
+        axes.fill_between(centres, mean - sd, mean + sd, alpha=0.2)
+
+    for name, by_seed in grouped.items():
+        band(ax, np.array([[bin_mean(r, *b) for b in bins] for r in by_seed.values()]), name)
+        paired = [s for s in by_seed if s in grouped[reference]]
+        if name != reference and paired:
+            band(gap_ax, np.array([[bin_mean(by_seed[s], *b) - bin_mean(grouped[reference][s], *b) for b in bins]
+                                   for s in paired]), name)
+        else:  # keeps each variant's colour the same in both panels
+            gap_ax.plot([], [])
+    gap_ax.axhline(0.0, color="black", linewidth=0.8)
+    gap_ax.set_xscale("log", base=2)
+    gap_ax.set_xlabel("position in the window (tokens seen)")
+    gap_ax.set_ylabel(f"minus {reference} (nats, paired by seed)")
     ax.set_ylabel("val loss (nats per token)")
     ax.set_title("Val loss by position (mean ± sd over seeds)")
-    ax.grid(alpha=0.3, which="both")
+    for axes in (ax, gap_ax):
+        axes.grid(alpha=0.3, which="both")
     ax.legend()
     tmp = path.with_name(path.name + ".tmp")
     try:
