@@ -2,6 +2,7 @@
 import errno
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -140,7 +141,10 @@ def test_a_diverging_run_stops_with_the_message_and_saves_nothing_non_finite(tmp
             "--lr", "30", "--checkpoint-every", "1", "--max-steps", "40"]
     assert train_mod.main(argv) == 1
     err = capsys.readouterr().err
-    assert "error: non-finite" in err and "stopping" in err and "Traceback" not in err
+    # lr 30 ends either way, by backend and rounding: a non-finite loss or gradient, or the update turning a
+    # temperature or tau into 0 (exp underflow); both are the divergence stop with its message
+    assert re.search(r"error: (non-finite|the update made a temperature or tau 0)", err), err
+    assert "stopping" in err and "Traceback" not in err
     for folder in [p for p in out.iterdir() if p.name.startswith("checkpoint-")]:
         for name, t in load_file(str(folder / ckpt.MODEL_FILE)).items():
             assert torch.isfinite(t).all(), (folder.name, name)
