@@ -263,7 +263,8 @@ TASKS = {t.name: t for t in (
     # dot product left the plateau of a guess among the 4 values near step 2,400 (recall-discriminating-cpu.md)
     Task("mqar", mqar, solve_mqar, 32, run=TaskRun(steps=5000), options=dict(pairs=4, queries=24)),
     # 32 queries per training sequence (after the needle, answers in y only): at lengths 32 and 64 with 8, dot
-    # product solved the needle in ~1,500 steps instead of ~6,000 with one
+    # product solved the needle in ~1,500 steps instead of ~6,000 with one. At 256 this budget is not enough:
+    # dot product stayed at chance (bench/results/recall-needle256-cpu.md), so no taumode row is reported.
     Task("needle", needle, solve_needle, max(NEEDLE_LENGTHS), run=TaskRun(steps=2000, batch_size=8),
          lengths=NEEDLE_LENGTHS, depths=NEEDLE_DEPTHS, train_options=dict(queries=32)),
     Task("induction", induction, solve_induction, 32),
