@@ -271,9 +271,10 @@ TASKS = {t.name: t for t in (
 )}
 
 # The model every variant's TauGPTConfig fields go on top of: 4 heads (a variant's n_head counts heads of
-# n_embd // 4); n_embd and block_size come from the task. The plain PyTorch taumode backend: at these sizes
-# (batch 32 of 32 tokens, heads of 16) a taumode+recency training step took 34 ms of CPU with it and 262 ms
-# with "auto" (numba), dot product 26 ms.
+# n_embd // 4); n_embd and block_size come from the task. The plain PyTorch taumode backend: at MQAR's size
+# (batch 32 of 32 tokens, heads of 16, 1 thread) a taumode+recency step takes 41 ms of CPU with it and 45 ms
+# with numba (auto), once numba's first-call compilation is done (it was counted in an earlier 262 ms); at 64
+# tokens numba is ahead (84 vs 100 ms), at the needle's 256 tokens ~3x (--backend auto).
 MODEL = dict(n_layer=2, n_head=4, n_kv_head=4, vocab_size=VOCAB, backend="reference")
 DEFAULT_VARIANTS = ("dot", "taumode", "taumode+recency", "recency-only")
 MODEL_FIELDS = {f.name for f in dataclasses.fields(TauGPTConfig)}
