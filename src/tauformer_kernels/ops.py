@@ -203,8 +203,9 @@ def _lambda_inputs(x: Tensor, laplacian: Tensor, backend: str) -> tuple[Tensor, 
     the Triton kernels (their x·L runs on the tensor cores)."""
     dt = reference.compute_dtype(x)
     lam_backend = backends.resolve("lambda", backend, x.device, x.dtype)
-    if laplacian.layout != torch.strided and lam_backend == "numba":  # its loop is dense: F² per vector
-        lam_backend = "reference"
+    if lam_backend == "numba" and (laplacian.layout != torch.strided or (
+            backend != "numba" and x.shape[-1] > backends.CPU_NUMBA_LAMBDA_MAX_FEATURES)):
+        lam_backend = "reference"  # numba's loop is dense, F² per vector: a sparse or wide L is the GEMM's
     if laplacian.layout != torch.strided:
         laplacian = laplacian.to_sparse_csr() if lam_backend == "reference" else laplacian.to_dense()
     return (laplacian if laplacian.dtype == dt else laplacian.to(dt)), lam_backend

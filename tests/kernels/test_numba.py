@@ -131,3 +131,15 @@ def test_dense_and_sorted_forward_agree():
         dense_out = numba_backend.attention_fwd_numba(lq, lk, v, temperature, slopes, True)
     assert relative_error(sorted_out[0], dense_out[0]) < 1e-6
     assert relative_error(sorted_out[1], dense_out[1]) < 1e-6
+
+
+def test_auto_takes_numba_lambda_up_to_its_crossover(monkeypatch):
+    """auto's λ backend on CPU: numba up to CPU_NUMBA_LAMBDA_MAX_FEATURES, the reference's GEMM beyond; an
+    explicit backend="numba" keeps numba at any F."""
+    from tauformer_kernels import backends, ops
+
+    limit = backends.CPU_NUMBA_LAMBDA_MAX_FEATURES
+    for f, want in ((limit, "numba"), (limit + 1, "reference")):
+        x, lap = torch.randn(1, 2, 3, f), chain_laplacian(f)
+        assert ops._lambda_inputs(x, lap, "auto")[1] == want
+        assert ops._lambda_inputs(x, lap, "numba")[1] == "numba"
