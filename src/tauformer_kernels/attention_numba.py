@@ -24,6 +24,7 @@ latency is in kernels/DESIGN.md §CPU.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 
@@ -467,11 +468,21 @@ def _array(t: torch.Tensor) -> np.ndarray:
 PARALLEL_MIN_WORK = 1 << 20
 
 
-def _threads(work: float) -> None:
-    """numba's thread count for a call: torch's (torch.set_num_threads, OMP_NUM_THREADS), or 1 for small work."""
-    want = 1 if work < PARALLEL_MIN_WORK else max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
+@contextlib.contextmanager
+def _threads(work: float):
+    """Runs a kernel call on torch's thread count (torch.set_num_threads, OMP_NUM_THREADS), or on 1 for small
+    work. numba's OpenMP threading layer shares libgomp with torch, and its first launch sets libgomp's count
+    to NUMBA_NUM_THREADS (the cores), which torch then reports and uses: a process told to use 1 thread ran
+    its torch ops on 2 beside other jobs. The caller's count is put back after the call."""
+    torch_threads = torch.get_num_threads()
+    want = 1 if work < PARALLEL_MIN_WORK else max(1, min(torch_threads, numba.config.NUMBA_NUM_THREADS))
     if numba.get_num_threads() != want:
         numba.set_num_threads(want)
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != torch_threads:
+            torch.set_num_threads(torch_threads)
 
 
 def _slopes(alibi_slopes, dt) -> np.ndarray:
@@ -497,10 +508,10 @@ def attention_fwd_numba(lq, lk, v, temperature, alibi_slopes, is_causal, seqs=No
     jobs = _jobs(b, tq, tk, seqs)
     longest = int((jobs[:, 2] - jobs[:, 1]).max()) if len(jobs) else 0
     dense = longest <= DENSE_MAX_QUERIES
-    _threads(b * h * dv * (tq * tk if dense else (tq + tk) * max(1, tk.bit_length())))
-    (_forward_dense if dense else _forward_sorted)(
-        _array(lq), _array(lk), _array(v), _array(temperature), _slopes(alibi_slopes, dt), jobs, h // hkv,
-        bool(is_causal), out.numpy(), lse.numpy())
+    with _threads(b * h * dv * (tq * tk if dense else (tq + tk) * max(1, tk.bit_length()))):
+        (_forward_dense if dense else _forward_sorted)(
+            _array(lq), _array(lk), _array(v), _array(temperature), _slopes(alibi_slopes, dt), jobs, h // hkv,
+            bool(is_causal), out.numpy(), lse.numpy())
     if seqs is not None:
         return varlen.as_packed(out.to(v.dtype)), lse
     return out.to(v.dtype), lse
@@ -523,10 +534,10 @@ def attention_bwd_numba(dout, lq, lk, v, out, lse, temperature, alibi_slopes, is
     dv_acc = torch.zeros(b, hkv, tk, dv, dtype=torch.float64)
     dtemp = np.zeros((len(jobs), h))
     dslope = np.zeros((len(jobs), h))
-    _threads(b * h * dv * (tq + tk) * max(1, tk.bit_length()))
-    _backward_sorted(_array(dout), _array(lq), _array(lk), _array(v), _array(temperature),
-                     _slopes(alibi_slopes, dt), jobs, h // hkv, bool(is_causal), dlq.numpy(), dlk.numpy(),
-                     dv_acc.numpy(), dtemp, dslope)
+    with _threads(b * h * dv * (tq + tk) * max(1, tk.bit_length())):
+        _backward_sorted(_array(dout), _array(lq), _array(lk), _array(v), _array(temperature),
+                         _slopes(alibi_slopes, dt), jobs, h // hkv, bool(is_causal), dlq.numpy(), dlk.numpy(),
+                         dv_acc.numpy(), dtemp, dslope)
     dtemperature = torch.from_numpy(dtemp.sum(0)).to(temperature.dtype)
     dalibi = None
     if alibi_slopes is not None:  # one row per batch row, or per sequence of a pack (the jobs' order)
@@ -611,9 +622,9 @@ def lambda_fwd_numba(x, laplacian, tau, eps):
     dt = reference.compute_dtype(x)
     lam = torch.empty(x.shape[:-1], dtype=dt)
     tau_a, per_vector = _tau_array(tau, x, dt)
-    _threads(x.numel() * x.shape[-1])
     lap = laplacian.to(torch.float64).contiguous()
-    _lambda_forward(_array(x), lap.numpy(), tau_a, per_vector, float(eps), lam.numpy())
+    with _threads(x.numel() * x.shape[-1]):
+        _lambda_forward(_array(x), lap.numpy(), tau_a, per_vector, float(eps), lam.numpy())
     return lam
 
 
@@ -623,8 +634,8 @@ def lambda_bwd_numba(dlam, x, laplacian, tau, eps):
     dx = torch.empty(x.shape, dtype=dt)
     dtau = torch.empty(x.shape[:-1], dtype=dt)
     tau_a, per_vector = _tau_array(tau, x, dt)
-    _threads(2 * x.numel() * x.shape[-1])
     lap = laplacian.to(torch.float64).contiguous()
-    _lambda_backward(_array(dlam), _array(x), lap.numpy(), (lap + lap.T).contiguous().numpy(), tau_a, per_vector,
-                     float(eps), dx.numpy(), dtau.numpy())
+    with _threads(2 * x.numel() * x.shape[-1]):
+        _lambda_backward(_array(dlam), _array(x), lap.numpy(), (lap + lap.T).contiguous().numpy(), tau_a,
+                         per_vector, float(eps), dx.numpy(), dtau.numpy())
     return dx.to(x.dtype), reference._tau_grad(dtau, tau)

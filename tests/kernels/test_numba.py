@@ -143,3 +143,16 @@ def test_auto_takes_numba_lambda_up_to_its_crossover(monkeypatch):
         x, lap = torch.randn(1, 2, 3, f), chain_laplacian(f)
         assert ops._lambda_inputs(x, lap, "auto")[1] == want
         assert ops._lambda_inputs(x, lap, "numba")[1] == "numba"
+
+
+def test_torch_keeps_its_thread_count():
+    """numba's OpenMP layer shares libgomp with torch: a call must leave torch's thread count as it was (a
+    process told to use 1 thread ran its torch ops on all cores after the first numba launch)."""
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        lq, lk, v = torch.rand(1, 8, 2048), torch.rand(1, 8, 2048), torch.randn(1, 8, 2048, 64)  # parallel work
+        numba_backend.attention_fwd_numba(lq, lk, v, torch.ones(8), None, True)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
