@@ -556,6 +556,21 @@ def attention_bwd_numba(dout, lq, lk, v, out, lse, temperature, alibi_slopes, is
 _LAMBDA_JIT = dict(_JIT, fastmath={"reassoc", "contract"})
 
 
+@numba.njit(**_LAMBDA_JIT)
+def _quadratic_form(xv, laplacian):
+    """(xᵀLx, xᵀx) of one vector, summed in float64."""
+    quad = 0.0
+    norm = 0.0
+    for i in range(xv.shape[0]):
+        lx_i = 0.0
+        for j in range(xv.shape[0]):
+            lx_i += laplacian[i, j] * xv[j]
+        x_i = np.float64(xv[i])
+        quad += x_i * lx_i
+        norm += x_i * x_i
+    return quad, norm
+
+
 @numba.njit(parallel=True, **_LAMBDA_JIT)
 def _lambda_forward(x, laplacian, tau, per_vector, eps, lam):
     """λ of every vector of x (B, Hx, T, F): E = max(xᵀLx / (xᵀx + eps), 0), λ = E / (E + tau)."""
@@ -563,15 +578,7 @@ def _lambda_forward(x, laplacian, tau, per_vector, eps, lam):
     for n in numba.prange(b_n * h_n * t_n):
         b, h, t = n // (h_n * t_n), (n // t_n) % h_n, n % t_n
         xv = x[b, h, t]
-        quad = 0.0
-        norm = 0.0
-        for i in range(f_n):
-            lx_i = 0.0
-            for j in range(f_n):
-                lx_i += laplacian[i, j] * xv[j]
-            x_i = np.float64(xv[i])
-            quad += x_i * lx_i
-            norm += x_i * x_i
+        quad, norm = _quadratic_form(xv, laplacian)
         energy = max(quad / (norm + eps), 0.0)
         t_v = tau[b, h, t] if per_vector else tau[0, h, 0]
         lam[b, h, t] = energy / (energy + t_v)
@@ -585,15 +592,7 @@ def _lambda_backward(dlam, x, laplacian, l_sym, tau, per_vector, eps, dx, dtau):
     for n in numba.prange(b_n * h_n * t_n):
         b, h, t = n // (h_n * t_n), (n // t_n) % h_n, n % t_n
         xv = x[b, h, t]
-        quad = 0.0
-        norm = 0.0
-        for i in range(f_n):
-            lx_i = 0.0
-            for j in range(f_n):
-                lx_i += laplacian[i, j] * xv[j]
-            x_i = np.float64(xv[i])
-            quad += x_i * lx_i
-            norm += x_i * x_i
+        quad, norm = _quadratic_form(xv, laplacian)
         s = norm + eps
         e_raw = quad / s
         energy = max(e_raw, 0.0)
